@@ -1,0 +1,181 @@
+"""What a model holds, under canonical native Wan names.
+
+An inventory comes from a checkpoint (single, sharded or a folder, in any key
+convention) or from a layout (a shipped name such as ``wan2.2-t2v-a14b`` or a
+layout YAML file). Selection, manifests and splicing all work on inventories,
+so the same base in any convention yields the same slot.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from dataclasses import dataclass, field
+from math import prod
+from pathlib import Path
+
+import yaml
+
+from slotsmith.digest import digest_json
+from slotsmith.errors import SlotsmithError
+from slotsmith.io.checkpoint import Checkpoint, open_checkpoint
+from slotsmith.io.header import DTYPE_SIZES
+from slotsmith.layout import KNOWN_MODELS, layouts_dir, wan_tensor_shapes
+from slotsmith.names import detect_convention, to_canonical
+
+LAYOUT_CAP = 50_000_000
+"""Largest layout YAML we parse, in bytes."""
+
+_BLOCK_RE = re.compile(r"^blocks\.(\d+)\.")
+
+
+def block_of(name: str) -> int | None:
+    """The block number of a ``blocks.<int>.`` name, else None."""
+    m = _BLOCK_RE.match(name)
+    return int(m.group(1)) if m else None
+
+
+@dataclass(frozen=True)
+class TensorSpec:
+    """Name, shape and dtype of one tensor."""
+
+    name: str
+    shape: tuple[int, ...]
+    dtype: str
+
+    @property
+    def numel(self) -> int:
+        return prod(self.shape)
+
+
+@dataclass
+class Inventory:
+    """The tensors of one model.
+
+    Attributes:
+        source: The layout name or path it came from.
+        tensors: Canonical name -> spec.
+        checkpoint: The checkpoint it was read from (None for a layout).
+        convention: The file's key convention (None for a layout).
+        keys: Canonical name -> the key in the file (checkpoints only).
+        experts: Expert name -> timestep range, for layouts that know them.
+    """
+
+    source: str
+    tensors: dict[str, TensorSpec]
+    checkpoint: Checkpoint | None = None
+    convention: str | None = None
+    keys: dict[str, str] = field(default_factory=dict)
+    experts: dict[str, tuple[float, float]] = field(default_factory=dict)
+
+    @property
+    def total_params(self) -> int:
+        return sum(t.numel for t in self.tensors.values())
+
+    def numels(self) -> dict[str, int]:
+        """Canonical name -> number of elements: what selection runs on."""
+        return {n: t.numel for n, t in self.tensors.items()}
+
+    def num_blocks(self) -> int:
+        blocks = {block_of(n) for n in self.tensors} - {None}
+        return max(blocks) + 1 if blocks else 0
+
+    def layout_digest(self) -> str:
+        """xxh3-128 of the sorted (name, shape, dtype) list: the layout's identity."""
+        return digest_json(sorted([t.name, list(t.shape), t.dtype] for t in self.tensors.values()))
+
+    def matching_models(self) -> list[str]:
+        """Names of the known models with exactly this layout (dtype aside)."""
+        mine = {n: t.shape for n, t in self.tensors.items()}
+        return [name for name, spec in _known_shapes().items() if spec == mine]
+
+
+def _known_shapes() -> dict[str, dict[str, tuple[int, ...]]]:
+    return {name: wan_tensor_shapes(m.config) for name, m in KNOWN_MODELS.items()}
+
+
+def inventory_from_checkpoint(path: str | os.PathLike) -> Inventory:
+    """Inventory a checkpoint from its headers alone.
+
+    Raises:
+        SlotsmithError: Malformed files, mixed key conventions, unknown
+            diffusers keys, or two keys that map to one canonical name.
+    """
+    ckpt = open_checkpoint(path)
+    try:
+        convention = detect_convention(ckpt.tensors)
+    except SlotsmithError as e:
+        raise SlotsmithError(f"{ckpt.path}: {e}") from None
+    tensors: dict[str, TensorSpec] = {}
+    keys: dict[str, str] = {}
+    for key, (_, info) in ckpt.tensors.items():
+        try:
+            name = to_canonical(key, convention)
+        except SlotsmithError as e:
+            raise SlotsmithError(f"{ckpt.path}: {e}") from None
+        if name in tensors:
+            raise SlotsmithError(f"{ckpt.path}: keys {keys[name]!r} and {key!r} are the same tensor {name!r}")
+        tensors[name] = TensorSpec(name, info.shape, info.dtype)
+        keys[name] = key
+    return Inventory(str(ckpt.path), tensors, ckpt, convention, keys)
+
+
+def _layout_error(path: Path, problem: str) -> SlotsmithError:
+    return SlotsmithError(f"{path}: {problem}")
+
+
+def inventory_from_layout_file(path: str | os.PathLike) -> Inventory:
+    """Inventory a layout YAML (``tensors: {name: {shape: [...], dtype: ...}}``).
+
+    Raises:
+        SlotsmithError: The file is missing, too large, not YAML, or has a
+            field of the wrong type.
+    """
+    path = Path(path)
+    try:
+        if path.stat().st_size > LAYOUT_CAP:
+            raise _layout_error(path, f"layout file is over the {LAYOUT_CAP}-byte cap")
+        doc = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise SlotsmithError(f"{path}: no such file") from None
+    except UnicodeDecodeError:
+        raise _layout_error(path, "not valid UTF-8") from None
+    except yaml.YAMLError as e:
+        raise _layout_error(path, f"invalid YAML ({str(e).splitlines()[0]})") from None
+    if not isinstance(doc, dict) or not isinstance(doc.get("tensors"), dict) or not doc["tensors"]:
+        raise _layout_error(path, "a layout needs a non-empty 'tensors' mapping")
+    tensors: dict[str, TensorSpec] = {}
+    for name, spec in doc["tensors"].items():
+        if not isinstance(name, str) or not isinstance(spec, dict):
+            raise _layout_error(path, f"tensor {name!r}: needs a mapping with shape and dtype")
+        shape, dtype = spec.get("shape"), spec.get("dtype")
+        if not isinstance(shape, list) or not all(type(d) is int and d >= 0 for d in shape):
+            raise _layout_error(path, f"tensor {name!r}: shape must be a list of non-negative integers")
+        if dtype not in DTYPE_SIZES:
+            raise _layout_error(path, f"tensor {name!r}: unknown dtype {dtype!r}")
+        tensors[name] = TensorSpec(name, tuple(shape), dtype)
+    experts = doc.get("experts") or {}
+    if not isinstance(experts, dict) or not all(
+        isinstance(r, list) and len(r) == 2 and all(isinstance(x, (int, float)) for x in r)
+        for r in experts.values()
+    ):
+        raise _layout_error(path, "'experts' must map names to [low, high] timestep ranges")
+    source = doc.get("name") if isinstance(doc.get("name"), str) else str(path)
+    return Inventory(source, tensors, experts={k: (float(a), float(b)) for k, (a, b) in experts.items()})
+
+
+def load_inventory(model: str) -> Inventory:
+    """Resolve a MODEL argument: a shipped layout name, a layout YAML, or a checkpoint.
+
+    Raises:
+        SlotsmithError: Nothing of that name exists, or the file is malformed.
+    """
+    if model in KNOWN_MODELS:
+        return inventory_from_layout_file(layouts_dir() / f"{model}.yaml")
+    path = Path(model)
+    if path.suffix in (".yaml", ".yml"):
+        return inventory_from_layout_file(path)
+    if not path.exists():
+        known = ", ".join(KNOWN_MODELS)
+        raise SlotsmithError(f"{model}: no such file, and not a known layout ({known})")
+    return inventory_from_checkpoint(path)

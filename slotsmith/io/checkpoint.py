@@ -1,0 +1,135 @@
+"""A checkpoint as a set of safetensors files: one file, or shards with an index.
+
+A sharded set is named by its ``*.safetensors.index.json`` (the Hugging Face
+layout: ``{"metadata": {...}, "weight_map": {key: shard file}}``) or by the
+folder that holds it. Every shard is validated, and the index must describe
+the shards exactly.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from pathlib import Path, PurePosixPath
+
+from slotsmith.errors import SlotsmithError
+from slotsmith.io.header import SafetensorsHeader, TensorInfo, parse_json_object, read_header
+
+INDEX_CAP = 100_000_000
+"""Largest index JSON we read, in bytes (as large as a header may be)."""
+
+
+@dataclass
+class Checkpoint:
+    """One checkpoint, single-file or sharded.
+
+    Attributes:
+        path: What the user named (file, index JSON or folder).
+        files: Headers of the safetensors files, in shard order.
+        index_path: The index JSON of a sharded set, else None.
+        index_metadata: The index's ``metadata`` object (sharded sets only).
+        tensors: File key -> (header of the file holding it, tensor info).
+    """
+
+    path: Path
+    files: list[SafetensorsHeader]
+    index_path: Path | None = None
+    index_metadata: dict = field(default_factory=dict)
+    tensors: dict[str, tuple[SafetensorsHeader, TensorInfo]] = field(default_factory=dict)
+
+    @property
+    def sharded(self) -> bool:
+        return self.index_path is not None
+
+    @property
+    def metadata(self) -> dict[str, str]:
+        """The ``__metadata__`` of the first file (shards normally repeat it)."""
+        return self.files[0].metadata if self.files else {}
+
+    @property
+    def nbytes(self) -> int:
+        return sum(info.nbytes for _, info in self.tensors.values())
+
+
+def _safe_shard_path(index_path: Path, name: object) -> Path:
+    if not isinstance(name, str) or not name:
+        raise SlotsmithError(f"{index_path}: weight_map values must be non-empty file names")
+    rel = PurePosixPath(name)
+    if rel.is_absolute() or ".." in rel.parts or "\\" in name or len(rel.parts) != 1:
+        raise SlotsmithError(f"{index_path}: shard path {name!r} escapes the index's folder")
+    return index_path.parent / name
+
+
+def _open_index(index_path: Path) -> Checkpoint:
+    try:
+        size = index_path.stat().st_size
+        if size > INDEX_CAP:
+            raise SlotsmithError(f"{index_path}: index is {size} bytes, over the {INDEX_CAP}-byte cap")
+        raw = index_path.read_bytes()
+    except FileNotFoundError:
+        raise SlotsmithError(f"{index_path}: no such file") from None
+    except OSError as e:
+        raise SlotsmithError(f"{index_path}: cannot read ({e.strerror})") from None
+    obj = parse_json_object(raw, str(index_path))
+    weight_map = obj.get("weight_map")
+    if not isinstance(weight_map, dict) or not weight_map:
+        raise SlotsmithError(f"{index_path}: needs a non-empty 'weight_map' object")
+    metadata = obj.get("metadata", {})
+    if not isinstance(metadata, dict):
+        raise SlotsmithError(f"{index_path}: 'metadata' must be an object")
+
+    by_shard: dict[str, set[str]] = {}
+    for key, shard in weight_map.items():
+        _safe_shard_path(index_path, shard)
+        by_shard.setdefault(shard, set()).add(key)
+
+    ckpt = Checkpoint(index_path, [], index_path, metadata)
+    for shard in sorted(by_shard):
+        header = read_header(_safe_shard_path(index_path, shard))
+        keys = set(header.tensors)
+        if keys != by_shard[shard]:
+            missing = sorted(by_shard[shard] - keys)
+            extra = sorted(keys - by_shard[shard])
+            detail = f"missing {missing[0]!r}" if missing else f"unlisted {extra[0]!r}"
+            raise SlotsmithError(f"{header.path}: does not match {index_path.name} ({detail})")
+        ckpt.files.append(header)
+        for key, info in header.tensors.items():
+            ckpt.tensors[key] = (header, info)
+    return ckpt
+
+
+def _resolve_folder(folder: Path) -> Path:
+    indexes = sorted(folder.glob("*.safetensors.index.json"))
+    if len(indexes) == 1:
+        return indexes[0]
+    if len(indexes) > 1:
+        raise SlotsmithError(f"{folder}: holds several index files; name one of them")
+    files = sorted(folder.glob("*.safetensors"))
+    if len(files) == 1:
+        return files[0]
+    if not files:
+        raise SlotsmithError(f"{folder}: holds no .safetensors file")
+    raise SlotsmithError(f"{folder}: holds several .safetensors files and no index; name one of them")
+
+
+def open_checkpoint(path: str | os.PathLike) -> Checkpoint:
+    """Open a checkpoint: a safetensors file, an index JSON, or a folder.
+
+    Args:
+        path: The file, the ``*.index.json`` of a sharded set, or a folder
+            holding exactly one of either.
+
+    Returns:
+        The validated checkpoint; nothing but headers has been read.
+
+    Raises:
+        SlotsmithError: Missing or malformed files, or an index that does not
+            describe its shards exactly.
+    """
+    path = Path(path)
+    if path.is_dir():
+        path = _resolve_folder(path)
+    if path.name.endswith(".json"):
+        return _open_index(path)
+    header = read_header(path)
+    return Checkpoint(path, [header], tensors={k: (header, i) for k, i in header.tensors.items()})

@@ -1,0 +1,96 @@
+"""The strict safetensors header reader, against valid and malformed files."""
+
+import json
+import struct
+
+import numpy as np
+import pytest
+from click.testing import CliRunner
+from safetensors.numpy import save_file
+
+from slotsmith.cli import main
+from slotsmith.errors import SlotsmithError
+from slotsmith.io.header import HEADER_CAP, read_header
+
+
+def _raw(header, data: bytes = b"", *, header_bytes: bytes | None = None) -> bytes:
+    body = header_bytes if header_bytes is not None else json.dumps(header).encode()
+    return struct.pack("<Q", len(body)) + body + data
+
+
+def _entry(dtype="F32", shape=(2,), offsets=(0, 8)):
+    return {"dtype": dtype, "shape": list(shape), "data_offsets": list(offsets)}
+
+
+GOOD = {"a": _entry(offsets=(0, 8)), "b": _entry(shape=(1,), offsets=(8, 12))}
+
+MALFORMED = {
+    "too short": (b"\x01\x02", "too short"),
+    "header over cap": (struct.pack("<Q", HEADER_CAP + 1) + b"{}", "cap"),
+    "header past end": (struct.pack("<Q", 1000) + b"{}", "past the end"),
+    "not json object start": (_raw(None, header_bytes=b"[1, 2]"), "does not start"),
+    "invalid utf8": (_raw(None, header_bytes=b'{"\xff": 1}'), "UTF-8"),
+    "invalid json": (_raw(None, header_bytes=b'{"a": '), "invalid JSON"),
+    "duplicate key": (
+        _raw(None, b"\0" * 8, header_bytes=b'{"a": %s, "a": %s}' % ((json.dumps(_entry()).encode(),) * 2)),
+        "duplicate",
+    ),
+    "unknown dtype": (_raw({"a": _entry(dtype="F128")}, b"\0" * 8), "unknown dtype"),
+    "negative shape": (_raw({"a": _entry(shape=(-2,))}, b"\0" * 8), "non-negative"),
+    "bool in shape": (_raw({"a": _entry(shape=(True,), offsets=(0, 4))}, b"\0" * 4), "non-negative"),
+    "offsets wrong type": (_raw({"a": {"dtype": "F32", "shape": [2], "data_offsets": "0-8"}}, b"\0" * 8), "data_offsets"),
+    "offsets reversed": (_raw({"a": _entry(offsets=(8, 0))}, b"\0" * 8), "0 <= begin <= end"),
+    "length vs shape": (_raw({"a": _entry(shape=(3,))}, b"\0" * 8), "needs 12"),
+    "gap": (_raw({"a": _entry(offsets=(4, 12))}, b"\0" * 12), "gap"),
+    "overlap": (_raw({"a": _entry(offsets=(0, 8)), "b": _entry(offsets=(4, 12))}, b"\0" * 12), "overlaps"),
+    "truncated": (_raw(GOOD, b"\0" * 10), "truncated"),
+    "trailing data": (_raw(GOOD, b"\0" * 20), "trailing"),
+    "metadata not str": (_raw({"__metadata__": {"k": 1}, **GOOD}, b"\0" * 12), "__metadata__"),
+    "extra field": (_raw({"a": {**_entry(), "x": 1}}, b"\0" * 8), "exactly the fields"),
+    "huge shape": (_raw({"a": _entry(shape=(2**62, 2**62))}, b"\0" * 8), "needs"),
+}
+
+
+def test_reads_a_file_written_by_the_official_library(tmp_path):
+    path = tmp_path / "ok.safetensors"
+    tensors = {"x": np.arange(6, dtype=np.float32).reshape(2, 3), "y": np.ones(4, dtype=np.int64)}
+    save_file(tensors, str(path), metadata={"format": "pt"})
+    header = read_header(path)
+    assert header.metadata == {"format": "pt"}
+    data = path.read_bytes()
+    for name, array in tensors.items():
+        info = header.tensors[name]
+        assert info.shape == array.shape
+        assert data[info.start : info.end] == array.tobytes()
+
+
+def test_padded_header_is_valid(tmp_path):
+    body = json.dumps(GOOD).encode() + b" " * 13
+    path = tmp_path / "padded.safetensors"
+    path.write_bytes(struct.pack("<Q", len(body)) + body + b"\0" * 12)
+    assert read_header(path).data_start == 8 + len(body)
+
+
+@pytest.mark.parametrize("case", sorted(MALFORMED))
+def test_malformed_header_is_a_clean_error(tmp_path, case):
+    raw, expected = MALFORMED[case]
+    path = tmp_path / "bad.safetensors"
+    path.write_bytes(raw)
+    with pytest.raises(SlotsmithError, match=expected) as info:
+        read_header(path)
+    assert str(path) in str(info.value)
+
+
+@pytest.mark.parametrize("case", sorted(MALFORMED))
+def test_malformed_header_exits_1_with_one_line(tmp_path, case):
+    path = tmp_path / "bad.safetensors"
+    path.write_bytes(MALFORMED[case][0])
+    result = CliRunner().invoke(main, ["plan", "-m", str(path), "--ff", "0.1", "--ffid", "0"])
+    assert result.exit_code == 1
+    assert result.output.startswith("error: ") and result.output.count("\n") == 1
+    assert str(path) in result.output
+
+
+def test_missing_file(tmp_path):
+    result = CliRunner().invoke(main, ["plan", "-m", str(tmp_path / "nope.safetensors"), "--ff", "0.1", "--ffid", "0"])
+    assert result.exit_code == 1 and "no such file" in result.output
