@@ -1,0 +1,43 @@
+"""The light core must run where torch is not installed (CI verify jobs)."""
+
+import subprocess
+import sys
+
+LIGHT_MODULES = [
+    "slotsmith.cli",
+    "slotsmith.io.header",
+    "slotsmith.io.checkpoint",
+    "slotsmith.names",
+    "slotsmith.layout",
+    "slotsmith.inventory",
+    "slotsmith.select",
+    "slotsmith.plan",
+    "slotsmith.digest",
+]
+HEAVY = ("torch", "diffusers", "transformers", "accelerate")
+
+PROBE = """
+import importlib, sys
+for m in {modules!r}:
+    importlib.import_module(m)
+from slotsmith.cli import main
+try:
+    main({argv!r}, standalone_mode=False)
+except SystemExit:
+    pass
+print(sorted(m for m in {heavy!r} if m in sys.modules))
+"""
+
+
+def _heavy_imported(argv):
+    code = PROBE.format(modules=LIGHT_MODULES, argv=argv, heavy=HEAVY)
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    return out.strip().splitlines()[-1]
+
+
+def test_importing_the_light_core_pulls_no_torch():
+    assert _heavy_imported(["--help"]) == "[]"
+
+
+def test_plan_runs_without_torch():
+    assert _heavy_imported(["plan", "-m", "wan2.1-t2v-1.3b", "--ff", "0.01", "--ffid", "1"]) == "[]"
