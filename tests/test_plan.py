@@ -1,0 +1,98 @@
+"""`slotsmith plan` on layouts and on real files in every key convention."""
+
+import json
+import math
+
+import pytest
+from click.testing import CliRunner
+from helpers import TINY, make_checkpoint
+
+from slotsmith.cli import main
+from slotsmith.layout import wan_tensor_shapes
+
+
+def _plan(*args):
+    result = CliRunner().invoke(main, ["plan", *args])
+    return result
+
+
+def _plan_json(model, ff, *ffids):
+    args = ["-m", str(model), "--ff", str(ff), "--json"]
+    for k in ffids:
+        args += ["--ffid", str(k)]
+    result = _plan(*args)
+    assert result.exit_code == 0, result.output
+    return json.loads(result.output)
+
+
+@pytest.fixture(scope="module")
+def conventions(tmp_path_factory):
+    root = tmp_path_factory.mktemp("conv")
+    return {
+        "native": make_checkpoint(root / "native.safetensors", seed=1).path,
+        "prefixed": make_checkpoint(root / "prefixed.safetensors", convention="prefixed", seed=2).path,
+        "diffusers": make_checkpoint(root / "diffusers.safetensors", convention="diffusers", seed=3).path,
+        "sharded": make_checkpoint(root / "sharded", convention="diffusers", shards=3, seed=4).path,
+    }
+
+
+@pytest.mark.parametrize("ffid", range(8))
+def test_same_selection_in_every_convention(conventions, ffid):
+    plans = {name: _plan_json(path, 0.05, ffid) for name, path in conventions.items()}
+    reference = plans["native"]
+    assert reference["tensors"], "the tiny model must select something"
+    for name, doc in plans.items():
+        assert doc["tensors"] == reference["tensors"], name
+        assert doc["selected_params"] == reference["selected_params"]
+
+
+def test_json_fields(conventions):
+    doc = _plan_json(conventions["native"], 0.05, 3)
+    shapes = wan_tensor_shapes(TINY)
+    total = sum(math.prod(s) for s in shapes.values())
+    assert doc["total_params"] == total
+    assert doc["target_params"] == int(total * 0.05)
+    assert doc["selected_params"] == sum(math.prod(shapes[n]) for n in doc["tensors"])
+    assert doc["num_blocks"] == TINY.num_layers
+    assert doc["ffid"] == 3 and doc["algorithm"] == "v2" and doc["ff"] == 0.05
+    assert 0 < doc["blocks_covered"] <= doc["num_blocks"]
+    assert doc["pool_tensors"] >= len(doc["tensors"])
+
+
+def test_several_ffids_give_a_list_and_an_overlap_table(conventions):
+    docs = _plan_json(conventions["native"], 0.05, 1, 2, 5)
+    assert [d["ffid"] for d in docs] == [1, 2, 5]
+    result = _plan("-m", str(conventions["native"]), "--ff", "0.05", "--ffid", "1", "--ffid", "2")
+    assert result.exit_code == 0
+    table = result.output.split("overlap (shared tensors between slots)")[1].splitlines()
+    assert table[2].split() == ["1", "-", "0"] and table[3].split() == ["2", "0", "-"]
+
+
+def test_report_names_the_layout_and_warns():
+    result = _plan("-m", "wan2.2-t2v-a14b", "--ff", "0.001", "--ffid", "0")
+    assert result.exit_code == 0
+    assert "layout of wan2.1-t2v-14b, wan2.2-t2v-a14b" in result.output
+    assert "warning: budget overshot: the slot holds 1.85x" in result.output
+    tiny_ff = ["-m", "wan2.2-t2v-a14b", "--ff", "0.00001", "--ffid", "0"]
+    names = json.loads(_plan(*tiny_ff, "--json").output)["tensors"]
+    covered = len({n.split(".")[1] for n in names if n.startswith("blocks.")})
+    assert covered < 40
+    assert f"warning: only {covered}/40 blocks are covered" in _plan(*tiny_ff).output
+
+
+@pytest.mark.parametrize(
+    "args,message",
+    [
+        (["-m", "wan2.2-t2v-a14b", "--ff", "0.01", "--ffid", "8"], "out of range"),
+        (["-m", "wan2.2-t2v-a14b", "--ff", "1.5", "--ffid", "1"], "out of range"),
+        (["-m", "wan2.2-t2v-a14b", "--ff", "0.5", "--ffid", "1"], "largest ff"),
+        (["-m", "no-such-model", "--ff", "0.01", "--ffid", "1"], "not a known layout"),
+    ],
+)
+def test_bad_arguments_exit_1(args, message):
+    result = _plan(*args)
+    assert result.exit_code == 1 and message in result.output and "Traceback" not in result.output
+
+
+def test_missing_option_is_usage_error():
+    assert _plan("-m", "wan2.2-t2v-a14b", "--ff", "0.01").exit_code == 2
