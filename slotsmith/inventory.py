@@ -151,7 +151,7 @@ def inventory_from_layout_file(path: str | os.PathLike) -> Inventory:
         shape, dtype = spec.get("shape"), spec.get("dtype")
         if not isinstance(shape, list) or not all(type(d) is int and d >= 0 for d in shape):
             raise _layout_error(path, f"tensor {name!r}: shape must be a list of non-negative integers")
-        if dtype not in DTYPE_SIZES:
+        if not isinstance(dtype, str) or dtype not in DTYPE_SIZES:
             raise _layout_error(path, f"tensor {name!r}: unknown dtype {dtype!r}")
         tensors[name] = TensorSpec(name, tuple(shape), dtype)
     experts = doc.get("experts") or {}

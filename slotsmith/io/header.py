@@ -12,6 +12,8 @@ from __future__ import annotations
 
 import json
 import os
+import re
+import stat
 import struct
 from dataclasses import dataclass
 from math import prod
@@ -42,6 +44,8 @@ DTYPE_SIZES = {
 }
 
 _ENTRY_FIELDS = {"dtype", "shape", "data_offsets"}
+
+_SURROGATE_ESCAPE = re.compile(r"\\u[dD][89a-fA-F]")
 
 
 @dataclass(frozen=True)
@@ -122,6 +126,13 @@ def parse_json_object(raw: bytes, what: str) -> dict:
         obj = json.loads(text, object_pairs_hook=_reject_duplicates)
     except (ValueError, RecursionError) as e:
         raise SlotsmithError(f"{what}: invalid JSON ({e})") from None
+    if _SURROGATE_ESCAPE.search(text):
+        # A lone surrogate escape (\ud800) decodes to a str that cannot be encoded
+        # back to UTF-8, which would crash digests and writers later: refuse it here.
+        try:
+            json.dumps(obj, ensure_ascii=False).encode("utf-8")
+        except UnicodeEncodeError:
+            raise SlotsmithError(f"{what}: invalid JSON (lone UTF-16 surrogate escape)") from None
     if not isinstance(obj, dict):
         raise SlotsmithError(f"{what}: JSON must be an object, got {type(obj).__name__}")
     return obj
@@ -138,7 +149,7 @@ def _parse_entry(path: Path, name: str, entry: object, data_start: int) -> Tenso
     if set(entry) != _ENTRY_FIELDS:
         raise SlotsmithError(f"{where}: header entry must have exactly the fields dtype, shape, data_offsets")
     dtype, shape, offsets = entry["dtype"], entry["shape"], entry["data_offsets"]
-    if dtype not in DTYPE_SIZES:
+    if not isinstance(dtype, str) or dtype not in DTYPE_SIZES:  # a list would not even hash
         raise SlotsmithError(f"{where}: unknown dtype {dtype!r}")
     if not isinstance(shape, list) or not all(_is_int(d) and d >= 0 for d in shape):
         raise SlotsmithError(f"{where}: shape must be a list of non-negative integers")
@@ -172,6 +183,12 @@ def read_header(path: str | os.PathLike) -> SafetensorsHeader:
     """
     path = Path(path)
     try:
+        mode = os.stat(path).st_mode
+        if stat.S_ISDIR(mode):
+            raise SlotsmithError(f"{path}: is a directory, not a safetensors file")
+        if not stat.S_ISREG(mode):
+            # A FIFO or device would block or never end; only regular files are checkpoints.
+            raise SlotsmithError(f"{path}: not a regular file")
         with open(path, "rb") as f:
             size = os.fstat(f.fileno()).st_size
             prefix = f.read(8)
@@ -187,8 +204,6 @@ def read_header(path: str | os.PathLike) -> SafetensorsHeader:
             raw = f.read(header_len)
     except FileNotFoundError:
         raise SlotsmithError(f"{path}: no such file") from None
-    except IsADirectoryError:
-        raise SlotsmithError(f"{path}: is a directory, not a safetensors file") from None
     except PermissionError:
         raise SlotsmithError(f"{path}: permission denied") from None
 

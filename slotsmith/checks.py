@@ -1,0 +1,353 @@
+"""Checks shared by ``splice`` and ``verify``, each written once.
+
+Every check returns a list of problems, one line each, naming the file and
+the tensor (an empty list means it passed), so ``verify`` can report them all
+while ``splice`` stops at the first with ``raise_problems``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+from slotsmith.digest import canonical_json, digest_file_range
+from slotsmith.errors import SlotsmithError
+from slotsmith.inventory import Inventory
+from slotsmith.io.header import parse_json_object
+from slotsmith.manifest import Manifest, manifest_from_json
+from slotsmith.select import ALGORITHMS, NUM_POOLS
+from slotsmith.slot import InputFiles, Slot, base_region
+
+SPLICE_KEY = "slotsmith.splice"
+"""The ``__metadata__`` key (and index ``metadata`` key) of a splice record."""
+
+SPLICE_FORMAT = "slotsmith-splice/1"
+
+
+def raise_problems(problems: Sequence[str]) -> None:
+    """Raise the first problem as a one-line error, counting the others.
+
+    Raises:
+        SlotsmithError: ``problems`` is not empty.
+    """
+    if problems:
+        more = f" (and {len(problems) - 1} more problem(s))" if len(problems) > 1 else ""
+        raise SlotsmithError(problems[0] + more)
+
+
+def slot_hash_problems(slot: Slot) -> list[str]:
+    """Every slot tensor whose bytes do not match its manifest digest."""
+    return slot.hash_problems()
+
+
+def shape_problems(slot: Slot, base: Inventory) -> list[str]:
+    """Slot entries the base lacks, or whose shape or dtype differ from the base's."""
+    problems = []
+    for e in slot.manifest.entries:
+        spec = base.tensors.get(e.name)
+        if spec is None:
+            problems.append(f"{slot.path}: tensor {e.name!r} is not in the base {base.source}")
+        elif spec.shape != e.shape or spec.dtype != e.dtype:
+            problems.append(
+                f"{slot.path}: tensor {e.name!r} is {e.dtype}{list(e.shape)} but the base "
+                f"{base.source} has {spec.dtype}{list(spec.shape)}"
+            )
+    return problems
+
+
+def fingerprint_problems(slot: Slot, base: Inventory, files: InputFiles) -> list[str]:
+    """Whether ``base`` is the base the slot was made on.
+
+    Compares the layout digest, then hashes the base's own bytes of every
+    region the slot replaces (so two bases of one layout, like the Wan 2.2
+    high- and low-noise experts, are told apart). Run ``shape_problems``
+    first: entries that do not fit the base are skipped here.
+
+    Args:
+        slot: The slot.
+        base: Inventory of a real base checkpoint.
+        files: Where to open the base's files.
+
+    Returns:
+        Problem lines.
+    """
+    m = slot.manifest
+    digest = base.layout_digest()
+    if digest != m.base.layout_digest:
+        return [
+            f"{slot.path}: made on a base of layout {m.base.layout_digest} "
+            f"({m.base.layout or 'unknown model'}), but {base.source} has layout {digest}"
+        ]
+    problems = []
+    expert = f" (the slot is for the {m.expert!r} expert)" if m.expert else ""
+    for e in m.entries:
+        spec = base.tensors.get(e.name)
+        if spec is None or spec.shape != e.shape or spec.dtype != e.dtype:
+            continue
+        r = base_region(base, files, e)
+        actual = digest_file_range(r.fd, r.start, r.end)
+        if actual != m.base.tensors[e.name]:
+            problems.append(
+                f"{base.source}: tensor {e.describe()!r}: base bytes differ from those {slot.path} "
+                f"was made on: wrong base{expert}"
+            )
+    return problems
+
+
+def overlap_problems(slots: Sequence[tuple[str, Manifest]]) -> list[str]:
+    """Pairs of slots whose entries share rows of a tensor (or one slot given twice).
+
+    Args:
+        slots: ``(label, manifest)`` per slot; the label (usually the file)
+            names the slot in messages.
+
+    Returns:
+        One line per overlapping tensor, naming both slots and the shared rows.
+    """
+    problems = []
+    for i, (a, ma) in enumerate(slots):
+        for b, mb in slots[i + 1 :]:
+            if ma.digest == mb.digest:
+                problems.append(f"{a} and {b}: the same slot given twice")
+                continue
+            theirs = mb.entry_map
+            for ea in ma.entries:
+                eb = theirs.get(ea.name)
+                if eb is None:
+                    continue
+                lo, hi = max(ea.span[0], eb.span[0]), min(ea.span[1], eb.span[1])
+                if lo < hi:
+                    problems.append(
+                        f"{a} and {b} overlap: tensor {ea.name!r} rows [{lo}, {hi}) "
+                        f"({ea.describe()} vs {eb.describe()})"
+                    )
+    return problems
+
+
+@dataclass(frozen=True)
+class SpliceRecord:
+    """What a spliced checkpoint records about its making.
+
+    Attributes:
+        base_layout_digest: Layout digest of the base (and so of the output).
+        base_source: File name of the base.
+        slots: ``(slot file name, manifest)`` per slot, in splice order.
+    """
+
+    base_layout_digest: str
+    base_source: str
+    slots: tuple[tuple[str, Manifest], ...]
+
+    def to_json(self) -> dict:
+        return {
+            "format": SPLICE_FORMAT,
+            "base": {"layout_digest": self.base_layout_digest, "source": self.base_source},
+            "slots": [{"file": f, "manifest": m.to_json()} for f, m in self.slots],
+        }
+
+    def to_canonical_json(self) -> str:
+        return canonical_json(self.to_json())
+
+
+def parse_splice_record(raw: str, what: str) -> SpliceRecord:
+    """Validate a splice record (the ``slotsmith.splice`` metadata value).
+
+    Raises:
+        SlotsmithError: Malformed record, or a slot manifest in it that fails
+            validation (digest included).
+    """
+    if not isinstance(raw, str):  # an index JSON's metadata may hold any JSON value
+        raise SlotsmithError(f"{what}: malformed splice record (must be a JSON string)")
+    obj = parse_json_object(raw.encode("utf-8"), f"{what}: splice record")
+    base = obj.get("base")
+    slots = obj.get("slots")
+    if (
+        obj.get("format") != SPLICE_FORMAT
+        or set(obj) != {"format", "base", "slots"}
+        or not isinstance(base, dict)
+        or not isinstance(base.get("layout_digest"), str)
+        or not isinstance(base.get("source"), str)
+        or not isinstance(slots, list)
+        or not all(isinstance(s, dict) and isinstance(s.get("file"), str) and "manifest" in s for s in slots)
+    ):
+        raise SlotsmithError(f"{what}: malformed splice record (expected format {SPLICE_FORMAT!r})")
+    parsed = tuple(
+        (s["file"], manifest_from_json(s["manifest"], f"{what}: splice record slot {s['file']!r}")) for s in slots
+    )
+    return SpliceRecord(base["layout_digest"], base["source"], parsed)
+
+
+def spliced_problems(spliced: Inventory, record: SpliceRecord) -> list[str]:
+    """Check a spliced checkpoint against its own splice record.
+
+    The layout must still be the base's, and the bytes of every region each
+    slot replaced must still hash to that slot's recorded digest.
+
+    Args:
+        spliced: Inventory of the spliced checkpoint.
+        record: Its parsed splice record.
+
+    Returns:
+        Problem lines.
+    """
+    if spliced.layout_digest() != record.base_layout_digest:
+        return [f"{spliced.source}: layout differs from the base {record.base_source!r} it was spliced from"]
+    problems = []
+    with InputFiles() as files:
+        for slot_file, m in record.slots:
+            for e in m.entries:
+                spec = spliced.tensors.get(e.name)
+                if spec is None or spec.shape != e.shape or spec.dtype != e.dtype:
+                    problems.append(f"{spliced.source}: tensor {e.name!r} of slot {slot_file!r} is missing or reshaped")
+                    continue
+                r = base_region(spliced, files, e)
+                if digest_file_range(r.fd, r.start, r.end) != e.digest:
+                    problems.append(
+                        f"{spliced.source}: tensor {e.describe()!r} no longer holds the bytes of slot {slot_file!r}"
+                    )
+    return problems
+
+
+MAX_POOLS = 64
+"""Most pools a recorded selection may name: bounds the work a hostile manifest can ask for."""
+
+
+def _is_int(v: object) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def is_extracted(m: Manifest) -> bool:
+    """Whether the slot was made by ``extract`` (it records ``extracted_from``)."""
+    return "extracted_from" in m.provenance or "extracted_from" in (m.selection or {})
+
+
+def selection_problems(label: str, m: Manifest, layout: Inventory) -> list[str]:
+    """Whether the manifest's selection, recomputed on ``layout``, yields the slot's tensors.
+
+    A trained slot must hold exactly the selected tensors; an extracted one
+    (see ``is_extracted``) only tensors within the selection. Call it only
+    for a manifest whose selection names an ``algorithm``.
+
+    Args:
+        label: Names the slot in messages.
+        m: The slot's manifest.
+        layout: The model the selection ran on (a layout or a checkpoint);
+            only names and shapes are used.
+
+    Returns:
+        Problem lines.
+    """
+    sel = m.selection or {}
+    alg = sel.get("algorithm")
+    select = ALGORITHMS.get(alg) if isinstance(alg, str) else None
+    if select is None:
+        return [f"{label}: unknown selection algorithm {alg!r} (known: {', '.join(ALGORITHMS)})"]
+    ff, ffid, pools = sel.get("ff"), sel.get("ffid"), sel.get("num_pools", NUM_POOLS)
+    if not (isinstance(ff, int | float) and not isinstance(ff, bool) and _is_int(ffid) and _is_int(pools)):
+        return [f"{label}: selection needs a number ff and integers ffid and num_pools"]
+    if not 1 <= pools <= MAX_POOLS:
+        return [f"{label}: selection num_pools {pools} is outside 1..{MAX_POOLS}"]
+    for e in m.entries:
+        spec = layout.tensors.get(e.name)
+        if spec is None or spec.shape != e.shape:
+            found = "lacks it" if spec is None else f"has {list(spec.shape)}"
+            return [f"{label}: tensor {e.name!r} {list(e.shape)} does not fit the layout {layout.source} ({found})"]
+    try:
+        s = select(layout.numels(), ff, ffid, num_pools=pools)
+    except SlotsmithError as e:
+        return [f"{label}: selection {alg} ff={ff} ffid={ffid} cannot be recomputed: {e}"]
+    have, want = {e.name for e in m.entries}, set(s.tensors)
+    extra, missing = sorted(have - want), sorted(want - have)
+    what = f"{alg} --ff {ff} --ffid {ffid} on {layout.source}"
+    problems = [f"{label}: tensor {n!r} is not in the selection {what}" for n in extra]
+    if not is_extracted(m):
+        problems += [f"{label}: tensor {n!r} of the selection {what} is missing from the slot" for n in missing]
+    return problems
+
+
+def base_agreement_problems(slots: Sequence[tuple[str, Manifest]]) -> list[str]:
+    """Slots that claim one base must agree on its bytes where their regions coincide.
+
+    Each slot records the xxh3-128 of the base's bytes of every region it
+    replaces; two slots covering the same region with different digests were
+    made on different bases, whatever they claim.
+
+    Args:
+        slots: ``(label, manifest)`` per slot, all claiming the same base.
+
+    Returns:
+        One line per region the slots disagree on.
+    """
+    problems = []
+    seen: dict[tuple[str, tuple[int, int]], tuple[str, str]] = {}
+    for label, m in slots:
+        for e in m.entries:
+            key, digest = (e.name, e.span), m.base.tensors[e.name]
+            first = seen.setdefault(key, (label, digest))
+            if first[1] != digest:
+                problems.append(
+                    f"{first[0]} and {label} disagree on the base: its bytes of tensor {e.describe()!r} differ"
+                )
+    return problems
+
+
+def record_problems(label: str, record: SpliceRecord) -> list[str]:
+    """A splice record's own consistency: its slots fit its base layout and are disjoint."""
+    problems = [
+        f"{label}: spliced slot {f!r} was made on layout {m.base.layout_digest}, "
+        f"not the record's base layout {record.base_layout_digest}"
+        for f, m in record.slots
+        if m.base.layout_digest != record.base_layout_digest
+    ]
+    return problems + overlap_problems([(f"{label} (spliced slot {f!r})", m) for f, m in record.slots])
+
+
+def _uncovered(nbytes: int, covered: list[tuple[int, int]]) -> list[tuple[int, int]]:
+    """The byte ranges of ``[0, nbytes)`` outside every ``covered`` range."""
+    gaps, cursor = [], 0
+    for lo, hi in sorted(covered):
+        if lo > cursor:
+            gaps.append((cursor, lo))
+        cursor = max(cursor, hi)
+    if cursor < nbytes:
+        gaps.append((cursor, nbytes))
+    return gaps
+
+
+def spliced_base_problems(spliced: Inventory, record: SpliceRecord, base: Inventory, files: InputFiles) -> list[str]:
+    """Every byte of a spliced checkpoint outside its recorded slots must be the base's.
+
+    With ``spliced_problems`` (each recorded region holds its slot's bytes)
+    this shows every tensor equals the base's bytes or exactly one recorded
+    slot's (recorded slots are disjoint, see ``record_problems``).
+
+    Args:
+        spliced: Inventory of the spliced checkpoint.
+        record: Its parsed splice record.
+        base: Inventory of the real base checkpoint.
+        files: Where to open both checkpoints' files.
+
+    Returns:
+        One line per tensor whose uncovered bytes differ from the base's.
+    """
+    if base.layout_digest() != spliced.layout_digest():
+        return [f"{spliced.source}: layout differs from the base {base.source}"]
+    covered: dict[str, list[tuple[int, int]]] = {}
+    for _, m in record.slots:
+        for e in m.entries:
+            covered.setdefault(e.name, []).append(e.byte_range())
+    problems = []
+    for name in sorted(spliced.tensors):
+        sh, si = spliced.checkpoint.tensors[spliced.keys[name]]
+        bh, bi = base.checkpoint.tensors[base.keys[name]]
+        for lo, hi in _uncovered(si.nbytes, covered.get(name, [])):
+            mine = digest_file_range(files.fd(sh.path), si.start + lo, si.start + hi)
+            theirs = digest_file_range(files.fd(bh.path), bi.start + lo, bi.start + hi)
+            if mine != theirs:
+                where = "" if (lo, hi) == (0, si.nbytes) else f" bytes [{lo}, {hi})"
+                problems.append(
+                    f"{spliced.source}: tensor {name!r}{where} differs from the base {base.source} "
+                    "and no recorded slot covers it"
+                )
+                break
+    return problems

@@ -1,0 +1,372 @@
+"""The one safetensors writer: streaming, bounded memory, atomic.
+
+A tensor's bytes are given as *parts*: byte strings, or ranges of already open
+files (``FileRange``). File ranges are copied kernel-side with
+``os.copy_file_range`` (falling back to a bounded buffered copy), so a splice
+never holds a tensor in memory. The header is padded with spaces (which the
+format allows) so that the data section can sit at the same offset modulo
+4096 as a base's: every unchanged extent then keeps its block alignment, and
+filesystems with reflinks (XFS, btrfs) share it instead of copying it.
+
+Output goes to a temp file in the target folder, is fsynced, then renamed into
+place; on any exception (Ctrl-C included) the temp file is removed and nothing
+appears at the target.
+"""
+
+from __future__ import annotations
+
+import errno
+import json
+import os
+import shutil
+import struct
+import tempfile
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
+from math import prod
+from pathlib import Path
+
+from slotsmith.errors import SlotsmithError
+from slotsmith.io.header import DTYPE_SIZES
+
+BLOCK = 4096
+"""Filesystem block size that reflinks need offsets aligned to."""
+
+COPY_CHUNK = 256 * 1024 * 1024
+"""Most bytes per copy_file_range call: keeps the progress bar moving."""
+
+BUFFER = 8 * 1024 * 1024
+"""Buffer of the fallback copy: the writer's peak extra memory."""
+
+_NO_KERNEL_COPY = {errno.EXDEV, errno.ENOSYS, errno.EOPNOTSUPP, errno.EINVAL, errno.EBADF, errno.EPERM}
+
+
+@dataclass(frozen=True)
+class FileRange:
+    """Bytes ``[start, end)`` of a file open for reading (absolute offsets)."""
+
+    fd: int
+    start: int
+    end: int
+
+    @property
+    def nbytes(self) -> int:
+        return self.end - self.start
+
+
+Part = FileRange | bytes | memoryview
+
+
+@dataclass(frozen=True)
+class TensorOut:
+    """One tensor to write.
+
+    Attributes:
+        key: The key in the output file.
+        dtype: Safetensors dtype.
+        shape: Shape.
+        parts: Its bytes, in order; their lengths must add up to
+            ``numel x dtype size``.
+    """
+
+    key: str
+    dtype: str
+    shape: tuple[int, ...]
+    parts: tuple[Part, ...]
+
+    @property
+    def nbytes(self) -> int:
+        return prod(self.shape) * DTYPE_SIZES[self.dtype]
+
+
+def _part_len(p: Part) -> int:
+    return p.nbytes if isinstance(p, FileRange) else len(p)
+
+
+def build_header(tensors: Sequence[TensorOut], metadata: dict[str, str] | None, data_mod: int | None) -> bytes:
+    """The 8-byte length prefix plus the padded JSON header.
+
+    Args:
+        tensors: In data order.
+        metadata: ``__metadata__`` (str -> str), or None.
+        data_mod: Wanted ``data_start % 4096``; None pads to a multiple of 8
+            (what the official writer does).
+
+    Returns:
+        The bytes that precede the data section.
+
+    Raises:
+        SlotsmithError: Part lengths that do not match a tensor's size.
+    """
+    header: dict = {}
+    if metadata:
+        header["__metadata__"] = dict(metadata)
+    offset = 0
+    for t in tensors:
+        given = sum(_part_len(p) for p in t.parts)
+        if given != t.nbytes:
+            raise SlotsmithError(f"tensor {t.key!r}: {given} bytes given but {t.dtype}{list(t.shape)} needs {t.nbytes}")
+        header[t.key] = {"dtype": t.dtype, "shape": list(t.shape), "data_offsets": [offset, offset + t.nbytes]}
+        offset += t.nbytes
+    raw = json.dumps(header, separators=(",", ":"), ensure_ascii=False).encode("utf-8")
+    start = 8 + len(raw)
+    if data_mod is None:
+        pad = -start % 8
+    else:
+        pad = (data_mod - start) % BLOCK
+    return struct.pack("<Q", len(raw) + pad) + raw + b" " * pad
+
+
+def _coalesce(tensors: Sequence[TensorOut]) -> Iterator[Part]:
+    """Parts in output order, adjacent ranges of one file merged into one copy."""
+    pending: FileRange | None = None
+    for t in tensors:
+        for p in t.parts:
+            if isinstance(p, FileRange):
+                if pending is not None and pending.fd == p.fd and pending.end == p.start:
+                    pending = FileRange(p.fd, pending.start, p.end)
+                    continue
+                if pending is not None:
+                    yield pending
+                pending = p
+            else:
+                if pending is not None:
+                    yield pending
+                    pending = None
+                if len(p):
+                    yield p
+    if pending is not None:
+        yield pending
+
+
+def _write_all(fd: int, data: bytes | memoryview, pos: int) -> None:
+    view = memoryview(data)
+    while view:
+        n = os.pwrite(fd, view, pos)
+        view, pos = view[n:], pos + n
+
+
+def _buffered_copy(src: FileRange, dst: int, pos: int, progress: Callable[[int], None]) -> None:
+    buf = bytearray(min(BUFFER, src.nbytes))
+    view = memoryview(buf)
+    at = src.start
+    while at < src.end:
+        n = os.preadv(src.fd, [view[: min(len(buf), src.end - at)]], at)
+        if n == 0:
+            raise OSError(errno.EIO, f"input ends at byte {at}, before byte {src.end}")
+        _write_all(dst, view[:n], pos)
+        at, pos = at + n, pos + n
+        progress(n)
+
+
+def _copy_range(src: FileRange, dst: int, pos: int, progress: Callable[[int], None]) -> None:
+    """Copy ``src`` to ``dst`` at ``pos``, kernel-side where the system allows."""
+    at = src.start
+    while at < src.end:
+        # Copy an unaligned head up to the next block boundary on its own, so
+        # that every later call starts block-aligned in the source and (the
+        # output being congruent to the input mod 4096) in the output: the
+        # kernel can then reflink it instead of copying.
+        head = -at % BLOCK
+        stop = min(src.end, at + (head or COPY_CHUNK))
+        try:
+            n = os.copy_file_range(src.fd, dst, stop - at, at, pos)
+        except OSError as e:
+            if e.errno not in _NO_KERNEL_COPY:
+                raise
+            _buffered_copy(FileRange(src.fd, at, src.end), dst, pos, progress)
+            return
+        if n == 0:
+            raise OSError(errno.EIO, f"input ends at byte {at}, before byte {src.end}")
+        at, pos = at + n, pos + n
+        progress(n)
+
+
+def write_tensors(
+    fd: int,
+    tensors: Sequence[TensorOut],
+    metadata: dict[str, str] | None = None,
+    *,
+    data_mod: int | None = None,
+    progress: Callable[[int], None] | None = None,
+) -> int:
+    """Write a whole safetensors file into ``fd`` (from offset 0).
+
+    Args:
+        fd: An empty file open for writing.
+        tensors: The tensors, in the order their data should follow.
+        metadata: ``__metadata__``.
+        data_mod: Wanted ``data_start % 4096`` (see ``build_header``).
+        progress: Called with each count of data bytes written.
+
+    Returns:
+        The file size.
+    """
+    progress = progress or (lambda n: None)
+    head = build_header(tensors, metadata, data_mod)
+    _write_all(fd, head, 0)
+    pos = len(head)
+    for part in _coalesce(tensors):
+        if isinstance(part, FileRange):
+            _copy_range(part, fd, pos, progress)
+            pos += part.nbytes
+        else:
+            _write_all(fd, part, pos)
+            pos += len(part)
+            progress(len(part))
+    os.ftruncate(fd, pos)
+    return pos
+
+
+def _fsync_dir(folder: Path) -> None:
+    try:
+        dfd = os.open(folder, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(dfd)
+    except OSError:
+        pass  # some filesystems cannot fsync a directory; the data itself is synced
+    finally:
+        os.close(dfd)
+
+
+def refuse_existing(out: Path, force: bool) -> None:
+    """Refuse an existing output unless ``force``.
+
+    Raises:
+        SlotsmithError: ``out`` exists (and not ``force``), or its folder is missing.
+    """
+    if out.exists() and not force:
+        raise SlotsmithError(f"{out}: already exists (use --force to overwrite)")
+    if not out.parent.is_dir():
+        raise SlotsmithError(f"{out.parent}: no such folder for the output")
+
+
+def _publish(tmp: Path, out: Path, force: bool) -> None:
+    """Move ``tmp`` to ``out``; without ``force``, never replace an existing file."""
+    if force:
+        if out.is_dir() and not tmp.is_dir():
+            raise SlotsmithError(f"{out}: is a folder; cannot replace it with a file")
+        if out.is_dir():
+            # A folder cannot be atomically replaced; move the old one aside first.
+            old = Path(tempfile.mkdtemp(prefix=f".{out.name}.old-", dir=out.parent))
+            os.rename(out, old / out.name)
+            os.rename(tmp, out)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(tmp, out)
+        return
+    if tmp.is_dir():
+        if out.exists():
+            raise SlotsmithError(f"{out}: already exists (use --force to overwrite)")
+        os.rename(tmp, out)
+        return
+    try:
+        os.link(tmp, out)  # atomic create-if-absent
+    except FileExistsError:
+        raise SlotsmithError(f"{out}: already exists (use --force to overwrite)") from None
+    except OSError:
+        if out.exists():
+            raise SlotsmithError(f"{out}: already exists (use --force to overwrite)") from None
+        os.rename(tmp, out)
+        return
+    os.unlink(tmp)
+
+
+@contextmanager
+def atomic_file(out: str | os.PathLike, *, force: bool = False) -> Iterator[int]:
+    """Yield the fd of a temp file beside ``out``; publish it on success.
+
+    On success the file is fsynced and renamed to ``out``; on any exception
+    (KeyboardInterrupt included) it is removed and the exception propagates.
+
+    Raises:
+        SlotsmithError: ``out`` exists and not ``force``, or its folder is missing.
+    """
+    out = Path(out)
+    refuse_existing(out, force)
+    fd, name = tempfile.mkstemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent)
+    tmp = Path(name)
+    try:
+        yield fd
+        os.fsync(fd)
+        os.close(fd)
+        fd = -1
+        os.chmod(tmp, 0o644)
+        _publish(tmp, out, force)
+        _fsync_dir(out.parent)
+    finally:
+        if fd >= 0:
+            os.close(fd)
+        tmp.unlink(missing_ok=True)
+
+
+@contextmanager
+def atomic_dir(out: str | os.PathLike, *, force: bool = False) -> Iterator[Path]:
+    """Yield a temp folder beside ``out``; publish it as ``out`` on success.
+
+    The caller writes files inside it with ``new_file_in``.
+
+    Raises:
+        SlotsmithError: ``out`` exists and not ``force``, or its folder is missing.
+    """
+    out = Path(out)
+    refuse_existing(out, force)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent))
+    try:
+        yield tmp
+        _fsync_dir(tmp)
+        os.chmod(tmp, 0o755)
+        _publish(tmp, out, force)
+        _fsync_dir(out.parent)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+
+
+@contextmanager
+def new_file_in(folder: Path, name: str) -> Iterator[int]:
+    """Create ``folder/name`` for writing (it must not exist); fsync and close it on success.
+
+    Meant for the files of an ``atomic_dir`` temp folder, which removes them on failure.
+    """
+    fd = os.open(folder / name, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+    try:
+        yield fd
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def write_safetensors(
+    out: str | os.PathLike,
+    tensors: Sequence[TensorOut],
+    metadata: dict[str, str] | None = None,
+    *,
+    data_mod: int | None = None,
+    force: bool = False,
+    progress: Callable[[int], None] | None = None,
+) -> Path:
+    """Write one safetensors file atomically.
+
+    Args:
+        out: Target path.
+        tensors: Tensors in data order.
+        metadata: ``__metadata__``.
+        data_mod: Wanted ``data_start % 4096`` (None: 8-byte aligned).
+        force: Replace an existing ``out``.
+        progress: Called with each count of data bytes written.
+
+    Returns:
+        ``out`` as a Path.
+
+    Raises:
+        SlotsmithError: ``out`` exists (without force), or bad part lengths.
+        OSError: Reading or writing failed (nothing is left behind).
+    """
+    out = Path(out)
+    with atomic_file(out, force=force) as fd:
+        write_tensors(fd, tensors, metadata, data_mod=data_mod, progress=progress)
+    return out

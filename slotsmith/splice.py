@@ -1,0 +1,398 @@
+"""Splice slots into a base, and extract a slot from a fine-tuned checkpoint.
+
+``plan_splice`` runs every check and works out, for each output file, which
+bytes come from the base and which from a slot, before a byte is written;
+``execute_splice`` then streams them out (kernel-side copies, bounded memory)
+through the one writer, atomically. The output keeps the base's files, key
+convention, dtypes, tensor order and metadata, and adds a splice record.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+from slotsmith import __version__
+from slotsmith.checks import (
+    SPLICE_KEY,
+    SpliceRecord,
+    fingerprint_problems,
+    overlap_problems,
+    parse_splice_record,
+    raise_problems,
+    shape_problems,
+    slot_hash_problems,
+)
+from slotsmith.errors import SlotsmithError
+from slotsmith.inventory import Inventory, inventory_from_checkpoint
+from slotsmith.io.header import SafetensorsHeader
+from slotsmith.io.writer import (
+    BLOCK,
+    FileRange,
+    TensorOut,
+    atomic_dir,
+    atomic_file,
+    new_file_in,
+    refuse_existing,
+    write_tensors,
+)
+from slotsmith.manifest import Entry, Manifest
+from slotsmith.slot import InputFiles, Slot, read_slot, write_slot
+
+COMPARE_BLOCK = 8 * 1024 * 1024
+"""Read size when comparing two checkpoints' bytes."""
+
+
+@contextmanager
+def progress_bar(total: int, desc: str, quiet: bool) -> Iterator[Callable[[int], None]]:
+    """A byte-count progress callback drawing a tqdm bar on stderr.
+
+    Silent with ``quiet`` or when stderr is not a terminal.
+    """
+    from tqdm import tqdm
+
+    disable = quiet or not sys.stderr.isatty()
+    with tqdm(total=total, desc=desc, unit="B", unit_scale=True, unit_divisor=1024, file=sys.stderr, disable=disable) as bar:
+        yield bar.update
+
+
+@dataclass(frozen=True)
+class OutputFile:
+    """One file of the output: its name, its tensors in data order, and metadata."""
+
+    name: str
+    tensors: tuple[TensorOut, ...]
+    metadata: dict[str, str]
+    data_mod: int
+
+
+@dataclass(frozen=True)
+class SplicePlan:
+    """Everything a splice will write, decided and checked up front.
+
+    Attributes:
+        base: The base inventory.
+        slots: The slots, in command-line order.
+        out: The output file, or folder for a sharded base.
+        files: Output files (one, or one per shard).
+        index: The output index JSON object (sharded bases only).
+        index_name: The index's file name (sharded bases only).
+        record: The splice record written into the output.
+        force: Replace an existing output.
+    """
+
+    base: Inventory
+    slots: tuple[Slot, ...]
+    out: Path
+    files: tuple[OutputFile, ...]
+    index: dict | None
+    index_name: str | None
+    record: SpliceRecord
+    force: bool
+
+    @property
+    def nbytes(self) -> int:
+        return sum(t.nbytes for f in self.files for t in f.tensors)
+
+
+def _label(path: Path) -> str:
+    """A short name for output names: file stem, or the folder of an index."""
+    if path.name.endswith(".index.json") or path.is_dir():
+        return (path if path.is_dir() else path.parent).name
+    return path.name.removesuffix(".safetensors").removesuffix(".slot")
+
+
+def default_output(base_path: Path, slot_paths: Sequence[Path], sharded: bool) -> Path:
+    """``BASE+SLOT1+SLOT2[.safetensors]`` in the current folder (a folder for a sharded base)."""
+    name = "+".join([_label(base_path), *(_label(p) for p in slot_paths)])
+    return Path.cwd() / (name if sharded else f"{name}.safetensors")
+
+
+def _same_file(a: Path, b: Path) -> bool:
+    try:
+        return a.exists() and b.exists() and os.path.samefile(a, b)
+    except OSError:
+        return False
+
+
+def _refuse_input_as_output(out: Path, base: Inventory, slots: Sequence[Slot]) -> None:
+    inputs = [h.path for h in base.checkpoint.files] + [s.path for s in slots]
+    if base.checkpoint.index_path is not None:
+        inputs += [base.checkpoint.index_path, base.checkpoint.index_path.parent]
+    for p in inputs:
+        if _same_file(out, p):
+            raise SlotsmithError(f"{out}: is an input; choose another output name")
+
+
+def _tensor_parts(info_start: int, nbytes: int, base_fd: int, covers: list[tuple[Entry, FileRange]]) -> tuple:
+    """Parts of one output tensor: slot bytes where slots cover it, base bytes elsewhere."""
+    parts: list = []
+    cursor = 0
+    for entry, src in sorted(covers, key=lambda c: c[0].span[0]):
+        lo, hi = entry.byte_range()
+        if lo > cursor:
+            parts.append(FileRange(base_fd, info_start + cursor, info_start + lo))
+        parts.append(src)
+        cursor = hi
+    if cursor < nbytes:
+        parts.append(FileRange(base_fd, info_start + cursor, info_start + nbytes))
+    return tuple(parts)
+
+
+def _previous_record(base: Inventory) -> SpliceRecord | None:
+    raw = base.checkpoint.metadata.get(SPLICE_KEY)
+    return None if raw is None else parse_splice_record(raw, str(base.source))
+
+
+def plan_splice(
+    base_path: str | os.PathLike,
+    slot_paths: Sequence[str | os.PathLike],
+    files: InputFiles,
+    out: str | os.PathLike | None = None,
+    *,
+    force: bool = False,
+) -> SplicePlan:
+    """Check everything and plan a splice; nothing is written.
+
+    Checks, in order (the first failure raises): output name free (or
+    ``force``) and not an input; each slot's structure and manifest digest;
+    slot tensors present in the base with equal shape and dtype; pairwise
+    disjointness per row range (slots already spliced into the base
+    included); every slot tensor's hash; the base fingerprint (layout
+    digest, then the base's bytes of every replaced region).
+
+    Args:
+        base_path: Base checkpoint (file, index JSON or folder).
+        slot_paths: Slot files, at least one.
+        files: Where input files are opened (kept open for ``execute_splice``).
+        out: Output file (folder for a sharded base); default from the names.
+        force: Allow replacing an existing output.
+
+    Returns:
+        The plan.
+
+    Raises:
+        SlotsmithError: The first failed check, naming files and tensors.
+    """
+    if not slot_paths:
+        raise SlotsmithError("give at least one slot")
+    base = inventory_from_checkpoint(base_path)
+    ckpt = base.checkpoint
+    slot_paths = [Path(p) for p in slot_paths]
+    out = Path(out) if out is not None else default_output(Path(base_path), slot_paths, ckpt.sharded)
+    refuse_existing(out, force)
+    slots = tuple(read_slot(p) for p in slot_paths)
+    _refuse_input_as_output(out, base, slots)
+
+    previous = _previous_record(base)
+    labelled = [(str(s.path), s.manifest) for s in slots]
+    earlier = [(f"{base.source} (spliced slot {f})", m) for f, m in previous.slots] if previous else []
+    for s in slots:
+        raise_problems(shape_problems(s, base))
+    raise_problems(overlap_problems(earlier + labelled))
+    for s in slots:
+        raise_problems(slot_hash_problems(s))
+    for s in slots:
+        raise_problems(fingerprint_problems(s, base, files))
+
+    record = SpliceRecord(
+        previous.base_layout_digest if previous else base.layout_digest(),
+        previous.base_source if previous else (ckpt.index_path.parent.name if ckpt.sharded else ckpt.path.name),
+        (*(previous.slots if previous else ()), *((s.path.name, s.manifest) for s in slots)),
+    )
+    record_json = record.to_canonical_json()
+
+    covers: dict[str, list[tuple[Entry, FileRange]]] = {}
+    for s in slots:
+        fd = files.fd(s.path)
+        for e in s.manifest.entries:
+            info = s.info(e.name)
+            covers.setdefault(e.name, []).append((e, FileRange(fd, info.start, info.end)))
+
+    canonical = {key: name for name, key in base.keys.items()}
+    outputs = []
+    for header in ckpt.files:
+        outputs.append(_plan_file(header, canonical, covers, files, record_json, out, ckpt.sharded))
+
+    index = None
+    if ckpt.sharded:
+        index_doc = json.loads(ckpt.index_path.read_text(encoding="utf-8"))
+        index = {
+            **index_doc,
+            "metadata": {**ckpt.index_metadata, SPLICE_KEY: record_json},
+            "weight_map": {k: h.path.name for k, (h, _) in ckpt.tensors.items()},
+        }
+    return SplicePlan(
+        base, slots, out, tuple(outputs), index, ckpt.index_path.name if ckpt.sharded else None, record, force
+    )
+
+
+def _plan_file(
+    header: SafetensorsHeader,
+    canonical: dict[str, str],
+    covers: dict[str, list[tuple[Entry, FileRange]]],
+    files: InputFiles,
+    record_json: str,
+    out: Path,
+    sharded: bool,
+) -> OutputFile:
+    base_fd = files.fd(header.path)
+    tensors = []
+    for key, info in sorted(header.tensors.items(), key=lambda kv: kv[1].start):
+        mine = covers.get(canonical[key], [])
+        parts = _tensor_parts(info.start, info.nbytes, base_fd, mine)
+        tensors.append(TensorOut(key, info.dtype, info.shape, parts))
+    metadata = {**header.metadata, SPLICE_KEY: record_json}
+    name = header.path.name if sharded else out.name
+    return OutputFile(name, tuple(tensors), metadata, header.data_start % BLOCK)
+
+
+def execute_splice(plan: SplicePlan, progress: Callable[[int], None] | None = None) -> Path:
+    """Write a planned splice atomically.
+
+    Args:
+        plan: From ``plan_splice`` (its input files still open).
+        progress: Called with each count of data bytes written.
+
+    Returns:
+        The output path.
+
+    Raises:
+        OSError: Reading or writing failed; nothing is left at the output.
+    """
+    if plan.index is None:
+        (f,) = plan.files
+        with atomic_file(plan.out, force=plan.force) as fd:
+            write_tensors(fd, f.tensors, f.metadata, data_mod=f.data_mod, progress=progress)
+        return plan.out
+    with atomic_dir(plan.out, force=plan.force) as tmp:
+        for f in plan.files:
+            with new_file_in(tmp, f.name) as fd:
+                write_tensors(fd, f.tensors, f.metadata, data_mod=f.data_mod, progress=progress)
+        with new_file_in(tmp, plan.index_name) as fd:
+            os.write(fd, (json.dumps(plan.index, indent=2) + "\n").encode("utf-8"))
+    return plan.out
+
+
+def splice(
+    base_path: str | os.PathLike,
+    slot_paths: Sequence[str | os.PathLike],
+    out: str | os.PathLike | None = None,
+    *,
+    force: bool = False,
+    quiet: bool = True,
+) -> Path:
+    """Check, plan and write a splice (see ``plan_splice``).
+
+    Returns:
+        The output path (a file, or a folder for a sharded base).
+
+    Raises:
+        SlotsmithError: A failed check; nothing was written.
+    """
+    with InputFiles() as files:
+        plan = plan_splice(base_path, slot_paths, files, out, force=force)
+        with progress_bar(plan.nbytes, "splice", quiet) as update:
+            try:
+                return execute_splice(plan, update)
+            except OSError as e:
+                raise SlotsmithError(f"{plan.out}: writing failed ({e.strerror or e}); nothing was written") from None
+
+
+def _differs(fa: int, a: tuple[int, int], fb: int, b: tuple[int, int], progress: Callable[[int], None]) -> bool:
+    pos_a, pos_b, end = a[0], b[0], a[1]
+    while pos_a < end:
+        n = min(COMPARE_BLOCK, end - pos_a)
+        if os.pread(fa, n, pos_a) != os.pread(fb, n, pos_b):
+            progress(end - pos_a)
+            return True
+        pos_a, pos_b = pos_a + n, pos_b + n
+        progress(n)
+    return False
+
+
+def extract(
+    base_path: str | os.PathLike,
+    tuned_path: str | os.PathLike,
+    out: str | os.PathLike,
+    *,
+    ff: float | None = None,
+    ffid: int | None = None,
+    expert: str | None = None,
+    force: bool = False,
+    quiet: bool = True,
+) -> Manifest:
+    """Make a slot of exactly the tensors whose bytes differ between base and tuned.
+
+    Args:
+        base_path: The base checkpoint (any convention, single or sharded).
+        tuned_path: The fine-tuned checkpoint (same layout, any convention).
+        out: The ``.slot`` to write.
+        ff: With ``ffid``, the selection the changes must lie within.
+        ffid: Pool id of that selection.
+        expert: Wan 2.2 expert to record (``"high"``/``"low"``).
+        force: Replace an existing output.
+        quiet: No progress bar.
+
+    Returns:
+        The slot's manifest.
+
+    Raises:
+        SlotsmithError: Different layouts, no changed tensor, changes outside
+            the ``--ff/--ffid`` selection (naming the strays), existing output.
+    """
+    if (ff is None) != (ffid is None):
+        raise SlotsmithError("give both --ff and --ffid, or neither")
+    out = Path(out)
+    refuse_existing(out, force)
+    base = inventory_from_checkpoint(base_path)
+    tuned = inventory_from_checkpoint(tuned_path)
+    for name, spec in base.tensors.items():
+        other = tuned.tensors.get(name)
+        if other is None or other.shape != spec.shape or other.dtype != spec.dtype:
+            found = "lacks it" if other is None else f"has {other.dtype}{list(other.shape)}"
+            raise SlotsmithError(
+                f"{tuned.source}: tensor {name!r}: base has {spec.dtype}{list(spec.shape)}, tuned {found}"
+            )
+    extra = sorted(set(tuned.tensors) - set(base.tensors))
+    if extra:
+        raise SlotsmithError(f"{tuned.source}: tensor {extra[0]!r} is not in the base {base.source}")
+
+    with InputFiles() as files:
+        changed: dict[str, FileRange] = {}
+        total = sum(info.nbytes for _, info in base.checkpoint.tensors.values())
+        with progress_bar(total, "compare", quiet) as update:
+            for name in base.tensors:
+                bh, bi = base.checkpoint.tensors[base.keys[name]]
+                th, ti = tuned.checkpoint.tensors[tuned.keys[name]]
+                fb, ft = files.fd(bh.path), files.fd(th.path)
+                if _differs(fb, (bi.start, bi.end), ft, (ti.start, ti.end), update):
+                    changed[name] = FileRange(ft, ti.start, ti.end)
+        if not changed:
+            raise SlotsmithError(f"{tuned.source}: no tensor differs from the base {base.source}")
+
+        selection = None
+        if ff is not None:
+            from slotsmith.select import select_v2
+
+            sel = select_v2(base.numels(), ff, ffid)
+            strays = sorted(set(changed) - set(sel.tensors))
+            if strays:
+                shown = ", ".join(strays[:5]) + (f" and {len(strays) - 5} more" if len(strays) > 5 else "")
+                raise SlotsmithError(
+                    f"{tuned.source}: {len(strays)} changed tensor(s) outside --ff {ff} --ffid {ffid}: {shown}"
+                )
+            selection = {"algorithm": sel.algorithm, "ff": sel.ff, "ffid": sel.ffid, "num_pools": sel.num_pools}
+
+        provenance = {
+            "extracted_from": {"base": Path(base.source).name, "tuned": Path(tuned.source).name},
+            "slotsmith": __version__,
+        }
+        return write_slot(
+            out, base, changed, selection=selection, provenance=provenance, expert=expert, force=force
+        )

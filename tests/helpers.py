@@ -1,0 +1,151 @@
+"""Build tiny Wan-shaped safetensors checkpoints for tests (no slotsmith writer involved).
+
+Files are written with plain ``json`` + bytes, exactly as the official
+library lays them out, so tests of slotsmith's own writer and reader do not
+check the code against itself.
+"""
+
+from __future__ import annotations
+
+import json
+import struct
+from dataclasses import dataclass, field
+from math import prod
+from pathlib import Path
+
+import numpy as np
+
+from slotsmith.layout import WanConfig, wan_tensor_shapes
+from slotsmith.names import from_canonical
+
+TINY = WanConfig(dim=64, ffn_dim=128, num_layers=2, text_dim=32, freq_dim=16)
+"""A Wan DiT small enough for unit tests (a few hundred KB)."""
+
+_SIZES = {"F32": 4, "BF16": 2, "F16": 2}
+
+
+@dataclass
+class Built:
+    """A checkpoint written by ``make_checkpoint``.
+
+    Attributes:
+        path: What to pass to slotsmith: the file, or the folder of a sharded set.
+        tensors: Canonical name -> raw bytes.
+        shapes: Canonical name -> shape.
+        dtype: Safetensors dtype of every tensor.
+        convention: Key convention of the file(s).
+        index: The index JSON of a sharded set, else None.
+        files: The safetensors files written.
+    """
+
+    path: Path
+    tensors: dict[str, bytes]
+    shapes: dict[str, tuple[int, ...]]
+    dtype: str
+    convention: str
+    index: Path | None = None
+    files: list[Path] = field(default_factory=list)
+
+    def key(self, name: str) -> str:
+        """The file key of canonical ``name``."""
+        return from_canonical(name, self.convention)
+
+    def row_bytes(self, name: str) -> int:
+        return prod(self.shapes[name][1:]) * _SIZES[self.dtype]
+
+
+def random_bytes(shape: tuple[int, ...], dtype: str, rng: np.random.Generator) -> bytes:
+    """Random normal values of ``shape`` as raw little-endian ``dtype`` bytes."""
+    values = rng.standard_normal(prod(shape), dtype=np.float32)
+    if dtype == "F32":
+        return values.astype("<f4").tobytes()
+    if dtype == "F16":
+        return values.astype("<f2").tobytes()
+    if dtype == "BF16":
+        return (values.view("<u4") >> 16).astype("<u2").tobytes()
+    raise ValueError(dtype)
+
+
+def write_raw_safetensors(path: Path, tensors: dict[str, tuple[str, tuple[int, ...], bytes]], metadata=None) -> None:
+    """Write ``key -> (dtype, shape, bytes)`` as a safetensors file, official layout."""
+    header: dict = {}
+    if metadata:
+        header["__metadata__"] = metadata
+    offset = 0
+    for key, (dtype, shape, data) in tensors.items():
+        header[key] = {"dtype": dtype, "shape": list(shape), "data_offsets": [offset, offset + len(data)]}
+        offset += len(data)
+    raw = json.dumps(header).encode()
+    raw += b" " * (-len(raw) % 8)
+    with open(path, "wb") as f:
+        f.write(struct.pack("<Q", len(raw)) + raw)
+        for _, _, data in tensors.values():
+            f.write(data)
+
+
+def read_raw_safetensors(path: Path) -> tuple[dict, dict[str, bytes]]:
+    """Parse a safetensors file with plain ``json``: (header, key -> bytes)."""
+    blob = Path(path).read_bytes()
+    (n,) = struct.unpack("<Q", blob[:8])
+    header = json.loads(blob[8 : 8 + n])
+    data = blob[8 + n :]
+    out = {k: data[v["data_offsets"][0] : v["data_offsets"][1]] for k, v in header.items() if k != "__metadata__"}
+    return header, out
+
+
+def make_checkpoint(
+    path: str | Path,
+    cfg: WanConfig = TINY,
+    convention: str = "native",
+    dtype: str = "F32",
+    seed: int = 0,
+    shards: int | None = None,
+    metadata: dict[str, str] | None = None,
+) -> Built:
+    """Write a random Wan-shaped checkpoint.
+
+    Args:
+        path: The .safetensors file, or (with ``shards``) the folder to create.
+        cfg: Model sizes (default ``TINY``).
+        convention: ``native``, ``prefixed`` or ``diffusers`` keys.
+        dtype: ``F32``, ``BF16`` or ``F16``.
+        seed: Random seed of the values.
+        shards: Split into this many shard files plus an index JSON.
+        metadata: ``__metadata__`` of every file (default ``{"format": "pt"}``).
+
+    Returns:
+        What was written.
+    """
+    path = Path(path)
+    rng = np.random.default_rng(seed)
+    shapes = wan_tensor_shapes(cfg)
+    tensors = {name: random_bytes(shape, dtype, rng) for name, shape in shapes.items()}
+    metadata = {"format": "pt"} if metadata is None else metadata
+    entries = {from_canonical(n, convention): (dtype, shapes[n], tensors[n]) for n in shapes}
+    if not shards:
+        write_raw_safetensors(path, entries, metadata)
+        return Built(path, tensors, shapes, dtype, convention, files=[path])
+    path.mkdir(parents=True)
+    keys = list(entries)
+    per = -(-len(keys) // shards)
+    weight_map, files = {}, []
+    for i in range(shards):
+        name = f"diffusion_pytorch_model-{i + 1:05d}-of-{shards:05d}.safetensors"
+        part = {k: entries[k] for k in keys[i * per : (i + 1) * per]}
+        write_raw_safetensors(path / name, part, metadata)
+        weight_map.update({k: name for k in part})
+        files.append(path / name)
+    index = path / "diffusion_pytorch_model.safetensors.index.json"
+    total = sum(len(d) for d in tensors.values())
+    index.write_text(json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2))
+    return Built(path, tensors, shapes, dtype, convention, index=index, files=files)
+
+
+def read_checkpoint_tensors(built_or_path: Built | Path) -> dict[str, bytes]:
+    """Every tensor of a (possibly sharded) checkpoint, by file key, parsed with plain json."""
+    path = built_or_path.path if isinstance(built_or_path, Built) else Path(built_or_path)
+    files = sorted(path.glob("*.safetensors")) if path.is_dir() else [path]
+    out: dict[str, bytes] = {}
+    for f in files:
+        out.update(read_raw_safetensors(f)[1])
+    return out

@@ -1,0 +1,99 @@
+"""`slotsmith extract`: the changed tensors of a fine-tuned checkpoint, as a slot."""
+
+import numpy as np
+import pytest
+from click.testing import CliRunner
+from helpers import make_checkpoint, random_bytes, read_checkpoint_tensors, write_raw_safetensors
+
+from slotsmith.cli import main
+from slotsmith.layout import WanConfig
+from slotsmith.select import select_v2
+from slotsmith.slot import read_slot
+
+CHANGED = ["blocks.0.ffn.0.weight", "head.head.bias"]
+
+
+def _run(*args):
+    return CliRunner().invoke(main, [str(a) for a in args])
+
+
+def _tuned(path, base, changed, convention="native"):
+    """Write base with ``changed`` tensors replaced by new random values."""
+    from slotsmith.names import from_canonical
+
+    rng = np.random.default_rng(99)
+    tensors = dict(base.tensors)
+    for n in changed:
+        tensors[n] = random_bytes(base.shapes[n], base.dtype, rng)
+    write_raw_safetensors(
+        path, {from_canonical(n, convention): (base.dtype, base.shapes[n], d) for n, d in tensors.items()}
+    )
+    return tensors
+
+
+@pytest.mark.parametrize("convention", ["native", "diffusers"])
+def test_extract_then_splice_gives_the_tuned_weights(tmp_path, convention):
+    base = make_checkpoint(tmp_path / "base.safetensors", dtype="BF16")
+    tuned = _tuned(tmp_path / "tuned.safetensors", base, CHANGED, convention)
+    r = _run("extract", base.path, tmp_path / "tuned.safetensors", "-o", tmp_path / "x.slot", "-q")
+    assert r.exit_code == 0, r.output
+    slot = read_slot(tmp_path / "x.slot")
+    slot.verify_hashes()
+    assert sorted(e.name for e in slot.manifest.entries) == CHANGED
+    assert slot.manifest.selection is None
+    assert slot.manifest.provenance["extracted_from"] == {"base": "base.safetensors", "tuned": "tuned.safetensors"}
+    assert _run("splice", base.path, tmp_path / "x.slot", "-o", tmp_path / "out.safetensors").exit_code == 0
+    assert read_checkpoint_tensors(tmp_path / "out.safetensors") == tuned
+
+
+def test_extract_from_sharded_checkpoints(tmp_path):
+    base = make_checkpoint(tmp_path / "base", shards=2)
+    tuned_dir = tmp_path / "tuned"
+    tuned_dir.mkdir()
+    _tuned(tuned_dir / "model.safetensors", base, CHANGED[:1])
+    assert _run("extract", base.index, tuned_dir, "-o", tmp_path / "x.slot").exit_code == 0
+    assert [e.name for e in read_slot(tmp_path / "x.slot").manifest.entries] == CHANGED[:1]
+
+
+def test_ff_ffid_selection_recorded_and_strays_refused(tmp_path):
+    base = make_checkpoint(tmp_path / "base.safetensors")
+    sel = select_v2({n: int(np.prod(s)) for n, s in base.shapes.items()}, 0.1, 3)
+    inside = list(sel.tensors[:2])
+    _tuned(tmp_path / "ok.safetensors", base, inside)
+    r = _run("extract", base.path, tmp_path / "ok.safetensors", "-o", tmp_path / "x.slot", "--ff", 0.1, "--ffid", 3)
+    assert r.exit_code == 0, r.output
+    m = read_slot(tmp_path / "x.slot").manifest
+    assert sorted(e.name for e in m.entries) == sorted(inside)
+    assert m.selection == {"algorithm": "v2", "ff": 0.1, "ffid": 3, "num_pools": 8}
+
+    stray = next(n for n in base.shapes if n not in sel.tensors)
+    _tuned(tmp_path / "bad.safetensors", base, inside + [stray])
+    out = tmp_path / "y.slot"
+    r = _run("extract", base.path, tmp_path / "bad.safetensors", "-o", out, "--ff", 0.1, "--ffid", 3)
+    assert r.exit_code == 1 and stray in r.output and "outside --ff 0.1 --ffid 3" in r.output
+    assert not out.exists()
+
+
+@pytest.mark.parametrize("case", ["identical", "other layout", "half ff", "exists"])
+def test_extract_refusals(tmp_path, case):
+    base = make_checkpoint(tmp_path / "base.safetensors")
+    tuned = tmp_path / "tuned.safetensors"
+    out = tmp_path / "x.slot"
+    extra = []
+    if case == "identical":
+        make_checkpoint(tuned)  # same seed: same bytes
+        needle = "no tensor differs"
+    elif case == "other layout":
+        make_checkpoint(tuned, cfg=WanConfig(64, 256, 2, text_dim=32, freq_dim=16))
+        needle = "blocks.0.ffn.0.weight"
+    elif case == "half ff":
+        _tuned(tuned, base, CHANGED)
+        extra = ["--ff", "0.1"]
+        needle = "both --ff and --ffid"
+    else:
+        _tuned(tuned, base, CHANGED)
+        out.write_bytes(b"keep")
+        needle = "already exists"
+    r = _run("extract", base.path, tuned, "-o", out, *extra)
+    assert r.exit_code == 1 and needle in r.output and r.output.startswith("error: ")
+    assert (not out.exists()) if case != "exists" else out.read_bytes() == b"keep"

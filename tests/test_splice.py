@@ -1,0 +1,357 @@
+"""`slotsmith splice`: byte-exact round trips, every refusal, atomicity."""
+
+import errno
+import json
+import os
+import struct
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import safetensors.numpy
+from click.testing import CliRunner
+from helpers import TINY, make_checkpoint, random_bytes, read_checkpoint_tensors, read_raw_safetensors
+
+from slotsmith.cli import main
+from slotsmith.inventory import inventory_from_checkpoint
+from slotsmith.io import writer
+from slotsmith.layout import WanConfig
+from slotsmith.slot import write_slot
+from slotsmith.splice import splice
+
+FFN = "blocks.0.ffn.0.weight"  # (128, 64)
+Q = "blocks.1.self_attn.q.weight"  # (64, 64)
+BIAS = "head.head.bias"  # (64,)
+
+
+def _new(shape, seed, dtype="F32"):
+    return random_bytes(shape, dtype, np.random.default_rng(seed))
+
+
+def _slot(path, base_path, parts, dtype="F32", expert=None):
+    """parts: name -> (rows or None, seed). Returns name -> (rows, bytes)."""
+    inv = inventory_from_checkpoint(base_path)
+    data, rows = {}, {}
+    for name, (r, seed) in parts.items():
+        shape = inv.tensors[name].shape
+        stored = shape if r is None else (r[1] - r[0], *shape[1:])
+        data[name] = _new(stored, seed, dtype)
+        if r is not None:
+            rows[name] = r
+    write_slot(path, inv, data, selection=None, provenance={}, rows=rows, expert=expert)
+    return {n: (rows.get(n), d) for n, d in data.items()}
+
+
+def _expected(base, *slots):
+    """Canonical name -> bytes the spliced output must hold, computed from raw parts."""
+    out = dict(base.tensors)
+    for slot in slots:
+        for name, (rows, data) in slot.items():
+            if rows is None:
+                out[name] = data
+            else:
+                rb = base.row_bytes(name)
+                cur = out[name]
+                out[name] = cur[: rows[0] * rb] + data + cur[rows[1] * rb :]
+    return out
+
+
+def _run(*args):
+    return CliRunner().invoke(main, [str(a) for a in args])
+
+
+def _no_temp_left(folder):
+    return not [p for p in folder.rglob("*") if p.name.startswith(".")]
+
+
+@pytest.mark.parametrize(
+    "convention, dtype, shards",
+    [("native", "F32", None), ("prefixed", "BF16", None), ("diffusers", "F32", None), ("native", "BF16", 3)],
+)
+def test_round_trip(tmp_path, convention, dtype, shards):
+    name = "base" if shards else "base.safetensors"
+    base = make_checkpoint(tmp_path / name, convention=convention, dtype=dtype, shards=shards)
+    a = _slot(tmp_path / "a.slot", base.path, {FFN: ((0, 40), 1), Q: (None, 2)}, dtype)
+    b = _slot(tmp_path / "b.slot", base.path, {FFN: ((40, 41), 3), BIAS: (None, 4)}, dtype)
+    out = tmp_path / ("out" if shards else "out.safetensors")
+    r = _run("splice", base.path, tmp_path / "a.slot", tmp_path / "b.slot", "-o", out, "-q")
+    assert r.exit_code == 0, r.output
+
+    expected = _expected(base, a, b)
+    got = read_checkpoint_tensors(out)
+    assert got == {base.key(n): v for n, v in expected.items()}
+    assert got[base.key(FFN)] != base.tensors[FFN] and got[base.key(Q)] != base.tensors[Q]
+
+    out_files = sorted(out.glob("*.safetensors")) if shards else [out]
+    if shards:
+        assert [f.name for f in out_files] == sorted(f.name for f in base.files)
+    for src, dst in zip(base.files if shards else [base.path], out_files):
+        h_src, _ = read_raw_safetensors(src)
+        h_dst, _ = read_raw_safetensors(dst)
+        # Same keys per file, same dtypes and metadata, plus the splice record.
+        assert set(h_src) - {"__metadata__"} == set(h_dst) - {"__metadata__"}
+        assert h_dst["__metadata__"]["format"] == "pt"
+        record = json.loads(h_dst["__metadata__"]["slotsmith.splice"])
+        assert [s["file"] for s in record["slots"]] == ["a.slot", "b.slot"]
+        # The data section keeps the base's offset modulo 4096 (reflink-friendly).
+        n_src = struct.unpack("<Q", src.read_bytes()[:8])[0]
+        n_dst = struct.unpack("<Q", dst.read_bytes()[:8])[0]
+        assert (8 + n_src) % 4096 == (8 + n_dst) % 4096
+        if dtype == "F32":
+            loaded = safetensors.numpy.load_file(str(dst))
+            assert {k: v.tobytes() for k, v in loaded.items()} == {k: got[k] for k in loaded}
+    if shards:
+        index = json.loads((out / base.index.name).read_text())
+        weight_map = json.loads(base.index.read_text())["weight_map"]
+        assert index["weight_map"] == weight_map
+        assert index["metadata"]["total_size"] == sum(len(v) for v in base.tensors.values())
+        assert "slotsmith.splice" in index["metadata"]
+    assert _no_temp_left(tmp_path)
+
+
+def test_sharded_base_by_index_path(tmp_path):
+    base = make_checkpoint(tmp_path / "base", shards=2)
+    a = _slot(tmp_path / "a.slot", base.path, {Q: (None, 1)})
+    out = tmp_path / "out"
+    assert _run("splice", base.index, tmp_path / "a.slot", "-o", out).exit_code == 0
+    assert read_checkpoint_tensors(out) == _expected(base, a)
+
+
+def test_default_output_name_in_cwd(tmp_path, monkeypatch):
+    base = make_checkpoint(tmp_path / "base.safetensors")
+    _slot(tmp_path / "char1.slot", base.path, {Q: (None, 1)})
+    work = tmp_path / "work"
+    work.mkdir()
+    monkeypatch.chdir(work)
+    assert _run("splice", base.path, tmp_path / "char1.slot", "-q").exit_code == 0
+    assert [p.name for p in work.iterdir()] == ["base+char1.safetensors"]
+    r = _run("splice", base.path, tmp_path / "char1.slot", "-q")
+    assert r.exit_code == 1 and "already exists" in r.output
+
+
+def test_force_overwrites(tmp_path):
+    base = make_checkpoint(tmp_path / "base.safetensors")
+    a = _slot(tmp_path / "a.slot", base.path, {Q: (None, 1)})
+    out = tmp_path / "out.safetensors"
+    out.write_bytes(b"old")
+    r = _run("splice", base.path, tmp_path / "a.slot", "-o", out)
+    assert r.exit_code == 1 and str(out) in r.output and "--force" in r.output
+    assert out.read_bytes() == b"old"
+    assert _run("splice", base.path, tmp_path / "a.slot", "-o", out, "--force").exit_code == 0
+    assert read_checkpoint_tensors(out) == _expected(base, a)
+
+
+def _flip(path, offset_in_data):
+    blob = bytearray(path.read_bytes())
+    (n,) = struct.unpack("<Q", blob[:8])
+    blob[8 + n + offset_in_data] ^= 0x40
+    path.write_bytes(bytes(blob))
+
+
+def _refused(tmp_path, args, *needles):
+    out = tmp_path / "out.safetensors"
+    before = {p: p.stat().st_mtime_ns for p in tmp_path.rglob("*")}
+    r = _run("splice", *args, "-o", out)
+    assert r.exit_code == 1, r.output
+    line = r.output.strip()
+    assert line.startswith("error: ") and "\n" not in line and "Traceback" not in line
+    for needle in needles:
+        assert needle in line, line
+    assert not out.exists() and _no_temp_left(tmp_path)
+    assert {p: p.stat().st_mtime_ns for p in tmp_path.rglob("*")} == before  # inputs untouched
+
+
+def test_refuses_tampered_slot_bytes(tmp_path):
+    base = make_checkpoint(tmp_path / "base.safetensors")
+    _slot(tmp_path / "a.slot", base.path, {Q: (None, 1)})
+    _flip(tmp_path / "a.slot", 100)
+    _refused(tmp_path, [base.path, tmp_path / "a.slot"], "a.slot", Q, "digest")
+
+
+def test_refuses_tampered_manifest(tmp_path):
+    base = make_checkpoint(tmp_path / "base.safetensors")
+    _slot(tmp_path / "a.slot", base.path, {Q: (None, 1)})
+    blob = (tmp_path / "a.slot").read_bytes()
+    # A same-length edit of the recorded digest (the first one in canonical order).
+    at = blob.index(b'\\"digest\\":\\"') + len(b'\\"digest\\":\\"')
+    tampered = blob[:at] + (b"0" if blob[at : at + 1] != b"0" else b"1") + blob[at + 1 :]
+    (tmp_path / "a.slot").write_bytes(tampered)
+    _refused(tmp_path, [base.path, tmp_path / "a.slot"], "a.slot", "manifest digest mismatch")
+
+
+def test_refuses_non_slot(tmp_path):
+    base = make_checkpoint(tmp_path / "base.safetensors")
+    other = make_checkpoint(tmp_path / "other.safetensors", seed=1)
+    _refused(tmp_path, [base.path, other.path], "other.safetensors", "not a slot")
+
+
+def test_refuses_truncated_slot(tmp_path):
+    base = make_checkpoint(tmp_path / "base.safetensors")
+    _slot(tmp_path / "a.slot", base.path, {Q: (None, 1)})
+    blob = (tmp_path / "a.slot").read_bytes()
+    (tmp_path / "a.slot").write_bytes(blob[:-10])
+    _refused(tmp_path, [base.path, tmp_path / "a.slot"], "a.slot", "truncated")
+
+
+def test_refuses_wrong_base_of_same_layout(tmp_path):
+    # Like the Wan 2.2 high- and low-noise experts: one layout, different bytes.
+    high = make_checkpoint(tmp_path / "high.safetensors", seed=1)
+    low = make_checkpoint(tmp_path / "low.safetensors", seed=2)
+    _slot(tmp_path / "a.slot", high.path, {FFN: ((0, 8), 1)}, expert="high")
+    assert inventory_from_checkpoint(high.path).layout_digest() == inventory_from_checkpoint(low.path).layout_digest()
+    _refused(tmp_path, [low.path, tmp_path / "a.slot"], "low.safetensors", FFN, "a.slot", "wrong base", "high")
+
+
+def test_refuses_base_differing_only_in_replaced_rows(tmp_path):
+    base = make_checkpoint(tmp_path / "base.safetensors")
+    _slot(tmp_path / "a.slot", base.path, {FFN: ((0, 8), 1)})
+    offset = read_raw_safetensors(base.path)[0][FFN]["data_offsets"][0]
+    _flip(base.path, offset + 3)  # inside rows [0, 8)
+    _refused(tmp_path, [base.path, tmp_path / "a.slot"], "wrong base", FFN)
+
+
+def test_refuses_other_layout(tmp_path):
+    small = make_checkpoint(tmp_path / "small.safetensors")
+    big = make_checkpoint(tmp_path / "big.safetensors", cfg=WanConfig(64, 256, 2, text_dim=32, freq_dim=16))
+    _slot(tmp_path / "a.slot", small.path, {Q: (None, 1)})
+    _slot(tmp_path / "b.slot", small.path, {FFN: (None, 1)})
+    _refused(tmp_path, [big.path, tmp_path / "a.slot"], "a.slot", "layout")
+    _refused(tmp_path, [big.path, tmp_path / "b.slot"], "b.slot", FFN, "F32[128, 64]", "F32[256, 64]")
+
+
+def test_refuses_dtype_mismatch(tmp_path):
+    f32 = make_checkpoint(tmp_path / "f32.safetensors")
+    bf16 = make_checkpoint(tmp_path / "bf16.safetensors", dtype="BF16")
+    _slot(tmp_path / "a.slot", f32.path, {Q: (None, 1)})
+    _refused(tmp_path, [bf16.path, tmp_path / "a.slot"], "a.slot", Q, "F32", "BF16")
+
+
+def test_refuses_overlapping_rows_naming_both(tmp_path):
+    base = make_checkpoint(tmp_path / "base.safetensors")
+    _slot(tmp_path / "a.slot", base.path, {FFN: ((0, 40), 1)})
+    _slot(tmp_path / "b.slot", base.path, {FFN: ((30, 50), 2)})
+    _refused(
+        tmp_path, [base.path, tmp_path / "a.slot", tmp_path / "b.slot"], "a.slot", "b.slot", FFN, "[30, 40)"
+    )
+
+
+def test_refuses_whole_tensor_overlap_and_same_slot_twice(tmp_path):
+    base = make_checkpoint(tmp_path / "base.safetensors")
+    _slot(tmp_path / "a.slot", base.path, {Q: (None, 1), BIAS: (None, 5)})
+    _slot(tmp_path / "b.slot", base.path, {FFN: ((3, 4), 2), Q: ((10, 11), 3)})
+    _refused(tmp_path, [base.path, tmp_path / "a.slot", tmp_path / "b.slot"], "overlap", Q, "[10, 11)")
+    _refused(tmp_path, [base.path, tmp_path / "a.slot", tmp_path / "a.slot"], "same slot given twice")
+
+
+def test_refuses_output_that_is_an_input(tmp_path):
+    base = make_checkpoint(tmp_path / "base.safetensors")
+    _slot(tmp_path / "a.slot", base.path, {Q: (None, 1)})
+    before = base.path.read_bytes()
+    r = _run("splice", base.path, tmp_path / "a.slot", "-o", base.path, "--force")
+    assert r.exit_code == 1 and "is an input" in r.output
+    assert base.path.read_bytes() == before
+
+
+def test_usage_errors_exit_2(tmp_path):
+    assert _run("splice").exit_code == 2
+    assert _run("splice", tmp_path / "base.safetensors").exit_code == 2
+
+
+def test_failure_mid_write_leaves_nothing(tmp_path, monkeypatch):
+    base = make_checkpoint(tmp_path / "base.safetensors")
+    _slot(tmp_path / "a.slot", base.path, {FFN: ((0, 4), 1), BIAS: (None, 2)})
+    real = writer._copy_range
+    calls = []
+
+    def failing(src, dst, pos, progress):
+        calls.append(pos)
+        if len(calls) == 2:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real(src, dst, pos, progress)
+
+    monkeypatch.setattr(writer, "_copy_range", failing)
+    _refused(tmp_path, [base.path, tmp_path / "a.slot"], "out.safetensors", "No space left")
+    assert len(calls) == 2
+
+
+@pytest.mark.parametrize("shards", [None, 2])
+def test_ctrl_c_mid_write_leaves_nothing(tmp_path, monkeypatch, shards):
+    base = make_checkpoint(tmp_path / ("base" if shards else "base.safetensors"), shards=shards)
+    _slot(tmp_path / "a.slot", base.path, {Q: (None, 1)})
+    calls = []
+
+    def interrupted(src, dst, pos, progress):
+        calls.append(pos)
+        if len(calls) == 3:
+            raise KeyboardInterrupt
+        progress(0)
+
+    monkeypatch.setattr(writer, "_copy_range", interrupted)
+    out = tmp_path / "out"
+    with pytest.raises(KeyboardInterrupt):
+        splice(base.path, [tmp_path / "a.slot"], out)
+    assert not out.exists() and _no_temp_left(tmp_path)
+
+
+def test_buffered_fallback_when_kernel_copy_is_unavailable(tmp_path, monkeypatch):
+    base = make_checkpoint(tmp_path / "base.safetensors")
+    a = _slot(tmp_path / "a.slot", base.path, {FFN: ((5, 9), 1)})
+
+    def unsupported(*args):
+        raise OSError(errno.EXDEV, "cross-device")
+
+    monkeypatch.setattr(os, "copy_file_range", unsupported)
+    out = splice(base.path, [tmp_path / "a.slot"], tmp_path / "out.safetensors")
+    assert read_checkpoint_tensors(out) == _expected(base, a)
+
+
+def test_splicing_onto_a_spliced_checkpoint(tmp_path):
+    base = make_checkpoint(tmp_path / "base.safetensors")
+    a = _slot(tmp_path / "a.slot", base.path, {FFN: ((0, 10), 1)})
+    b = _slot(tmp_path / "b.slot", base.path, {Q: (None, 2)})
+    _slot(tmp_path / "c.slot", base.path, {FFN: ((5, 6), 3)})
+    first = splice(base.path, [tmp_path / "a.slot"], tmp_path / "first.safetensors")
+    second = splice(first, [tmp_path / "b.slot"], tmp_path / "second.safetensors")
+    assert read_checkpoint_tensors(second) == _expected(base, a, b)
+    record = json.loads(read_raw_safetensors(second)[0]["__metadata__"]["slotsmith.splice"])
+    assert [s["file"] for s in record["slots"]] == ["a.slot", "b.slot"]
+    assert record["base"]["source"] == "base.safetensors"
+    # c overlaps a, which is already inside `first`.
+    r = _run("splice", first, tmp_path / "c.slot", "-o", tmp_path / "third.safetensors")
+    assert r.exit_code == 1 and "a.slot" in r.output and "c.slot" in r.output and FFN in r.output
+
+
+def test_splice_modules_do_not_import_torch():
+    code = (
+        "import sys, slotsmith.splice, slotsmith.inspect, slotsmith.checks, slotsmith.manifest, "
+        "slotsmith.slot, slotsmith.io.writer; print('torch' in sys.modules)"
+    )
+    assert subprocess.run([sys.executable, "-c", code], capture_output=True, text=True).stdout.strip() == "False"
+
+
+def test_tiny_base_round_trips_through_the_official_loader(tmp_path):
+    base = make_checkpoint(tmp_path / "base.safetensors", cfg=TINY)
+    _slot(tmp_path / "a.slot", base.path, {BIAS: (None, 1)})
+    out = splice(base.path, [tmp_path / "a.slot"], tmp_path / "out.safetensors")
+    with safetensors.safe_open(str(out), "numpy") as f:
+        assert f.metadata()["format"] == "pt"
+        assert len(list(f.keys())) == len(base.tensors)
+
+
+def test_kernel_copies_are_block_aligned_for_reflinks(tmp_path, monkeypatch):
+    base = make_checkpoint(tmp_path / "base.safetensors")
+    a = _slot(tmp_path / "a.slot", base.path, {FFN: ((3, 9), 1)})
+    real, calls = os.copy_file_range, []
+
+    def recording(src, dst, count, offset_src, offset_dst):
+        calls.append((count, offset_src, offset_dst))
+        return real(src, dst, count, offset_src, offset_dst)
+
+    monkeypatch.setattr(os, "copy_file_range", recording)
+    out = splice(base.path, [tmp_path / "a.slot"], tmp_path / "out.safetensors")
+    assert read_checkpoint_tensors(out) == _expected(base, a)
+    base_calls = [c for c in calls if c[0] > 4096]
+    assert base_calls, calls
+    for count, src, dst in base_calls:
+        assert src % 4096 == 0 and dst % 4096 == 0
