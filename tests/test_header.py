@@ -1,6 +1,7 @@
 """The strict safetensors header reader, against valid and malformed files."""
 
 import json
+import os
 import struct
 
 import numpy as np
@@ -94,3 +95,10 @@ def test_malformed_header_exits_1_with_one_line(tmp_path, case):
 def test_missing_file(tmp_path):
     result = CliRunner().invoke(main, ["plan", "-m", str(tmp_path / "nope.safetensors"), "--ff", "0.1", "--ffid", "0"])
     assert result.exit_code == 1 and "no such file" in result.output
+
+
+def test_fifo_is_refused_without_blocking(tmp_path):
+    fifo = tmp_path / "pipe.safetensors"
+    os.mkfifo(fifo)
+    with pytest.raises(SlotsmithError, match="not a regular file"):
+        read_header(fifo)

@@ -13,6 +13,13 @@ LIGHT_MODULES = [
     "slotsmith.select",
     "slotsmith.plan",
     "slotsmith.digest",
+    "slotsmith.manifest",
+    "slotsmith.slot",
+    "slotsmith.checks",
+    "slotsmith.splice",
+    "slotsmith.io.writer",
+    "slotsmith.inspect",
+    "slotsmith.verify",
 ]
 HEAVY = ("torch", "diffusers", "transformers", "accelerate")
 
@@ -41,3 +48,20 @@ def test_importing_the_light_core_pulls_no_torch():
 
 def test_plan_runs_without_torch():
     assert _heavy_imported(["plan", "-m", "wan2.1-t2v-1.3b", "--ff", "0.01", "--ffid", "1"]) == "[]"
+
+
+def test_verify_runs_without_torch(tmp_path):
+    from helpers import make_checkpoint
+
+    from slotsmith.inventory import inventory_from_checkpoint
+    from slotsmith.slot import write_slot
+    from slotsmith.splice import splice
+
+    base = make_checkpoint(tmp_path / "base.safetensors")
+    inv = inventory_from_checkpoint(base.path)
+    name = "head.head.bias"
+    slot = tmp_path / "a.slot"
+    write_slot(slot, inv, {name: bytes(inv.tensors[name].numel * 4)}, selection=None, provenance={})
+    out = splice(base.path, [slot], tmp_path / "out.safetensors")
+    argv = ["verify", "-q", str(slot), str(out), "--base", str(base.path)]
+    assert _heavy_imported(argv) == "[]"

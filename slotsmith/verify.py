@@ -1,0 +1,425 @@
+"""``slotsmith verify``: check slots and spliced checkpoints, for CI.
+
+Every check here is one of ``slotsmith.checks`` (shared with ``splice``) or
+the slot/manifest validation of ``slotsmith.slot``; this module finds the
+files, runs the checks on each file and on the set, and reports every
+outcome as a row (file, check, result, detail) instead of stopping at the
+first failure.
+
+Slots are grouped by the base they claim (layout digest and expert): slots of
+one group must be disjoint and agree on the base's bytes; groups themselves
+are only reported, since slots for, say, the two Wan 2.2 experts are never
+spliced together. With ``--base`` every slot must fit that one base, so all
+slots form one group.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from tqdm import tqdm
+
+from slotsmith.checks import (
+    SPLICE_KEY,
+    SpliceRecord,
+    base_agreement_problems,
+    fingerprint_problems,
+    is_extracted,
+    overlap_problems,
+    parse_splice_record,
+    record_problems,
+    selection_problems,
+    shape_problems,
+    slot_hash_problems,
+    spliced_base_problems,
+    spliced_problems,
+)
+from slotsmith.errors import SlotsmithError
+from slotsmith.inventory import Inventory, inventory_from_checkpoint, load_inventory
+from slotsmith.io.checkpoint import open_checkpoint
+from slotsmith.io.header import read_header
+from slotsmith.layout import KNOWN_MODELS
+from slotsmith.manifest import METADATA_KEY, Manifest
+from slotsmith.slot import SLOT_SUFFIX, InputFiles, Slot, read_slot
+
+PASS, FAIL, SKIP = "pass", "fail", "skip"
+
+_INDEX_SUFFIX = ".safetensors.index.json"
+
+
+@dataclass(frozen=True)
+class Check:
+    """The outcome of one check.
+
+    Attributes:
+        file: The file (or ``group N`` for a check on a set of slots).
+        check: Which check.
+        result: ``pass``, ``fail`` or ``skip`` (could not be run; not a failure).
+        detail: One line: what passed, the first problem, or why it was skipped.
+        problems: Every problem line of a failed check.
+    """
+
+    file: str
+    check: str
+    result: str
+    detail: str
+    problems: tuple[str, ...] = ()
+
+    def to_json(self) -> dict:
+        return {
+            "file": self.file,
+            "check": self.check,
+            "result": self.result,
+            "detail": self.detail,
+            "problems": list(self.problems),
+        }
+
+
+@dataclass
+class Report:
+    """Every check of one ``verify`` run, and the slots grouped by claimed base."""
+
+    checks: list[Check] = field(default_factory=list)
+    groups: list[dict] = field(default_factory=list)
+
+    @property
+    def ok(self) -> bool:
+        return all(c.result != FAIL for c in self.checks)
+
+    def counts(self) -> dict[str, int]:
+        return {r: sum(c.result == r for c in self.checks) for r in (PASS, FAIL, SKIP)}
+
+    def to_json(self) -> dict:
+        return {
+            "ok": self.ok,
+            "counts": self.counts(),
+            "checks": [c.to_json() for c in self.checks],
+            "groups": self.groups,
+        }
+
+    def add(self, file: str, check: str, problems: Sequence[str], passed: str) -> None:
+        """Record a check from its problem lines (``passed``: the detail when there are none)."""
+        if problems:
+            more = f" (and {len(problems) - 1} more)" if len(problems) > 1 else ""
+            self.checks.append(Check(file, check, FAIL, problems[0] + more, tuple(problems)))
+        else:
+            self.checks.append(Check(file, check, PASS, passed))
+
+    def skip(self, file: str, check: str, why: str) -> None:
+        self.checks.append(Check(file, check, SKIP, why))
+
+
+@dataclass(frozen=True)
+class Target:
+    """A file to verify: ``kind`` is ``slot``, ``spliced`` or ``bad`` (with ``error``)."""
+
+    kind: str
+    path: Path
+    error: str = ""
+
+
+def _classify(path: Path, explicit: bool, shards: set[Path] | None = None) -> Target | None:
+    """What a ``.slot``/``.safetensors``/index file is, from its header or index alone.
+
+    The shards of an index are added to ``shards``, so they are not looked at twice.
+    """
+    if not path.is_file():  # a FIFO or a device would block or never end
+        return Target("bad", path, f"{path}: not a regular file")
+    try:
+        if path.name.endswith(".json"):
+            ckpt = open_checkpoint(path)
+            metas = [ckpt.index_metadata, *(h.metadata for h in ckpt.files)]
+            if shards is not None:
+                shards |= {h.path.resolve() for h in ckpt.files}
+        else:
+            metas = [read_header(path).metadata]
+    except SlotsmithError as e:
+        return Target("bad", path, str(e))
+    if path.suffix == SLOT_SUFFIX or METADATA_KEY in metas[0]:
+        return Target("slot", path)
+    if any(SPLICE_KEY in m for m in metas):
+        return Target("spliced", path)
+    if explicit:
+        return Target("bad", path, f"{path}: neither a slot nor a spliced checkpoint (no manifest, no splice record)")
+    return None
+
+
+def find_targets(paths: Sequence[str | os.PathLike]) -> list[Target]:
+    """The slots and spliced checkpoints to verify.
+
+    A file is taken as given; a folder is searched recursively (hidden folders
+    skipped) for ``.slot`` files, ``.safetensors`` files holding a manifest or
+    a splice record, and sharded spliced sets (by their index JSON, whose
+    shards are then not looked at on their own). A file that cannot be read
+    becomes a ``bad`` target, so a damaged checkpoint is never skipped.
+
+    Args:
+        paths: Files and folders; none means the current folder.
+
+    Returns:
+        Targets in a stable order, each file once.
+    """
+    targets: list[Target] = []
+    seen: set[Path] = set()
+
+    def add(t: Target | None) -> None:
+        if t is not None and t.path.resolve() not in seen:
+            seen.add(t.path.resolve())
+            targets.append(t)
+
+    for p in [Path(p) for p in paths] or [Path(".")]:
+        if not p.is_dir():
+            add(_classify(p, explicit=True))
+            continue
+        indexes, files = [], []
+        for folder, dirs, names in os.walk(p):
+            dirs[:] = sorted(d for d in dirs if not d.startswith("."))
+            for name in sorted(names):
+                f = Path(folder) / name
+                if name.endswith(_INDEX_SUFFIX) and f.is_file():
+                    indexes.append(f)
+                elif name.endswith((SLOT_SUFFIX, ".safetensors")) and f.is_file():
+                    files.append(f)
+        shards: set[Path] = set()
+        for index in indexes:
+            add(_classify(index, explicit=False, shards=shards))
+        for f in files:
+            if f.resolve() not in shards:
+                add(_classify(f, explicit=False))
+    return targets
+
+
+class _Layouts:
+    """Where a manifest's selection can be recomputed: the real base, a known
+    model's layout, or a spliced checkpoint of the same layout in this run."""
+
+    def __init__(self, base: Inventory | None) -> None:
+        self.base = base
+        self.by_digest: dict[str, Inventory] = {}
+        self._known: dict[str, Inventory] = {}
+
+    def add(self, inv: Inventory) -> None:
+        self.by_digest.setdefault(inv.layout_digest(), inv)
+
+    def find(self, m: Manifest) -> Inventory | None:
+        if self.base is not None and self.base.layout_digest() == m.base.layout_digest:
+            return self.base
+        name = m.base.layout
+        # Only shipped names: a manifest's text must never name a file to open.
+        if name in KNOWN_MODELS:
+            if name not in self._known:
+                self._known[name] = load_inventory(name)
+            return self._known[name]
+        return self.by_digest.get(m.base.layout_digest)
+
+
+def _selection_check(report: Report, file: str, m: Manifest, layouts: _Layouts, spliced: str | None = None) -> None:
+    """Recompute a slot's selection; ``spliced`` names a slot inside a spliced checkpoint's record."""
+    label = file if spliced is None else f"{file} (spliced slot {spliced!r})"
+    who = "" if spliced is None else f"spliced slot {spliced!r}: "
+    if not (m.selection and "algorithm" in m.selection):
+        why = "extracted without --ff/--ffid" if is_extracted(m) else "the manifest records none"
+        report.skip(file, "selection", f"{who}no selection to recompute ({why})")
+        return
+    layout = layouts.find(m)
+    if layout is None:
+        report.skip(file, "selection", f"{who}layout {m.base.layout_digest} is not a known model; give --base")
+        return
+    sel = m.selection
+    kind = "within" if is_extracted(m) else "exactly"
+    report.add(
+        file,
+        "selection",
+        selection_problems(label, m, layout),
+        f"{who}{len(m.entries)} tensor(s), {kind} {sel['algorithm']} --ff {sel.get('ff')} "
+        f"--ffid {sel.get('ffid')} on {layout.source}",
+    )
+
+
+def _verify_slot(
+    report: Report, path: Path, base: Inventory | None, files: InputFiles, layouts: _Layouts
+) -> Slot | None:
+    file = str(path)
+    try:
+        slot = read_slot(path)
+    except SlotsmithError as e:
+        report.add(file, "structure", [str(e)], "")
+        return None
+    m = slot.manifest
+    report.add(file, "structure", [], f"{len(m.entries)} tensor(s), {m.nbytes:,} bytes, manifest {m.digest}")
+    try:
+        problems = slot_hash_problems(slot)
+    except (OSError, SlotsmithError) as e:  # the file changed under us
+        problems = [f"{file}: cannot read ({e})"]
+    report.add(file, "hashes", problems, f"{len(m.entries)} tensor hash(es) match the manifest")
+    _selection_check(report, file, m, layouts)
+    if base is not None:
+        problems = shape_problems(slot, base) or fingerprint_problems(slot, base, files)
+        report.add(file, "base", problems, f"made on {base.source} (layout and base bytes of every replaced region)")
+    return slot
+
+
+def _read_record(path: Path) -> tuple[Inventory, SpliceRecord, list[str]]:
+    """The spliced checkpoint's inventory and record, and where its copies of the record differ."""
+    inv = inventory_from_checkpoint(path)
+    ckpt = inv.checkpoint
+    raw = ckpt.index_metadata.get(SPLICE_KEY) if ckpt.sharded else ckpt.metadata.get(SPLICE_KEY)
+    if raw is None:
+        raise SlotsmithError(f"{ckpt.path}: no splice record in its index metadata")
+    record = parse_splice_record(raw, str(ckpt.path))
+    # A sharded output repeats the record in every shard.
+    differ = [
+        f"{h.path}: its splice record differs from the one in {ckpt.path.name}"
+        for h in ckpt.files
+        if ckpt.sharded and h.metadata.get(SPLICE_KEY) != raw
+    ]
+    return inv, record, differ
+
+
+def _verify_spliced(report: Report, path: Path, base: Inventory | None, files: InputFiles, layouts: _Layouts) -> None:
+    file = str(path)
+    try:
+        inv, record, differ = _read_record(path)
+    except SlotsmithError as e:
+        report.add(file, "structure", [str(e)], "")
+        return
+    layouts.add(inv)
+    report.add(file, "structure", [], f"{len(inv.tensors)} tensor(s), {len(record.slots)} spliced slot(s)")
+    report.add(
+        file,
+        "record",
+        differ + record_problems(file, record),
+        f"slots {', '.join(f for f, _ in record.slots) or '-'} fit the base layout and are disjoint",
+    )
+    try:
+        problems = spliced_problems(inv, record)
+    except OSError as e:
+        problems = [f"{file}: cannot read ({e})"]
+    report.add(file, "slot bytes", problems, "every spliced region holds its slot's bytes")
+    for slot_file, m in record.slots:
+        _selection_check(report, file, m, layouts, spliced=slot_file)
+    if base is not None:
+        try:
+            problems = spliced_base_problems(inv, record, base, files)
+        except OSError as e:
+            problems = [f"{file}: cannot read ({e})"]
+        report.add(file, "base", problems, f"every byte outside the spliced slots equals {base.source}")
+
+
+def _group_key(m: Manifest) -> tuple[str, str | None]:
+    return (m.base.layout_digest, m.expert)
+
+
+def _verify_set(report: Report, slots: list[Slot], base: Inventory | None) -> None:
+    groups: dict[tuple[str, str | None], list[Slot]] = {}
+    for s in slots:
+        groups.setdefault(("base", None) if base is not None else _group_key(s.manifest), []).append(s)
+    for i, members in enumerate(groups.values(), 1):
+        m = members[0].manifest
+        report.groups.append(
+            {
+                "group": i,
+                "base": base.source if base is not None else None,
+                "layout": m.base.layout,
+                "layout_digest": m.base.layout_digest,
+                "expert": m.expert,
+                "slots": [str(s.path) for s in members],
+            }
+        )
+        if len(members) < 2:
+            continue
+        labelled = [(str(s.path), s.manifest) for s in members]
+        name = f"group {i}"
+        report.add(name, "disjoint", overlap_problems(labelled), f"{len(members)} slots share no rows of any tensor")
+        if base is None:  # with --base each slot's own base check is stronger
+            agreed = "slots agree on the base's bytes wherever they replace the same region"
+            report.add(name, "same base", base_agreement_problems(labelled), agreed)
+
+
+def verify(
+    paths: Sequence[str | os.PathLike] = (),
+    base: str | os.PathLike | None = None,
+    *,
+    quiet: bool = True,
+) -> Report:
+    """Verify slots and spliced checkpoints (see the module docstring).
+
+    Args:
+        paths: Files and folders (see ``find_targets``); none: the current folder.
+        base: The real base checkpoint, if given: every slot's fingerprint and
+            every spliced checkpoint's unslotted bytes are checked against it.
+        quiet: No progress bar (it is drawn on stderr, and only on a terminal).
+
+    Returns:
+        The report; ``report.ok`` is False when any check failed.
+
+    Raises:
+        SlotsmithError: ``base`` cannot be read, or there is nothing to verify.
+    """
+    if base is not None and not (Path(base).is_file() or Path(base).is_dir()):
+        raise SlotsmithError(f"{base}: not a regular file or folder")
+    base_inv = inventory_from_checkpoint(base) if base is not None else None
+    targets = find_targets(paths)
+    if not targets:
+        where = ", ".join(str(p) for p in paths) or "the current folder"
+        raise SlotsmithError(f"nothing to verify in {where}: no .slot files or spliced checkpoints")
+    report = Report()
+    layouts = _Layouts(base_inv)
+    slots: list[Slot] = []
+    disable = quiet or not sys.stderr.isatty()
+    bar = tqdm(total=len(targets), desc="verify", unit="file", file=sys.stderr, disable=disable)
+    with bar, InputFiles() as files:
+        # Spliced checkpoints first: their layouts let slots' selections be recomputed.
+        for t in sorted(targets, key=lambda t: t.kind != "spliced"):
+            if t.kind == "bad":
+                report.add(str(t.path), "structure", [t.error], "")
+            elif t.kind == "spliced":
+                _verify_spliced(report, t.path, base_inv, files, layouts)
+            else:
+                slot = _verify_slot(report, t.path, base_inv, files, layouts)
+                if slot is not None:
+                    slots.append(slot)
+            bar.update(1)
+    # Report files in the order found (they ran spliced-first), then the set checks.
+    order = {str(t.path): i for i, t in enumerate(targets)}
+    report.checks.sort(key=lambda c: order[c.file])
+    _verify_set(report, slots, base_inv)
+    return report
+
+
+def _one_line(text: str) -> str:
+    # File and tensor names come from the files themselves: keep each row one line.
+    return "".join(c if c.isprintable() else repr(c)[1:-1] for c in text)
+
+
+def render(report: Report, failures_only: bool = False) -> str:
+    """The report as a table (file, check, result, detail), groups, and a summary line."""
+    rows = [c for c in report.checks if not failures_only or c.result == FAIL]
+    table = [("FILE", "CHECK", "RESULT", "DETAIL")] + [
+        (_one_line(c.file), c.check, c.result.upper() if c.result == FAIL else c.result, _one_line(c.detail))
+        for c in rows
+    ]
+    w_file = max(len(r[0]) for r in table)
+    w_check = max(len(r[1]) for r in table)
+    lines = [f"{f:<{w_file}}  {c:<{w_check}}  {r:<6}  {d}".rstrip() for f, c, r, d in table] if rows else []
+    if len(report.groups) > 1 and not failures_only:
+        lines.append("")
+        lines.append("slots by the base they claim (slots of different groups are never checked against each other):")
+        for g in report.groups:
+            layout = g["layout"] or "unknown layout"
+            expert = f", expert {g['expert']}" if g["expert"] else ""
+            lines.append(
+                _one_line(f"  group {g['group']}: {layout} ({g['layout_digest']}){expert}: {', '.join(g['slots'])}")
+            )
+    n = report.counts()
+    if lines:
+        lines.append("")
+    lines.append(
+        f"{'ok' if report.ok else 'FAILED'}: {len(report.checks)} check(s), "
+        f"{n[PASS]} passed, {n[FAIL]} failed, {n[SKIP]} skipped"
+    )
+    return "\n".join(lines)
