@@ -85,3 +85,304 @@ def plan(model: str, ff: float, ffid: tuple[int, ...], as_json: bool) -> None:
         click.echo(json.dumps(docs[0] if len(docs) == 1 else docs, indent=2))
     else:
         click.echo(render_plan(inventory, selections))
+
+
+@main.command()
+@click.argument("base", type=click.Path(path_type=str))
+@click.argument("slots", nargs=-1, required=True, type=click.Path(path_type=str))
+@click.option(
+    "--output",
+    "-o",
+    "out",
+    metavar="OUT",
+    help="Output file (a folder for a sharded base). Default: BASE+SLOT1+... in the current folder.",
+)
+@click.option("--force", is_flag=True, help="Overwrite an existing OUT.")
+@click.option("--quiet", "-q", is_flag=True, help="No progress bar.")
+@user_errors
+def splice(base: str, slots: tuple[str, ...], out: str | None, force: bool, quiet: bool) -> None:
+    """Splice disjoint SLOTS into BASE, giving one ordinary checkpoint.
+
+    Every check runs before a byte is written: slot structure and manifest
+    digest, every slot tensor's hash, the base fingerprint (a slot made on
+    another base, e.g. the other Wan 2.2 expert, is refused), disjointness,
+    shapes and dtypes. The output keeps BASE's key convention, dtypes, files
+    and metadata, and records the splice in its metadata.
+
+    \b
+    Examples:
+      slotsmith splice wan2.2_low.safetensors char1.slot char2.slot -o spliced.safetensors
+      slotsmith splice base_folder/ char1.slot -o spliced_folder
+    """
+    from slotsmith.splice import splice as run_splice
+
+    path = run_splice(base, slots, out, force=force, quiet=quiet)
+    if not quiet:
+        click.echo(f"wrote {path}", err=True)
+
+
+@main.command()
+@click.argument("base", type=click.Path(path_type=str))
+@click.argument("tuned", type=click.Path(path_type=str))
+@click.option("--output", "-o", "out", required=True, metavar="X.slot", help="The slot file to write.")
+@click.option("--ff", type=float, default=None, help="With --ffid: refuse changes outside this selection.")
+@click.option("--ffid", type=int, default=None, help="Pool id of the selection (with --ff).")
+@click.option("--expert", default=None, help="Wan 2.2 expert the slot is for (high or low), recorded in the manifest.")
+@click.option("--force", is_flag=True, help="Overwrite an existing output.")
+@click.option("--quiet", "-q", is_flag=True, help="No progress bar.")
+@user_errors
+def extract(
+    base: str,
+    tuned: str,
+    out: str,
+    ff: float | None,
+    ffid: int | None,
+    expert: str | None,
+    force: bool,
+    quiet: bool,
+) -> None:
+    """Make a slot of the tensors whose bytes differ between BASE and TUNED.
+
+    \b
+    Examples:
+      slotsmith extract base.safetensors finetuned.safetensors -o char1.slot
+      slotsmith extract base.safetensors finetuned.safetensors -o char1.slot --ff 0.01 --ffid 2
+    """
+    from slotsmith.splice import extract as run_extract
+
+    manifest = run_extract(base, tuned, out, ff=ff, ffid=ffid, expert=expert, force=force, quiet=quiet)
+    if not quiet:
+        click.echo(f"wrote {out}: {len(manifest.entries)} tensor(s), {manifest.nbytes:,} bytes", err=True)
+
+
+@main.command()
+@click.argument("file", type=click.Path(path_type=str))
+@click.option("--json", "as_json", is_flag=True, help="Print JSON.")
+@click.option("--yaml", "as_yaml", is_flag=True, help="Print YAML (e.g. a slot manifest to commit to git).")
+@user_errors
+def inspect(file: str, as_json: bool, as_yaml: bool) -> None:
+    """Show a slot's manifest, a spliced checkpoint's record, or a checkpoint summary.
+
+    FILE is a .slot, a .safetensors file, a sharded *.index.json, or a folder.
+    """
+    from slotsmith.inspect import describe, render, to_yaml
+
+    if as_json and as_yaml:
+        raise click.UsageError("give --json or --yaml, not both")
+    doc = describe(file)
+    if as_json:
+        click.echo(json.dumps(doc, indent=2))
+    elif as_yaml:
+        click.echo(to_yaml(doc), nl=False)
+    else:
+        click.echo(render(doc))
+
+
+@main.command()
+@click.argument("paths", nargs=-1, metavar="[PATH]...", type=click.Path(exists=True, path_type=str))
+@click.option(
+    "--base",
+    metavar="BASE",
+    type=click.Path(exists=True, path_type=str),
+    help="The real base checkpoint: check every slot's base fingerprint and every spliced "
+    "checkpoint's other bytes against it.",
+)
+@click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
+@click.option("--quiet", "-q", is_flag=True, help="No progress bar; print only failed checks and the summary.")
+@user_errors
+def verify(paths: tuple[str, ...], base: str | None, as_json: bool, quiet: bool) -> None:
+    """Check slots and spliced checkpoints; exit 1 if any check fails (for CI).
+
+    With no PATH, verifies every .slot file and every spliced checkpoint under
+    the current folder (hidden folders skipped). Checks: each slot's structure,
+    manifest digest and tensor hashes; that its selection recomputes to its
+    tensors; that slots claiming one base are disjoint and agree on it; each
+    spliced checkpoint's record and slot bytes. With --base: every slot's
+    base fingerprint, and every spliced checkpoint byte outside its slots.
+
+    \b
+    Examples:
+      slotsmith verify
+      slotsmith verify slots/ --base wan2.2_low.safetensors --json
+    """
+    from slotsmith.verify import render, verify as run_verify
+
+    report = run_verify(paths, base, quiet=quiet)
+    if as_json:
+        click.echo(json.dumps(report.to_json(), indent=2))
+    else:
+        click.echo(render(report, failures_only=quiet))
+    if not report.ok:
+        sys.exit(1)
+
+
+def _train_options(fn):
+    """The options of ``train``, each a field of ``TrainSettings`` (defaults shown from it)."""
+    from slotsmith.train_config import (
+        EXPERTS,
+        LR_SCHEDULERS,
+        MIXED_PRECISIONS,
+        OPTIMIZERS,
+        TIMESTEP_SAMPLINGS,
+        TrainSettings,
+    )
+
+    d = TrainSettings()
+    opts = [
+        click.option("--base", "-b", metavar="CKPT", help="Wan DiT checkpoint: .safetensors, sharded index or folder."),
+        click.option("--cache", metavar="DIR", help="Cache folder (latents + text embeddings, see `slotsmith cache`)."),
+        click.option("--data", metavar="YAML", help="Dataset YAML instead of --cache: its cache is used, and "
+                     "what is missing is encoded first when --vae, --t5 and --tokenizer are given."),
+        click.option("--vae", metavar="PATH", help="With --data: the Wan VAE (as for `slotsmith cache`)."),
+        click.option("--t5", metavar="PATH", help="With --data: the UMT5 text encoder."),
+        click.option("--tokenizer", metavar="DIR", help="With --data: the tokenizer folder."),
+        click.option("--out", "-o", metavar="FILE", help="The .slot file to write."),
+        click.option("--ff", type=float, default=d.ff, help="Fraction of the model's parameters, as in `plan`."),
+        click.option("--ffid", type=int, default=d.ffid, help="Pool id 0..7, as in `plan`."),
+        click.option("--steps", type=int, help="Optimizer steps (or give --epochs)."),
+        click.option("--epochs", type=float, help="Passes over the cache (or give --steps)."),
+        click.option("--lr", type=float, default=d.lr, show_default=True, help="Peak learning rate."),
+        click.option("--lr-scheduler", type=click.Choice(LR_SCHEDULERS), default=d.lr_scheduler, show_default=True),
+        click.option("--warmup-steps", type=int, default=d.warmup_steps, show_default=True),
+        click.option("--batch-size", type=int, default=d.batch_size, show_default=True, help="Samples per process."),
+        click.option("--grad-accum", type=int, default=d.grad_accum, show_default=True),
+        click.option("--optimizer", type=click.Choice(OPTIMIZERS), default=d.optimizer, show_default=True),
+        click.option("--weight-decay", type=float, default=d.weight_decay, show_default=True),
+        click.option("--max-grad-norm", type=float, default=d.max_grad_norm, show_default=True, help="0 disables."),
+        click.option("--mixed-precision", type=click.Choice(MIXED_PRECISIONS), default=d.mixed_precision,
+                     show_default=True),
+        click.option("--gradient-checkpointing/--no-gradient-checkpointing", default=d.gradient_checkpointing),
+        click.option("--offload-blocks/--no-offload-blocks", default=d.offload_blocks,
+                     help="Keep frozen blocks in CPU memory, one on the device at a time."),
+        click.option("--fp8-base/--no-fp8-base", default=d.fp8_base,
+                     help="Store frozen weights in float8, compute in bf16 (slot stays full precision)."),
+        click.option("--seed", type=int, default=d.seed, show_default=True),
+        click.option("--timestep-sampling", type=click.Choice(TIMESTEP_SAMPLINGS), default=d.timestep_sampling,
+                     show_default=True),
+        click.option("--flow-shift", type=float, default=d.flow_shift, show_default=True),
+        click.option("--sigmoid-scale", type=float, default=d.sigmoid_scale, show_default=True),
+        click.option("--logit-mean", type=float, default=d.logit_mean, show_default=True),
+        click.option("--logit-std", type=float, default=d.logit_std, show_default=True),
+        click.option("--min-timestep", type=float, default=d.min_timestep, show_default=True, help="0..1000."),
+        click.option("--max-timestep", type=float, default=d.max_timestep, show_default=True, help="0..1000."),
+        click.option("--expert", type=click.Choice(EXPERTS), help="Wan 2.2 A14B: train the high- or low-noise expert."),
+        click.option("--boundary", type=float, help="Expert boundary in (0, 1) (default: the layout's, 0.875/0.9)."),
+        click.option("--head-dim", type=int, help="Attention head size (default: config.json, metadata, or 128)."),
+        click.option("--save-every", type=int, default=d.save_every, show_default=True,
+                     help="Snapshot slot + resumable state every N steps (0: off)."),
+        click.option("--stop-after", type=int, help="Stop after N steps of this run, keeping a resumable state."),
+        click.option("--resume/--no-resume", default=d.resume, help="Continue from OUT.state."),
+        click.option("--log-dir", metavar="DIR", help="Write train_log.jsonl (and TensorBoard, when installed)."),
+        click.option("--force/--no-force", default=d.force, help="Replace OUT; skip the taken-ffid check."),
+        click.option("--quiet", "-q", is_flag=True, default=d.quiet, help="No progress bar."),
+        click.option("--config", "config", metavar="YAML", help="Options from a YAML file; the command line wins."),
+    ]
+    for opt in reversed(opts):
+        fn = opt(fn)
+    return fn
+
+
+@main.command()
+@_train_options
+@click.pass_context
+@user_errors
+def train(ctx: click.Context, config: str | None, **options) -> None:
+    """Fine-tune one slot of a Wan DiT on a cache folder; write only the slot.
+
+    Everything outside the slot stays frozen; the written .slot holds the
+    trained tensors in the base's dtype, with a manifest. Runs unchanged under
+    `accelerate launch` (data parallel; only the main process writes).
+
+    \b
+    Examples:
+      slotsmith train -b dit.safetensors --cache cache/ --ff 0.01 --ffid 1 --steps 2000 -o char1.slot
+      slotsmith train --config train.yaml --resume
+    """
+    from click.core import ParameterSource
+
+    from slotsmith.train import summary, train as run_training
+    from slotsmith.train_config import load_settings
+
+    explicit = {
+        name for name in options if ctx.get_parameter_source(name) in (ParameterSource.COMMANDLINE, ParameterSource.ENVIRONMENT)
+    }
+    settings = load_settings({k: v for k, v in options.items()}, explicit, config)
+    result = run_training(settings)
+    if result.is_main:
+        click.echo(summary(result), err=True)
+    if result.interrupted:
+        sys.exit(130)
+
+
+@main.command()
+@click.option("--data", "data_yaml", required=True, type=click.Path(dir_okay=False), help="Dataset YAML.")
+@click.option("--vae", required=True, type=click.Path(), help="Wan VAE: Wan2.1_VAE.pth/.safetensors or a diffusers folder.")
+@click.option("--t5", required=True, type=click.Path(), help="UMT5 encoder: Wan's .pth, a safetensors file or a transformers folder.")
+@click.option("--tokenizer", required=True, type=click.Path(file_okay=False), help="Tokenizer folder (google/umt5-xxl's files).")
+@click.option("--device", default=None, help="Torch device [default: cuda if available, else cpu].")
+@click.option("--batch-size", default=1, show_default=True, type=click.IntRange(min=1), help="Clips and captions encoded at once.")
+@click.option("--dtype", type=click.Choice(["float32", "bfloat16", "float16"]), default=None, help="Encoder dtype [default: bfloat16 on cuda, float32 on cpu].")
+@click.option("--skip-bad", is_flag=True, help="Leave bad items out (and list them) instead of failing.")
+@click.option("-q", "--quiet", is_flag=True, help="No progress bar.")
+@user_errors
+def cache(data_yaml, vae, t5, tokenizer, device, batch_size, dtype, skip_bad, quiet) -> None:
+    """Encode a dataset's images and clips (VAE) and captions (UMT5) into its cache folder.
+
+    Only what changed since the last run is encoded; the index the trainer
+    reads is written when every item is good (or --skip-bad leaves the bad
+    ones out).
+
+    \b
+    Example:
+      slotsmith cache --data data.yaml --vae Wan2.1_VAE.pth \\
+        --t5 models_t5_umt5-xxl-enc-bf16.pth --tokenizer umt5-xxl/
+    """
+    from slotsmith.caching import BadItemsError, run_cache
+
+    try:
+        report = run_cache(
+            data_yaml, vae, t5, tokenizer, device=device, dtype=dtype, batch_size=batch_size,
+            skip_bad=skip_bad, progress=not quiet,
+        )
+    except BadItemsError as e:
+        for item in e.bad:
+            click.echo(f"error: {item}", err=True)
+        click.echo(f"error: {len(e.bad)} bad item(s); fix them or pass --skip-bad to leave them out", err=True)
+        sys.exit(1)
+    for item in report.bad:
+        click.echo(f"skipped: {item}", err=True)
+    click.echo(report.summary())
+
+
+@main.command()
+@click.option("--out", "-o", default="demo-out", show_default=True, type=click.Path(file_okay=False, path_type=str),
+              help="Folder for everything the demo makes (a re-run replaces the demo's files there).")
+@click.option("--steps", default=200, show_default=True, type=click.IntRange(min=1), help="Training steps per slot.")
+@click.option("--seed", default=0, show_default=True, type=int, help="Seed of the model, the data and the training.")
+@click.option("--json", "as_json", is_flag=True, help="Print the report as JSON on stdout.")
+@click.option("--quiet", "-q", is_flag=True, help="No progress messages.")
+@user_errors
+def demo(out: str, steps: int, seed: int, as_json: bool, quiet: bool) -> None:
+    """Train two characters into disjoint slots at once, splice them, measure what survives.
+
+    Everything is built on the spot (a tiny Wan DiT, VAE, UMT5 and two
+    synthetic image sets), nothing is downloaded; it takes a few minutes on
+    a CPU. The loss table and each character's retention are printed and
+    written to OUT/report.json.
+
+    \b
+    Example:
+      slotsmith demo --out demo-out
+    """
+    from pathlib import Path
+
+    from slotsmith.demo import DemoSettings, render_table, run_demo
+
+    say = (lambda _: None) if quiet else (lambda msg: click.echo(msg, err=True))
+    report = run_demo(DemoSettings(out=Path(out), steps=steps, seed=seed), say)
+    if as_json:
+        click.echo(json.dumps(report, indent=2))
+    else:
+        click.echo(render_table(report))
+        if not quiet:
+            click.echo(f"\nwrote {Path(out) / 'report.json'}", err=True)

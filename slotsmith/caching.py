@@ -1,0 +1,409 @@
+"""``slotsmith cache``: from a dataset YAML to the cache folder the trainer reads.
+
+Each item is content-addressed (xxh3-128): its latents by the source file's
+bytes, the dataset settings that shape its pixels, the clip's frames, the
+VAE's bytes and the dtype; its text by the cleaned caption, the text encoder's
+and tokenizer's bytes and the dtype. A re-run therefore encodes nothing that
+is unchanged, and an edited caption re-encodes only its text. The index is
+written last, and only when every item is good (or ``skip_bad`` leaves the bad
+ones out), so the trainer never sees a half-made dataset.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from collections import defaultdict
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from slotsmith.cache import INDEX_NAME, load_index, write_index, write_latents, write_text
+from slotsmith.data import BadItem, DataConfig, Source, discover, load_data_config, read_clips
+from slotsmith.digest import digest_file_range, digest_json
+from slotsmith.errors import SlotsmithError
+
+KEY_VERSION = 1
+"""Bump when the encoding changes in a way the other key parts do not capture."""
+
+
+class BadItemsError(SlotsmithError):
+    """Some files cannot be cached; ``bad`` lists each with its problem."""
+
+    def __init__(self, bad: list[BadItem]):
+        self.bad = bad
+        lines = "\n".join(f"  {b}" for b in bad)
+        super().__init__(f"{len(bad)} bad item(s), fix them or pass --skip-bad to leave them out:\n{lines}")
+
+
+@dataclass
+class CacheReport:
+    """What a caching run did.
+
+    Attributes:
+        cache_dir: The cache folder.
+        items: Items in the written index.
+        latents_encoded: Clips encoded by the VAE in this run.
+        latents_reused: Clips already in the cache.
+        texts_encoded: Captions encoded in this run.
+        texts_reused: Captions already in the cache.
+        bad: Files left out, with their problems.
+    """
+
+    cache_dir: Path
+    items: int = 0
+    latents_encoded: int = 0
+    latents_reused: int = 0
+    texts_encoded: int = 0
+    texts_reused: int = 0
+    bad: list[BadItem] = field(default_factory=list)
+
+    def summary(self) -> str:
+        """One line for the user."""
+        return (
+            f"{self.items} items in {self.cache_dir}: latents {self.latents_encoded} encoded, "
+            f"{self.latents_reused} reused; texts {self.texts_encoded} encoded, {self.texts_reused} reused; "
+            f"{len(self.bad)} bad"
+        )
+
+
+def _file_digest(path: Path) -> str:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        return digest_file_range(fd, 0, os.fstat(fd).st_size)
+    finally:
+        os.close(fd)
+
+
+def model_identity(path) -> dict:
+    """Digests of a model file's bytes, or of every file in a model folder.
+
+    Args:
+        path: A file or folder.
+
+    Returns:
+        ``{relative path: xxh3-128}`` (dot files left out).
+
+    Raises:
+        SlotsmithError: The path does not exist.
+    """
+    path = Path(path)
+    if path.is_file():
+        return {path.name: _file_digest(path)}
+    if not path.is_dir():
+        raise SlotsmithError(f"{path}: no such file or folder")
+    return {
+        str(f.relative_to(path)): _file_digest(f)
+        for f in sorted(path.rglob("*"))
+        if f.is_file() and not any(part.startswith(".") for part in f.relative_to(path).parts)
+    }
+
+
+def pixel_settings(source: Source, align: int) -> str:
+    """Digest of the dataset settings that shape a source's pixels."""
+    settings = source.dataset.settings()
+    if not source.is_video:
+        settings = {k: settings[k] for k in ("resolution", "enable_bucket", "bucket_no_upscale")}
+    return digest_json({"settings": settings, "align": align, "video": source.is_video})
+
+
+def _previous_items(cache_dir: Path) -> dict[str, list[dict]]:
+    """The last index's items by ``source_key``, read leniently (a bad index just means no reuse)."""
+    try:
+        doc = json.loads((cache_dir / INDEX_NAME).read_text(encoding="utf-8"))
+        items = doc["items"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return {}
+    by_key: dict[str, list[dict]] = defaultdict(list)
+    for item in items if isinstance(items, list) else []:
+        if isinstance(item, dict) and isinstance(item.get("source_key"), str):
+            by_key[item["source_key"]].append(item)
+    return by_key
+
+
+def _tensor_dim(path: Path, name: str) -> int:
+    from slotsmith.io.header import read_header
+
+    info = read_header(path).tensors[name]
+    return info.shape[0] if name == "latents" else info.shape[1]
+
+
+class _Encoders:
+    """The VAE, and the text encoder loaded only when some caption needs encoding."""
+
+    def __init__(self, vae, t5, tokenizer, device, dtype):
+        import diffusers
+        import transformers
+
+        from slotsmith.encoders import load_tokenizer, load_vae
+
+        # Their per-file loading bars would drown the one bar that matters.
+        diffusers.utils.logging.disable_progress_bar()
+        transformers.utils.logging.disable_progress_bar()
+        self.t5_path, self.device, self.dtype = t5, device, dtype
+        self.vae = load_vae(vae, device, dtype)
+        self.tokenizer = load_tokenizer(tokenizer)
+        self._t5 = None
+
+    @property
+    def t5(self):
+        if self._t5 is None:
+            from slotsmith.encoders import load_text_encoder
+
+            self._t5 = load_text_encoder(self.t5_path, self.device, self.dtype)
+        return self._t5
+
+
+def _media_problems(sources: list[Source]) -> list[BadItem]:
+    problems = []
+    for source in sources:
+        try:
+            read_clips(source)
+        except SlotsmithError as e:
+            problems.append(BadItem(source.path, str(e)))
+    return problems
+
+
+def default_device() -> str:
+    """``cuda`` when a GPU is there, else ``cpu``."""
+    import torch
+
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def run_cache(
+    data_yaml,
+    vae,
+    t5,
+    tokenizer,
+    *,
+    device: str | None = None,
+    dtype: str | None = None,
+    batch_size: int = 1,
+    skip_bad: bool = False,
+    progress: bool = True,
+) -> CacheReport:
+    """Cache every item of a dataset YAML: encode what is missing, write the index.
+
+    Args:
+        data_yaml: The dataset YAML.
+        vae: Wan VAE file or folder (see `slotsmith.encoders.load_vae`).
+        t5: UMT5 encoder file or folder.
+        tokenizer: Tokenizer folder.
+        device: Torch device (default cuda when available, else cpu).
+        dtype: ``float32|bfloat16|float16`` for both encoders (default
+            bfloat16 on cuda, float32 on cpu).
+        batch_size: Clips (of one shape) and captions encoded together.
+        skip_bad: Leave bad items out instead of failing.
+        progress: Show a progress bar on stderr (when it is a terminal).
+
+    Returns:
+        What was done.
+
+    Raises:
+        BadItemsError: Bad items and not ``skip_bad`` (the index is not written).
+        SlotsmithError: Bad config, encoders or paths.
+    """
+    import torch
+    from tqdm import tqdm
+
+    from slotsmith.encoders import encode_pixels, encode_texts, parse_dtype, vae_spatial_factor
+
+    if batch_size < 1:
+        raise SlotsmithError(f"batch size must be at least 1, got {batch_size}")
+    device = device or default_device()
+    dtype = dtype or ("bfloat16" if device.startswith("cuda") else "float32")
+    torch_dtype = parse_dtype(dtype)
+    config = load_data_config(data_yaml)
+    sources, bad = discover(config)
+    if bad and not skip_bad:
+        # Failing anyway: read the media too (no encoders), so one run reports every problem.
+        raise BadItemsError(bad + _media_problems(sources))
+    ids = {"vae": model_identity(vae), "t5": model_identity(t5), "tokenizer": model_identity(tokenizer)}
+    enc = _Encoders(vae, t5, tokenizer, device, torch_dtype)
+    align = 2 * vae_spatial_factor(enc.vae)  # the DiT patchifies latents 2x2
+    if align != 16:
+        config = load_data_config(data_yaml, align)
+    cache_dir = config.cache_dir
+    report = CacheReport(cache_dir, bad=list(bad))
+    previous = _previous_items(cache_dir)
+    items: list[dict] = []
+    pending_latents: dict[tuple, list[tuple[str, object]]] = defaultdict(list)
+    pending_texts: dict[str, str] = {}
+
+    def flush_latents(shape):
+        batch = pending_latents.pop(shape, [])
+        if batch:
+            latents = encode_pixels(enc.vae, torch.stack([p for _, p in batch]))
+            for (key, _), lat in zip(batch, latents):
+                write_latents(cache_dir, key, lat)
+            report.latents_encoded += len(batch)
+
+    def flush_texts():
+        if pending_texts:
+            keys, captions = list(pending_texts), list(pending_texts.values())
+            for key, context in zip(keys, encode_texts(enc.tokenizer, enc.t5, captions)):
+                write_text(cache_dir, key, context)
+            report.texts_encoded += len(keys)
+            pending_texts.clear()
+
+    bar = tqdm(sources, desc="caching", unit="file", disable=not progress or not sys.stderr.isatty(), file=sys.stderr)
+    for source in bar:
+        settings = pixel_settings(source, align)
+        source_digest = _file_digest(source.path)
+        source_key = digest_json(
+            {"v": KEY_VERSION, "source": source_digest, "pixels": settings, "vae": ids["vae"], "dtype": dtype}
+        )
+        text_key = digest_json(
+            {
+                "v": KEY_VERSION,
+                "caption": source.caption,
+                "t5": ids["t5"],
+                "tokenizer": ids["tokenizer"],
+                "dtype": dtype,
+            }
+        )
+        text_rel = f"text/{text_key}.safetensors"
+        if (cache_dir / text_rel).is_file() or text_key in pending_texts:
+            report.texts_reused += 1
+        else:
+            pending_texts[text_key] = source.caption
+            if len(pending_texts) >= batch_size:
+                flush_texts()
+        common = {
+            "text": text_rel,
+            "source": str(source.path),
+            "caption": source.caption,
+            "repeats": source.dataset.repeats,
+            "batch_size": source.dataset.batch_size,
+            "source_digest": source_digest,
+            "pixel_settings": settings,
+            "align": align,
+            "source_key": source_key,
+        }
+        reused = [p for p in previous.get(source_key, []) if (cache_dir / str(p.get("latents"))).is_file()]
+        if reused:
+            # Same bytes, settings and VAE as an indexed item: its clips stand, no decoding needed.
+            items.extend({**common, "latents": p["latents"], "frames": p.get("frames")} for p in reused)
+            report.latents_reused += len(reused)
+            continue
+        try:
+            clips = read_clips(source, align)
+        except SlotsmithError as e:
+            report.bad.append(BadItem(source.path, str(e)))
+            continue
+        for clip in clips:
+            key = digest_json({"source_key": source_key, "frames": clip.frames})
+            rel = f"latents/{key}.safetensors"
+            items.append({**common, "latents": rel, "frames": [clip.frames[0], clip.frames[-1]]})
+            if (cache_dir / rel).is_file() or any(k == key for batch in pending_latents.values() for k, _ in batch):
+                report.latents_reused += 1
+                continue
+            shape = tuple(clip.pixels.shape)
+            pending_latents[shape].append((key, clip.pixels))
+            if len(pending_latents[shape]) >= batch_size:
+                flush_latents(shape)
+        bar.set_postfix(encoded=report.latents_encoded, bad=len(report.bad), refresh=False)
+    bar.close()
+    for shape in list(pending_latents):
+        flush_latents(shape)
+    flush_texts()
+    if report.bad and not skip_bad:
+        raise BadItemsError(report.bad)
+    if not items:
+        raise SlotsmithError(f"{config.path}: nothing to cache (no good items)")
+    latent_channels = _tensor_dim(cache_dir / items[0]["latents"], "latents")
+    text_dim = _tensor_dim(cache_dir / items[0]["text"], "context")
+    write_index(cache_dir, items, latent_channels, text_dim)
+    report.items = len(items)
+    return report
+
+
+def missing_from_cache(config: DataConfig) -> list[str]:
+    """What a dataset YAML has that its cache does not (without loading encoders).
+
+    Args:
+        config: The dataset config.
+
+    Returns:
+        One line per problem (empty when the cache is complete and current).
+
+    Raises:
+        BadItemsError: Files with a missing caption.
+    """
+    sources, bad = discover(config)
+    if bad:
+        raise BadItemsError(bad)
+    if not (config.cache_dir / INDEX_NAME).exists():
+        return [f"{source.path}: not cached" for source in sources]
+    try:
+        index = load_index(config.cache_dir)
+    except SlotsmithError as e:
+        return [str(e)]
+    by_source: dict[str, list[dict]] = defaultdict(list)
+    for item in index["items"]:
+        by_source[item.get("source", "")].append(item)
+    problems = []
+    wanted = set()
+    for source in sources:
+        wanted.add(str(source.path))
+        cached = by_source.get(str(source.path))
+        if not cached:
+            problems.append(f"{source.path}: not cached")
+        elif cached[0].get("source_digest") != _file_digest(source.path):
+            problems.append(f"{source.path}: changed since it was cached")
+        elif cached[0].get("pixel_settings") != pixel_settings(source, _align_of(cached[0])):
+            problems.append(f"{source.path}: dataset settings changed since it was cached")
+        elif cached[0].get("caption") != source.caption:
+            problems.append(f"{source.path}: caption changed since it was cached")
+    problems.extend(f"{s}: cached but no longer in {config.path.name}" for s in sorted(set(by_source) - wanted))
+    return problems
+
+
+def _align_of(item: dict) -> int:
+    """The alignment a cached item was made with (32 when the VAE was Wan 2.2's)."""
+    return 32 if item.get("align") == 32 else 16
+
+
+def ensure_cache(
+    data_yaml,
+    vae=None,
+    t5=None,
+    tokenizer=None,
+    **cache_options,
+) -> Path:
+    """Make sure a dataset YAML's cache is complete, for ``train --data``.
+
+    With all three encoders, caches what is missing (see `run_cache`).
+    Without any, checks the existing cache against the YAML and the files.
+
+    Args:
+        data_yaml: The dataset YAML.
+        vae: Wan VAE file or folder, or None.
+        t5: UMT5 encoder file or folder, or None.
+        tokenizer: Tokenizer folder, or None.
+        **cache_options: Passed to `run_cache` (device, dtype, batch_size,
+            skip_bad, progress).
+
+    Returns:
+        The cache folder, ready for `slotsmith.cache.CachedDataset`.
+
+    Raises:
+        SlotsmithError: Only some encoders given; or, without encoders, the
+            cache is missing or stale (the message lists exactly what).
+    """
+    given = {"--vae": vae, "--t5": t5, "--tokenizer": tokenizer}
+    if all(v is not None for v in given.values()):
+        return run_cache(data_yaml, vae, t5, tokenizer, **cache_options).cache_dir
+    if any(v is not None for v in given.values()):
+        missing = ", ".join(k for k, v in given.items() if v is None)
+        raise SlotsmithError(f"caching needs --vae, --t5 and --tokenizer together; missing {missing}")
+    config = load_data_config(data_yaml)
+    problems = missing_from_cache(config)
+    if problems:
+        lines = "\n".join(f"  {p}" for p in problems)
+        raise SlotsmithError(
+            f"the cache {config.cache_dir} does not match {config.path}:\n{lines}\n"
+            "pass --vae, --t5 and --tokenizer to cache what is missing, or run `slotsmith cache`"
+        )
+    return config.cache_dir

@@ -1,0 +1,187 @@
+"""Tiny, randomly initialised Wan VAE, UMT5 encoder and tokenizer, saved to disk.
+
+For tests and the demo: real architectures (``AutoencoderKLWan``,
+``UMT5EncoderModel``) at toy sizes, written in the same formats users have
+(a diffusers/transformers folder, or Wan's native single files), so they are
+loaded by path through exactly the code users run. Nothing is downloaded.
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import torch
+
+TINY_VOCAB = ["<pad>", "</s>", "<unk>"] + [
+    w
+    for w in (
+        "a an the of and with in on at to is are man woman person character cat dog red blue green "
+        "yellow black white walks runs sits stands smiles looks camera street room forest sky light "
+        "dark slowly quickly close up wide shot video photo of portrait hair coat hat"
+    ).split()
+]
+"""Word-level vocabulary of the tiny tokenizer (pad 0, eos 1, unk 2, like T5)."""
+
+
+def build_tiny_vae(out_dir, *, base_dim: int = 8, seed: int = 0) -> Path:
+    """Save a tiny ``AutoencoderKLWan`` (Wan 2.1 structure, z_dim 16) as a diffusers folder.
+
+    Args:
+        out_dir: Folder to create.
+        base_dim: Channel width (Wan's is 96).
+        seed: Initialisation seed.
+
+    Returns:
+        ``out_dir``.
+    """
+    from diffusers import AutoencoderKLWan
+
+    torch.manual_seed(seed)
+    g = torch.Generator().manual_seed(seed + 1)
+    # Random per-channel statistics so tests see normalisation really applied.
+    mean = (torch.rand(16, generator=g) - 0.5).tolist()
+    std = (torch.rand(16, generator=g) + 0.5).tolist()
+    vae = AutoencoderKLWan(base_dim=base_dim, z_dim=16, latents_mean=mean, latents_std=std)
+    vae.save_pretrained(str(out_dir))
+    return Path(out_dir)
+
+
+def vae_to_native(state_dict: dict) -> dict:
+    """diffusers ``AutoencoderKLWan`` keys -> Wan's native VAE keys (Wan 2.1 structure).
+
+    The inverse of diffusers' ``convert_wan_vae_to_diffusers``, for writing
+    native test files.
+    """
+    resnet = {"norm1.gamma": "residual.0.gamma", "conv1": "residual.2", "norm2.gamma": "residual.3.gamma",
+              "conv2": "residual.6", "conv_shortcut": "shortcut"}
+
+    def res(rest: str) -> str:
+        for d, n in resnet.items():
+            if rest.startswith(d + "."):
+                return n + rest[len(d):]
+            if rest == d:
+                return n
+        return rest
+
+    out = {}
+    for key, value in state_dict.items():
+        new = key
+        if key.startswith("quant_conv."):
+            new = "conv1." + key[len("quant_conv."):]
+        elif key.startswith("post_quant_conv."):
+            new = "conv2." + key[len("post_quant_conv."):]
+        elif m := re.match(r"(encoder|decoder)\.conv_in\.(.*)", key):
+            new = f"{m[1]}.conv1.{m[2]}"
+        elif m := re.match(r"(encoder|decoder)\.norm_out\.gamma", key):
+            new = f"{m[1]}.head.0.gamma"
+        elif m := re.match(r"(encoder|decoder)\.conv_out\.(.*)", key):
+            new = f"{m[1]}.head.2.{m[2]}"
+        elif m := re.match(r"(encoder|decoder)\.mid_block\.resnets\.(\d)\.(.*)", key):
+            new = f"{m[1]}.middle.{2 * int(m[2])}.{res(m[3])}"
+        elif m := re.match(r"(encoder|decoder)\.mid_block\.attentions\.0\.(.*)", key):
+            new = f"{m[1]}.middle.1.{m[2]}"
+        elif m := re.match(r"encoder\.down_blocks\.(\d+)\.(.*)", key):
+            new = f"encoder.downsamples.{m[1]}.{res(m[2])}"
+        elif m := re.match(r"decoder\.up_blocks\.(\d+)\.resnets\.(\d+)\.(.*)", key):
+            new = f"decoder.upsamples.{4 * int(m[1]) + int(m[2])}.{res(m[3])}"
+        elif m := re.match(r"decoder\.up_blocks\.(\d+)\.upsamplers\.0\.(.*)", key):
+            new = f"decoder.upsamples.{4 * int(m[1]) + 3}.{m[2]}"
+        out[new] = value
+    return out
+
+
+def save_native_vae(vae_dir, out_file) -> Path:
+    """Write a diffusers VAE folder's weights as a native Wan VAE file (.pth or .safetensors)."""
+    from safetensors.torch import load_file, save_file
+
+    sd = vae_to_native(load_file(str(Path(vae_dir) / "diffusion_pytorch_model.safetensors")))
+    out_file = Path(out_file)
+    if out_file.suffix == ".safetensors":
+        save_file({k: v.contiguous() for k, v in sd.items()}, str(out_file))
+    else:
+        torch.save(sd, str(out_file))
+    return out_file
+
+
+def build_tiny_tokenizer(out_dir) -> Path:
+    """Save a word-level tokenizer that adds ``</s>`` like T5's (``tokenizers`` library).
+
+    Returns:
+        ``out_dir``.
+    """
+    from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, processors
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.WordLevel({w: i for i, w in enumerate(TINY_VOCAB)}, unk_token="<unk>"))
+    tok.normalizer = normalizers.Lowercase()
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    tok.post_processor = processors.TemplateProcessing(single="$A </s>", special_tokens=[("</s>", 1)])
+    fast = PreTrainedTokenizerFast(
+        tokenizer_object=tok, pad_token="<pad>", eos_token="</s>", unk_token="<unk>", model_max_length=512
+    )
+    fast.save_pretrained(str(out_dir))
+    return Path(out_dir)
+
+
+def build_tiny_text_encoder(out_dir, tokenizer_dir=None, *, d_model: int = 32, seed: int = 0) -> Path:
+    """Save a tiny ``UMT5EncoderModel`` as a transformers folder (and the tiny tokenizer).
+
+    Args:
+        out_dir: Folder for the encoder.
+        tokenizer_dir: Folder for the tokenizer (default ``out_dir``).
+        d_model: Embedding size, the cache's ``text_dim`` (Wan's is 4096).
+        seed: Initialisation seed.
+
+    Returns:
+        ``out_dir``.
+    """
+    from transformers import UMT5Config, UMT5EncoderModel
+
+    torch.manual_seed(seed)
+    config = UMT5Config(
+        vocab_size=len(TINY_VOCAB),
+        d_model=d_model,
+        d_kv=8,
+        d_ff=2 * d_model,
+        num_layers=2,
+        num_heads=d_model // 8,
+        relative_attention_num_buckets=8,
+        feed_forward_proj="gated-gelu",
+        dropout_rate=0.0,
+    )
+    UMT5EncoderModel(config).eval().save_pretrained(str(out_dir))
+    build_tiny_tokenizer(tokenizer_dir or out_dir)
+    return Path(out_dir)
+
+
+_T5_TO_NATIVE = [
+    (r"shared\.weight", "token_embedding.weight"),
+    (r"encoder\.final_layer_norm\.weight", "norm.weight"),
+    (r"encoder\.block\.(\d+)\.layer\.0\.layer_norm\.weight", r"blocks.\1.norm1.weight"),
+    (r"encoder\.block\.(\d+)\.layer\.0\.SelfAttention\.([qkvo])\.weight", r"blocks.\1.attn.\2.weight"),
+    (
+        r"encoder\.block\.(\d+)\.layer\.0\.SelfAttention\.relative_attention_bias\.weight",
+        r"blocks.\1.pos_embedding.embedding.weight",
+    ),
+    (r"encoder\.block\.(\d+)\.layer\.1\.layer_norm\.weight", r"blocks.\1.norm2.weight"),
+    (r"encoder\.block\.(\d+)\.layer\.1\.DenseReluDense\.wi_0\.weight", r"blocks.\1.ffn.gate.0.weight"),
+    (r"encoder\.block\.(\d+)\.layer\.1\.DenseReluDense\.wi_1\.weight", r"blocks.\1.ffn.fc1.weight"),
+    (r"encoder\.block\.(\d+)\.layer\.1\.DenseReluDense\.wo\.weight", r"blocks.\1.ffn.fc2.weight"),
+]
+
+
+def save_native_text_encoder(encoder_dir, out_file) -> Path:
+    """Write a transformers UMT5 folder as Wan's native encoder ``.pth`` (Wan's key names)."""
+    from safetensors.torch import load_file
+
+    sd = load_file(str(Path(encoder_dir) / "model.safetensors"))
+    out = {}
+    for key, value in sd.items():
+        for pattern, repl in _T5_TO_NATIVE:
+            new, n = re.subn(f"^{pattern}$", repl, key)
+            if n:
+                out[new] = value
+                break
+    torch.save(out, str(out_file))
+    return Path(out_file)

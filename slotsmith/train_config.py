@@ -1,0 +1,192 @@
+"""Training settings: one dataclass, filled from the command line and a YAML file.
+
+Every option of ``slotsmith train`` has a field here under the same name
+(dashes become underscores); ``--config train.yaml`` supplies any of them and
+the command line wins over the file.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass, fields
+from pathlib import Path
+
+import yaml
+
+from slotsmith.errors import SlotsmithError
+
+TIMESTEP_SAMPLINGS = ("uniform", "sigmoid", "shift", "logit_normal")
+LR_SCHEDULERS = ("constant", "linear", "cosine")
+OPTIMIZERS = ("adamw", "adamw8bit", "adafactor")
+MIXED_PRECISIONS = ("no", "bf16", "fp16")
+EXPERTS = ("high", "low")
+
+
+@dataclass
+class TrainSettings:
+    """Everything one training run needs (see ``slotsmith train --help``)."""
+
+    base: str = ""
+    cache: str = ""
+    data: str = ""
+    vae: str | None = None
+    t5: str | None = None
+    tokenizer: str | None = None
+    out: str = ""
+    ff: float = 0.0
+    ffid: int = -1
+    steps: int | None = None
+    epochs: float | None = None
+    lr: float = 2e-5
+    lr_scheduler: str = "constant"
+    warmup_steps: int = 0
+    batch_size: int = 1
+    grad_accum: int = 1
+    optimizer: str = "adamw"
+    weight_decay: float = 0.0
+    max_grad_norm: float = 1.0
+    mixed_precision: str = "no"
+    gradient_checkpointing: bool = False
+    offload_blocks: bool = False
+    fp8_base: bool = False
+    seed: int = 42
+    timestep_sampling: str = "shift"
+    flow_shift: float = 3.0
+    sigmoid_scale: float = 1.0
+    logit_mean: float = 0.0
+    logit_std: float = 1.0
+    min_timestep: float = 0.0
+    max_timestep: float = 1000.0
+    expert: str | None = None
+    boundary: float | None = None
+    head_dim: int | None = None
+    save_every: int = 0
+    stop_after: int | None = None
+    resume: bool = False
+    log_dir: str | None = None
+    force: bool = False
+    quiet: bool = False
+
+    def to_json(self) -> dict:
+        """The settings as a JSON-able dict (for provenance and the resume check)."""
+        return asdict(self)
+
+    def validate(self) -> None:
+        """Refuse impossible combinations before anything is loaded.
+
+        Raises:
+            SlotsmithError: Names the offending option.
+        """
+        for name in ("base", "out"):
+            if not getattr(self, name):
+                raise SlotsmithError(f"--{name} is required")
+        if bool(self.cache) == bool(self.data):
+            raise SlotsmithError("give exactly one of --cache (a cache folder) and --data (a dataset YAML)")
+        if not self.data and (self.vae or self.t5 or self.tokenizer):
+            raise SlotsmithError("--vae, --t5 and --tokenizer go with --data (they encode what is not cached yet)")
+        if self.ffid < 0:
+            raise SlotsmithError("--ffid is required")
+        if not 0 < self.ff <= 1:
+            raise SlotsmithError(f"--ff {self.ff} must be in (0, 1]")
+        if (self.steps is None) == (self.epochs is None):
+            raise SlotsmithError("give exactly one of --steps and --epochs")
+        if self.steps is not None and self.steps < 1 or self.epochs is not None and not self.epochs > 0:
+            raise SlotsmithError("--steps / --epochs must be positive")
+        _choice("timestep-sampling", self.timestep_sampling, TIMESTEP_SAMPLINGS)
+        _choice("lr-scheduler", self.lr_scheduler, LR_SCHEDULERS)
+        _choice("optimizer", self.optimizer, OPTIMIZERS)
+        _choice("mixed-precision", self.mixed_precision, MIXED_PRECISIONS)
+        if self.expert is not None:
+            _choice("expert", self.expert, EXPERTS)
+        for name in ("batch_size", "grad_accum"):
+            if getattr(self, name) < 1:
+                raise SlotsmithError(f"--{name.replace('_', '-')} must be at least 1")
+        for name in ("warmup_steps", "save_every"):
+            if getattr(self, name) < 0:
+                raise SlotsmithError(f"--{name.replace('_', '-')} must not be negative")
+        if not (self.lr > 0 and math.isfinite(self.lr)):
+            raise SlotsmithError(f"--lr {self.lr} must be a positive number")
+        if not 0 <= self.min_timestep < self.max_timestep <= 1000:
+            raise SlotsmithError("need 0 <= --min-timestep < --max-timestep <= 1000")
+        if self.boundary is not None and not 0 < self.boundary < 1:
+            raise SlotsmithError(f"--boundary {self.boundary} must be in (0, 1)")
+        if self.flow_shift <= 0:
+            raise SlotsmithError("--flow-shift must be positive")
+        if self.stop_after is not None and self.stop_after < 1:
+            raise SlotsmithError("--stop-after must be at least 1")
+        if self.head_dim is not None and self.head_dim < 1:
+            raise SlotsmithError("--head-dim must be positive")
+
+
+def _choice(option: str, value: str, allowed: tuple[str, ...]) -> None:
+    if value not in allowed:
+        raise SlotsmithError(f"--{option} {value!r} is not one of {', '.join(allowed)}")
+
+
+def _yaml_settings(path: Path) -> dict:
+    try:
+        doc = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise SlotsmithError(f"{path}: no such file") from None
+    except (UnicodeDecodeError, yaml.YAMLError) as e:
+        raise SlotsmithError(f"{path}: not valid YAML ({str(e).splitlines()[0]})") from None
+    if doc is None:
+        return {}
+    if not isinstance(doc, dict):
+        raise SlotsmithError(f"{path}: a training config must be a mapping of option: value")
+    known = {f.name: f for f in fields(TrainSettings)}
+    out = {}
+    for key, value in doc.items():
+        name = str(key).replace("-", "_")
+        if name not in known:
+            raise SlotsmithError(f"{path}: unknown option {key!r}")
+        out[name] = value
+    return out
+
+
+def _coerce(name: str, value, path: Path):
+    """Check a YAML value against the field's type (YAML has no float/int subtleties for us)."""
+    kind = {f.name: f.type for f in fields(TrainSettings)}[name]
+    if value is None:
+        if "None" in kind:
+            return None
+        raise SlotsmithError(f"{path}: option {name!r} cannot be empty")
+    if kind.startswith("bool"):
+        ok = isinstance(value, bool)
+    elif kind.startswith("int"):
+        ok = isinstance(value, int) and not isinstance(value, bool)
+    elif kind.startswith("float"):
+        ok = isinstance(value, (int, float)) and not isinstance(value, bool)
+        value = float(value) if ok else value
+    else:
+        ok = isinstance(value, (str, int, float)) and not isinstance(value, bool)
+        value = str(value) if ok else value
+    if not ok:
+        raise SlotsmithError(f"{path}: option {name!r} has the wrong type ({type(value).__name__}, wants {kind})")
+    return value
+
+
+def load_settings(cli_values: dict, explicit: set[str], config: str | None) -> TrainSettings:
+    """Merge defaults, a YAML config and the command line (which wins).
+
+    Args:
+        cli_values: Field name -> value as the CLI parsed it (defaults included).
+        explicit: Field names the user gave on the command line.
+        config: Path of the YAML config, or None.
+
+    Returns:
+        The validated settings.
+
+    Raises:
+        SlotsmithError: Bad YAML, unknown or mistyped option, invalid settings.
+    """
+    merged = {}
+    if config:
+        path = Path(config)
+        merged = {n: _coerce(n, v, path) for n, v in _yaml_settings(path).items()}
+    for name, value in cli_values.items():
+        if name in explicit or name not in merged:
+            merged[name] = value
+    settings = TrainSettings(**merged)
+    settings.validate()
+    return settings

@@ -1,0 +1,245 @@
+"""Build ``diffusers.WanTransformer3DModel`` from any Wan DiT checkpoint, offline.
+
+The configuration is read off the tensor shapes (``layout.config_from_shapes``);
+only the attention head size cannot be, so it is Wan's 128 unless a
+``config.json`` beside the checkpoint or the file's metadata says otherwise.
+The weights are read tensor by tensor under their canonical native names and
+renamed with ``names.native_to_diffusers``, so native, prefixed, sharded and
+diffusers checkpoints all load the same way. Nothing is ever downloaded.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Iterable
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+
+from slotsmith.errors import SlotsmithError
+from slotsmith.inventory import Inventory, inventory_from_checkpoint
+from slotsmith.layout import HEAD_DIM, WanConfig, config_from_shapes
+from slotsmith.names import diffusers_to_native, native_to_diffusers
+
+TORCH_DTYPES = {
+    "F64": torch.float64,
+    "F32": torch.float32,
+    "F16": torch.float16,
+    "BF16": torch.bfloat16,
+    "F8_E4M3": torch.float8_e4m3fn,
+    "F8_E5M2": torch.float8_e5m2,
+}
+"""safetensors dtype names -> torch dtypes (the float types a Wan DiT may use)."""
+
+TINY_CONFIG = WanConfig(dim=64, ffn_dim=128, num_layers=2, text_dim=32, freq_dim=32)
+"""A Wan DiT small enough for CPU tests (use with ``TINY_HEAD_DIM``)."""
+TINY_HEAD_DIM = 16
+
+
+def diffusers_config(cfg: WanConfig, head_dim: int = HEAD_DIM) -> dict:
+    """The ``WanTransformer3DModel`` constructor arguments for a Wan layout.
+
+    Args:
+        cfg: The model's sizes.
+        head_dim: Attention head size (128 in every released Wan model).
+
+    Returns:
+        Keyword arguments for ``WanTransformer3DModel``.
+
+    Raises:
+        SlotsmithError: ``cfg.dim`` is not a multiple of ``head_dim``.
+    """
+    if head_dim <= 0 or cfg.dim % head_dim:
+        raise SlotsmithError(f"model width {cfg.dim} is not a multiple of the head size {head_dim}")
+    return {
+        "patch_size": tuple(cfg.patch_size),
+        "num_attention_heads": cfg.dim // head_dim,
+        "attention_head_dim": head_dim,
+        "in_channels": cfg.in_dim,
+        "out_channels": cfg.out_dim,
+        "text_dim": cfg.text_dim,
+        "freq_dim": cfg.freq_dim,
+        "ffn_dim": cfg.ffn_dim,
+        "num_layers": cfg.num_layers,
+        "cross_attn_norm": True,
+        "qk_norm": "rms_norm_across_heads",
+        "eps": 1e-6,
+        # Wan 2.1 I2V: CLIP image tokens through an extra k/v projection per block.
+        "image_dim": cfg.image_dim or None,
+        "added_kv_proj_dim": cfg.dim if cfg.image_dim else None,
+    }
+
+
+def _head_dim_from(doc: dict) -> int | None:
+    """Head size from a diffusers or native Wan config object, if it tells."""
+    if isinstance(doc.get("attention_head_dim"), int):
+        return doc["attention_head_dim"]
+    dim, heads = doc.get("dim"), doc.get("num_heads", doc.get("num_attention_heads"))
+    if isinstance(dim, int) and isinstance(heads, int) and heads > 0:
+        return dim // heads
+    return None
+
+
+def find_head_dim(inventory: Inventory) -> int:
+    """The attention head size of a checkpoint.
+
+    Looks at a ``config.json`` beside the checkpoint (diffusers or native Wan
+    style), then at a ``config`` JSON in the file's metadata; else 128.
+
+    Args:
+        inventory: The checkpoint's inventory.
+
+    Returns:
+        The head size.
+
+    Raises:
+        SlotsmithError: The config.json is not valid JSON.
+    """
+    src = Path(inventory.source)
+    folder = src if src.is_dir() else src.parent
+    config_json = folder / "config.json"
+    if config_json.is_file():
+        try:
+            doc = json.loads(config_json.read_text(encoding="utf-8"))
+        except (UnicodeDecodeError, json.JSONDecodeError) as e:
+            raise SlotsmithError(f"{config_json}: not valid JSON ({e})") from None
+        if isinstance(doc, dict) and (found := _head_dim_from(doc)):
+            return found
+    meta = inventory.checkpoint.metadata if inventory.checkpoint else {}
+    try:
+        doc = json.loads(meta.get("config", "{}"))
+    except json.JSONDecodeError:
+        doc = {}
+    return (_head_dim_from(doc) if isinstance(doc, dict) else None) or HEAD_DIM
+
+
+@dataclass
+class WanBase:
+    """A Wan DiT loaded for training.
+
+    Attributes:
+        model: The diffusers model, weights in the base's dtype.
+        inventory: The checkpoint's inventory (canonical names, file keys).
+        config: Sizes read off the tensors.
+        head_dim: Attention head size used.
+        dtype: The base's (single) floating dtype.
+    """
+
+    model: torch.nn.Module
+    inventory: Inventory
+    config: WanConfig
+    head_dim: int
+    dtype: torch.dtype
+
+
+def read_tensors(inventory: Inventory, names: Iterable[str]) -> dict[str, torch.Tensor]:
+    """Read tensors of a checkpoint by canonical name, each in its stored dtype.
+
+    Args:
+        inventory: Inventory of a real checkpoint.
+        names: Canonical native names to read.
+
+    Returns:
+        Canonical name -> CPU tensor.
+    """
+    by_file: dict[Path, list[str]] = {}
+    for name in names:
+        header, _ = inventory.checkpoint.tensors[inventory.keys[name]]
+        by_file.setdefault(header.path, []).append(name)
+    out: dict[str, torch.Tensor] = {}
+    for path, file_names in by_file.items():
+        with safe_open(os.fspath(path), framework="pt") as f:
+            for name in file_names:
+                out[name] = f.get_tensor(inventory.keys[name])
+    return out
+
+
+def base_dtype(inventory: Inventory) -> torch.dtype:
+    """The one floating dtype of a checkpoint's tensors.
+
+    Raises:
+        SlotsmithError: Mixed or non-float dtypes.
+    """
+    dtypes = {t.dtype for t in inventory.tensors.values()}
+    if len(dtypes) != 1 or next(iter(dtypes)) not in TORCH_DTYPES:
+        raise SlotsmithError(f"{inventory.source}: tensors must share one float dtype, found {sorted(dtypes)}")
+    return TORCH_DTYPES[dtypes.pop()]
+
+
+def inspect_base(path: str | os.PathLike, head_dim: int | None = None) -> tuple[Inventory, WanConfig, int]:
+    """Check that a checkpoint is a Wan DiT, reading headers only (cheap).
+
+    Args:
+        path: Checkpoint file, sharded index or folder.
+        head_dim: Attention head size; None to look it up (``find_head_dim``).
+
+    Returns:
+        (inventory, config, head dim).
+
+    Raises:
+        SlotsmithError: Missing or malformed file, or not a Wan DiT.
+    """
+    if not Path(path).exists():
+        raise SlotsmithError(f"{path}: no such file")
+    inventory = inventory_from_checkpoint(path)
+    try:
+        cfg = config_from_shapes({n: t.shape for n, t in inventory.tensors.items()})
+    except SlotsmithError as e:
+        raise SlotsmithError(f"{inventory.source}: {e}") from None
+    head_dim = head_dim or find_head_dim(inventory)
+    diffusers_config(cfg, head_dim)
+    base_dtype(inventory)
+    return inventory, cfg, head_dim
+
+
+def build_model(cfg: WanConfig, head_dim: int = HEAD_DIM, *, empty: bool = False) -> torch.nn.Module:
+    """A ``WanTransformer3DModel`` of the given sizes.
+
+    Args:
+        cfg: The model's sizes.
+        head_dim: Attention head size.
+        empty: Create the parameters on the meta device (no memory), for
+            ``load_state_dict(..., assign=True)``; buffers stay real.
+
+    Returns:
+        The model (random weights unless ``empty``).
+    """
+    from accelerate import init_empty_weights
+    from diffusers import WanTransformer3DModel
+
+    kwargs = diffusers_config(cfg, head_dim)
+    if empty:
+        with init_empty_weights(include_buffers=False):
+            return WanTransformer3DModel(**kwargs)
+    return WanTransformer3DModel(**kwargs)
+
+
+def load_base(path: str | os.PathLike, head_dim: int | None = None) -> WanBase:
+    """Load a Wan DiT checkpoint into a diffusers model, fully offline.
+
+    Args:
+        path: A native, prefixed or diffusers checkpoint: a safetensors file,
+            a sharded ``*.index.json`` or a folder.
+        head_dim: Attention head size; None to look it up.
+
+    Returns:
+        The loaded base, weights in the checkpoint's dtype, on the CPU.
+
+    Raises:
+        SlotsmithError: Missing or malformed file, or not a Wan DiT.
+    """
+    inventory, cfg, head_dim = inspect_base(path, head_dim)
+    model = build_model(cfg, head_dim, empty=True)
+    tensors = read_tensors(inventory, inventory.tensors)
+    state = {native_to_diffusers(n): t for n, t in tensors.items()}
+    model.load_state_dict(state, strict=True, assign=True)
+    model.requires_grad_(False)
+    return WanBase(model, inventory, cfg, head_dim, base_dtype(inventory))
+
+
+def native_state_dict(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """A diffusers Wan model's weights under canonical native names."""
+    return {diffusers_to_native(k): v for k, v in model.state_dict().items()}

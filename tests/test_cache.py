@@ -1,0 +1,88 @@
+"""The cache folder format: writers, index validation, the dataset."""
+
+import json
+
+import pytest
+import torch
+
+from slotsmith import cache
+from slotsmith.errors import SlotsmithError
+
+
+def _make(tmp_path, n=2, channels=4, text_dim=8, tokens=(3, 5)):
+    items = []
+    for i in range(n):
+        lat = cache.write_latents(tmp_path, f"{i:032x}", torch.randn(channels, 2, 4, 4))
+        txt = cache.write_text(tmp_path, f"{i + 100:032x}", torch.randn(tokens[i % len(tokens)], text_dim))
+        items.append({"latents": lat, "text": txt, "caption": f"c{i}", "source": f"v{i}.mp4"})
+    cache.write_index(tmp_path, items, channels, text_dim)
+    return items
+
+
+def test_round_trip_pads_context_and_keeps_values(tmp_path):
+    latents = torch.randn(4, 2, 4, 4)
+    context = torch.randn(7, 8)
+    lat = cache.write_latents(tmp_path, "ab" * 16, latents)
+    txt = cache.write_text(tmp_path, "cd" * 16, context)
+    assert lat == f"latents/{'ab' * 16}.safetensors" and txt == f"text/{'cd' * 16}.safetensors"
+    cache.write_index(tmp_path, [{"latents": lat, "text": txt}], 4, 8)
+    ds = cache.CachedDataset(tmp_path)
+    sample = ds[0]
+    assert torch.equal(sample["latents"], latents)
+    assert sample["context"].shape == (cache.TEXT_LEN, 8)
+    assert torch.equal(sample["context"][:7], context)
+    assert not sample["context"][7:].any()
+    assert ds.latent_channels == 4 and ds.text_dim == 8
+
+
+def test_repeats_expand_the_dataset(tmp_path):
+    items = _make(tmp_path)
+    items[1]["repeats"] = 3
+    cache.write_index(tmp_path, items, 4, 8)
+    assert len(cache.CachedDataset(tmp_path)) == 4
+    assert json.loads((tmp_path / "index.json").read_text())["format"] == cache.CACHE_FORMAT
+
+
+def test_no_temp_files_left(tmp_path):
+    _make(tmp_path)
+    assert not [p for p in tmp_path.rglob("*") if p.name.startswith(".")]
+
+
+@pytest.mark.parametrize(
+    "edit, message",
+    [
+        (lambda d: d.update(format="other/1"), "format"),
+        (lambda d: d.update(latent_channels=0), "latent_channels"),
+        (lambda d: d.update(items=[]), "no items"),
+        (lambda d: d["items"][0].update(latents="latents/missing.safetensors"), "missing cache file"),
+        (lambda d: d["items"][0].update(latents="../x.safetensors"), "bad path"),
+        (lambda d: d["items"][0].update(repeats=0), "repeats"),
+        (lambda d: d.update(latent_channels=5), "expected F32"),
+        (lambda d: d.update(text_dim=9), "expected F32"),
+        (lambda d: d["items"][0].update(text=d["items"][0]["latents"]), "has no tensor"),
+    ],
+)
+def test_load_index_refuses_bad_caches(tmp_path, edit, message):
+    _make(tmp_path)
+    doc = json.loads((tmp_path / "index.json").read_text())
+    edit(doc)
+    (tmp_path / "index.json").write_text(json.dumps(doc))
+    with pytest.raises(SlotsmithError, match=message):
+        cache.load_index(tmp_path)
+
+
+def test_missing_index_and_invalid_json(tmp_path):
+    with pytest.raises(SlotsmithError, match="no cache index"):
+        cache.load_index(tmp_path)
+    (tmp_path / "index.json").write_text("{nope")
+    with pytest.raises(SlotsmithError, match="index.json"):
+        cache.load_index(tmp_path)
+
+
+def test_writers_refuse_bad_input(tmp_path):
+    with pytest.raises(SlotsmithError, match="hex"):
+        cache.write_latents(tmp_path, "../evil", torch.zeros(4, 1, 2, 2))
+    with pytest.raises(SlotsmithError, match="4 dimensions"):
+        cache.write_latents(tmp_path, "ab", torch.zeros(4, 2, 2))
+    with pytest.raises(SlotsmithError, match="tokens"):
+        cache.write_text(tmp_path, "ab", torch.zeros(cache.TEXT_LEN + 1, 8))

@@ -1,0 +1,239 @@
+"""Dataset YAML validation, media discovery, buckets, frame extraction, reading."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import yaml
+
+from slotsmith.data import (
+    bucket_size,
+    clip_ranges,
+    discover,
+    load_data_config,
+    read_clips,
+    resample_indices,
+)
+from slotsmith.errors import SlotsmithError
+from media import write_image, write_video
+
+
+def _yaml(tmp_path, doc: dict):
+    path = tmp_path / "data.yaml"
+    path.write_text(yaml.safe_dump(doc))
+    return path
+
+
+@pytest.fixture
+def folders(tmp_path):
+    (tmp_path / "imgs").mkdir()
+    (tmp_path / "clips").mkdir()
+    return tmp_path
+
+
+def test_valid_config_resolves_paths_and_general_defaults(folders):
+    path = _yaml(
+        folders,
+        {
+            "cache_dir": "out/cache",
+            "general": {"resolution": [64, 32], "repeats": 3},
+            "datasets": [
+                {"image_directory": "imgs"},
+                {"video_directory": "clips", "target_frames": [5, 9], "frame_extraction": "chunk", "repeats": 1},
+            ],
+        },
+    )
+    config = load_data_config(path)
+    assert config.cache_dir == (folders / "out" / "cache").resolve()
+    images, videos = config.datasets
+    assert images.kind == "image" and images.path == (folders / "imgs").resolve()
+    assert images.resolution == (64, 32) and images.repeats == 3
+    assert videos.target_frames == (5, 9) and videos.repeats == 1 and videos.frame_extraction == "chunk"
+
+
+@pytest.mark.parametrize(
+    ("dataset", "general", "key", "words"),
+    [
+        ({"image_directory": "imgs", "resolution": [60, 32]}, {}, "datasets[0].resolution", "multiples of 16"),
+        ({"image_directory": "imgs", "resolution": "512"}, {}, "datasets[0].resolution", "[width, height]"),
+        ({"image_directory": "imgs"}, {"resolution": [0, 32]}, "general.resolution", "multiples of 16"),
+        ({"image_directory": "imgs"}, {}, "datasets[0].resolution", "missing"),
+        ({"video_directory": "clips", "resolution": [32, 32], "target_frames": 6}, {}, "datasets[0].target_frames", "4N+1"),
+        ({"video_directory": "clips", "resolution": [32, 32], "frame_extraction": "slide"}, {}, "datasets[0].frame_extraction", "head"),
+        ({"image_directory": "imgs", "resolution": [32, 32], "repeats": 0}, {}, "datasets[0].repeats", "positive"),
+        ({"image_directory": "imgs", "resolution": [32, 32], "batch_size": 1.5}, {}, "datasets[0].batch_size", "positive"),
+        ({"image_directory": "imgs", "resolution": [32, 32], "bucket_no_upscale": True}, {}, "datasets[0].bucket_no_upscale", "enable_bucket"),
+        ({"image_directory": "imgs", "resolution": [32, 32], "resolutoin": 1}, {}, "datasets[0].resolutoin", "unknown key"),
+        ({"image_directory": "nope", "resolution": [32, 32]}, {}, "datasets[0].image_directory", "not a folder"),
+        ({"image_directory": "imgs", "video_directory": "clips"}, {}, "datasets[0]", "exactly one"),
+        ({"video_directory": "clips", "resolution": [32, 32], "source_fps": -1}, {}, "datasets[0].source_fps", "positive"),
+        ({"image_directory": "imgs", "resolution": [32, 32]}, {"repeat": 2}, "general.repeat", "unknown key"),
+    ],
+)
+def test_config_errors_name_the_file_and_key(folders, dataset, general, key, words):
+    path = _yaml(folders, {"general": general, "datasets": [dataset]})
+    with pytest.raises(SlotsmithError) as e:
+        load_data_config(path)
+    assert str(e.value).startswith(f"{path}: {key}:")
+    assert words in str(e.value)
+
+
+def test_config_must_have_datasets_and_be_yaml(tmp_path):
+    path = tmp_path / "data.yaml"
+    path.write_text("cache_dir: c\n")
+    with pytest.raises(SlotsmithError, match=r"datasets: must be a non-empty list"):
+        load_data_config(path)
+    path.write_text("datasets: [\n")
+    with pytest.raises(SlotsmithError, match="not valid YAML"):
+        load_data_config(path)
+    with pytest.raises(SlotsmithError, match="cannot read"):
+        load_data_config(tmp_path / "absent.yaml")
+
+
+def test_discover_pairs_captions_and_reports_missing_ones(folders):
+    write_image(folders / "imgs" / "a.png")
+    (folders / "imgs" / "a.txt").write_text("  a red cat \n")
+    write_image(folders / "imgs" / "b.jpg")
+    write_image(folders / "imgs" / "c.png")
+    (folders / "imgs" / "c.txt").write_text("   \n")
+    (folders / "imgs" / "notes.md").write_text("ignored")
+    config = load_data_config(_yaml(folders, {"datasets": [{"image_directory": "imgs", "resolution": [32, 32]}]}))
+    sources, bad = discover(config)
+    assert [(s.path.name, s.caption) for s in sources] == [("a.png", "a red cat")]
+    assert sorted(b.path.name for b in bad) == ["b.jpg", "c.png"]
+    assert all("missing caption" in b.problem for b in bad)
+
+
+def test_discover_reads_jsonl_and_reports_each_bad_line(folders):
+    write_image(folders / "imgs" / "a.png")
+    write_video(folders / "clips" / "v.mp4", 5)
+    lines = [
+        '{"path": "imgs/a.png", "caption": "a cat"}',
+        '{"path": "clips/v.mp4", "caption": "a dog runs"}',
+        '{"path": "imgs/missing.png", "caption": "x"}',
+        '{"path": "imgs/a.png"}',
+        "not json",
+        "",
+    ]
+    (folders / "list.jsonl").write_text("\n".join(lines))
+    config = load_data_config(
+        _yaml(folders, {"datasets": [{"jsonl_file": "list.jsonl", "resolution": [32, 32], "target_frames": 5}]})
+    )
+    sources, bad = discover(config)
+    assert [(s.path.name, s.is_video) for s in sources] == [("a.png", False), ("v.mp4", True)]
+    problems = [str(b) for b in bad]
+    assert len(problems) == 3
+    assert any("missing.png" in p and "no such file" in p for p in problems)
+    assert any("a.png" in p and "missing caption" in p for p in problems)
+    assert any("list.jsonl:5" in p and "not valid JSON" in p for p in problems)
+
+
+def _spec(folders, **kw):
+    doc = {"datasets": [{"image_directory": "imgs", "resolution": [64, 64], **kw}]}
+    return load_data_config(_yaml(folders, doc)).datasets[0]
+
+
+def test_without_buckets_every_file_gets_the_resolution(folders):
+    spec = _spec(folders, resolution=[48, 32])
+    assert bucket_size(1000, 100, spec) == (48, 32)
+    assert bucket_size(10, 10, spec) == (48, 32)
+
+
+@pytest.mark.parametrize(("w", "h"), [(640, 360), (360, 640), (500, 500), (1000, 250), (300, 1200)])
+def test_buckets_keep_the_area_and_follow_the_aspect_ratio(folders, w, h):
+    spec = _spec(folders, enable_bucket=True)
+    bw, bh = bucket_size(w, h, spec)
+    assert bw % 16 == 0 and bh % 16 == 0
+    assert bw * bh <= 64 * 64
+    # The chosen bucket is at least as close in aspect ratio as the square one
+    # and as the two 16-pixel neighbours of itself.
+    err = abs(math.log(bw / bh) - math.log(w / h))
+    assert err <= abs(math.log(w / h)) + 1e-9
+    for nw in (bw - 16, bw + 16):
+        nh = (64 * 64) // nw // 16 * 16 if nw > 0 else 0
+        if nw > 0 and nh > 0:
+            assert err <= abs(math.log(nw / nh) - math.log(w / h)) + 1e-9
+
+
+def test_bucket_no_upscale_keeps_small_files_small(folders):
+    spec = _spec(folders, enable_bucket=True, bucket_no_upscale=True)
+    assert bucket_size(40, 20, spec) == (32, 16)
+    assert bucket_size(640, 640, spec) == (64, 64)
+    with pytest.raises(SlotsmithError, match="smaller than 16"):
+        bucket_size(40, 10, spec)
+
+
+def test_clip_ranges_head_chunk_uniform(folders):
+    (folders / "clips").mkdir(exist_ok=True)
+
+    def spec(**kw):
+        doc = {"datasets": [{"video_directory": "clips", "resolution": [32, 32], **kw}]}
+        return load_data_config(_yaml(folders, doc)).datasets[0]
+
+    assert clip_ranges(20, spec(target_frames=5)) == [(0, 5)]
+    assert clip_ranges(20, spec(target_frames=[5, 9], frame_extraction="chunk")) == [
+        (0, 5), (5, 10), (10, 15), (15, 20), (0, 9), (9, 18)
+    ]
+    assert clip_ranges(20, spec(target_frames=5, frame_extraction="uniform", frame_sample=3)) == [
+        (0, 5), (8, 13), (15, 20)
+    ]
+    assert clip_ranges(4, spec(target_frames=5)) == []
+    assert clip_ranges(7, spec(target_frames=[5, 9])) == [(0, 5)]
+
+
+def test_resample_indices_drop_frames_to_16_fps():
+    assert resample_indices(5, None) == [0, 1, 2, 3, 4]
+    assert resample_indices(9, 32) == [0, 2, 4, 6, 8]
+    out = resample_indices(31, 30)  # one second at 30 fps -> 16 frames plus the last
+    assert len(out) == 17 and out[0] == 0 and out[-1] == 30
+    assert all(b > a for a, b in zip(out, out[1:]))
+
+
+def test_read_image_and_video_give_pixels_in_range(folders):
+    write_image(folders / "imgs" / "a.png", 80, 40)
+    (folders / "imgs" / "a.txt").write_text("a cat")
+    write_video(folders / "clips" / "v.mp4", 12, 48, 32)
+    (folders / "clips" / "v.txt").write_text("a dog")
+    doc = {
+        "datasets": [
+            {"image_directory": "imgs", "resolution": [32, 32], "enable_bucket": True},
+            {"video_directory": "clips", "resolution": [32, 32], "target_frames": 5, "frame_extraction": "chunk"},
+        ]
+    }
+    sources, bad = discover(load_data_config(_yaml(folders, doc)))
+    assert not bad
+    (image,) = read_clips(sources[0])
+    assert tuple(image.pixels.shape) == (3, 1, 16, 48)  # 2:1 file -> the 3:1 or 48x16 bucket of area <= 32*32
+    assert image.pixels.min() >= -1 and image.pixels.max() <= 1
+    clips = read_clips(sources[1])
+    assert [c.frames for c in clips] == [[0, 1, 2, 3, 4], [5, 6, 7, 8, 9]]
+    assert all(tuple(c.pixels.shape) == (3, 5, 32, 32) for c in clips)
+    # Frames differ in shade: a clip's frames must not all be the same one.
+    assert (clips[0].pixels[:, 0] - clips[0].pixels[:, 1]).abs().mean() > 0.05
+
+
+def test_unreadable_and_short_media_raise_clear_errors(folders):
+    write_image(folders / "imgs" / "t.png", 64, 64)
+    data = (folders / "imgs" / "t.png").read_bytes()
+    (folders / "imgs" / "t.png").write_bytes(data[: len(data) // 2])
+    (folders / "imgs" / "t.txt").write_text("x")
+    write_video(folders / "clips" / "short.mp4", 3)
+    (folders / "clips" / "short.txt").write_text("x")
+    (folders / "clips" / "junk.mp4").write_bytes(b"\x00" * 500)
+    (folders / "clips" / "junk.txt").write_text("x")
+    doc = {
+        "datasets": [
+            {"image_directory": "imgs", "resolution": [32, 32]},
+            {"video_directory": "clips", "resolution": [32, 32], "target_frames": 5},
+        ]
+    }
+    sources, _ = discover(load_data_config(_yaml(folders, doc)))
+    errors = {}
+    for s in sources:
+        with pytest.raises(SlotsmithError) as e:
+            read_clips(s)
+        errors[s.path.name] = str(e.value)
+    assert "unreadable image" in errors["t.png"]
+    assert "unreadable video" in errors["junk.mp4"]
+    assert "too short: 3 frames" in errors["short.mp4"]

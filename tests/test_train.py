@@ -1,0 +1,293 @@
+"""The embedded trainer on a tiny Wan DiT and a synthetic cache (CPU, float32)."""
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+from click.testing import CliRunner
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+from slotsmith import cache, wan
+from slotsmith.cli import main
+from slotsmith.digest import digest_bytes
+from slotsmith.errors import SlotsmithError
+from slotsmith.inventory import inventory_from_checkpoint
+from slotsmith.select import select_v2
+from slotsmith.slot import read_slot
+from slotsmith.train import flow_loss, sample_generator, sample_t, state_path_for, train
+from slotsmith.train_config import TrainSettings
+
+torch.set_num_threads(1)
+FF, FFID = 0.05, 1
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory):
+    """A tiny random Wan DiT (with config.json for its head size) and a 4-item cache."""
+    root = tmp_path_factory.mktemp("train")
+    torch.manual_seed(0)
+    model = wan.build_model(wan.TINY_CONFIG, wan.TINY_HEAD_DIM)
+    base = root / "base" / "dit.safetensors"
+    base.parent.mkdir()
+    save_file({k: v.contiguous() for k, v in wan.native_state_dict(model).items()}, base)
+    (base.parent / "config.json").write_text(json.dumps({"attention_head_dim": wan.TINY_HEAD_DIM}))
+    cache_dir = root / "cache"
+    items = []
+    for i in range(4):
+        lat = cache.write_latents(cache_dir, f"{i:032x}", torch.randn(16, 1, 4, 4))
+        txt = cache.write_text(cache_dir, f"{i:032x}", torch.randn(3 + i, 32))
+        items.append({"latents": lat, "text": txt})
+    cache.write_index(cache_dir, items, 16, 32)
+    return {"base": base, "cache": cache_dir, "root": root}
+
+
+def _settings(world, out, **kw):
+    args = dict(
+        base=str(world["base"]), cache=str(world["cache"]), out=str(out), ff=FF, ffid=FFID, steps=4, lr=1e-3,
+        batch_size=2, quiet=True,
+    )
+    args.update(kw)
+    return TrainSettings(**args)
+
+
+def _own(tmp_path, name):
+    """``tmp_path/<stem>/<name>``: a folder of its own, so runs of one ffid do not collide."""
+    folder = tmp_path / Path(name).stem
+    folder.mkdir()
+    return folder / name
+
+
+def _slot_tensors(path):
+    slot = read_slot(path)
+    slot.verify_hashes()
+    return {
+        e.name: torch.frombuffer(bytearray(slot.read_tensor(e.name)), dtype=torch.float32).view(e.shape)
+        for e in slot.manifest.entries
+    }
+
+
+def _fixed_loss(world, replace):
+    """Mean flow loss over every cache item at fixed (t, noise), with ``replace`` swapped into the base."""
+    base = wan.load_base(world["base"])
+    sd = base.model.state_dict()
+    with torch.no_grad():
+        for name, tensor in replace.items():
+            sd[wan.native_to_diffusers(name)].copy_(tensor)
+    ds = cache.CachedDataset(world["cache"])
+    settings = TrainSettings()
+    losses = []
+    with torch.no_grad():
+        for i in range(len(ds)):
+            item = ds[i]
+            g = sample_generator(1234, i)
+            t = torch.tensor([sample_t(settings, g, (0.0, 1.0))])
+            noise = torch.randn(item["latents"].shape, generator=g)[None]
+            losses.append(flow_loss(base.model, item["latents"][None], item["context"][None], t, noise, torch.float32))
+    return torch.cat(losses).mean().item()
+
+
+def _base_tensors(world):
+    with safe_open(str(world["base"]), framework="pt") as f:
+        return {k: f.get_tensor(k) for k in f.keys()}
+
+
+def test_trains_exactly_the_slot_and_lowers_the_loss(world, tmp_path):
+    before = digest_bytes(world["base"].read_bytes())
+    result = train(_settings(world, tmp_path / "a.slot", steps=30))
+    assert digest_bytes(world["base"].read_bytes()) == before  # inputs never change
+    selection = select_v2(inventory_from_checkpoint(world["base"]).numels(), FF, FFID)
+    trained = _slot_tensors(tmp_path / "a.slot")
+    assert set(trained) == set(selection.tensors)
+    manifest = read_slot(tmp_path / "a.slot").manifest
+    assert manifest.selection["ff"] == FF and manifest.selection["ffid"] == FFID
+    assert manifest.provenance["steps"] == 30 and manifest.provenance["seed"] == 42
+    base = _base_tensors(world)
+    assert all(not torch.equal(trained[n], base[n]) for n in trained)
+    assert _fixed_loss(world, trained) < _fixed_loss(world, {})
+    assert result.trained_params == selection.selected_params
+    # AdamW: two fp32 moments per trained parameter (+ a step counter per tensor).
+    assert 8 * result.trained_params <= result.optimizer_bytes <= 8 * result.trained_params + 8 * len(trained)
+
+
+def test_splice_of_the_slot_changes_nothing_else(world, tmp_path):
+    train(_settings(world, tmp_path / "a.slot"))
+    out = tmp_path / "spliced.safetensors"
+    r = CliRunner().invoke(main, ["splice", str(world["base"]), str(tmp_path / "a.slot"), "-o", str(out), "-q"])
+    assert r.exit_code == 0, r.output
+    trained = _slot_tensors(tmp_path / "a.slot")
+    base = _base_tensors(world)
+    with safe_open(str(out), framework="pt") as f:
+        assert set(f.keys()) == set(base)
+        for key in f.keys():
+            expected = trained.get(key, base[key])
+            assert torch.equal(f.get_tensor(key), expected), key
+
+
+def test_resume_continues_exactly(world, tmp_path):
+    kw = dict(steps=6, lr_scheduler="cosine", warmup_steps=2, grad_accum=2, batch_size=1)
+    train(_settings(world, _own(tmp_path, "straight.slot"), **kw))
+    stopped = train(_settings(world, tmp_path / "resumed.slot", stop_after=3, **kw))
+    assert stopped.manifest is None and not (tmp_path / "resumed.slot").exists()
+    assert state_path_for(tmp_path / "resumed.slot").is_file()
+    resumed = train(_settings(world, tmp_path / "resumed.slot", resume=True, **kw))
+    assert resumed.start_step == 3 and resumed.steps == 6
+    a, b = _slot_tensors(tmp_path / "straight" / "straight.slot"), _slot_tensors(tmp_path / "resumed.slot")
+    assert all(torch.equal(a[n], b[n]) for n in a)
+
+
+def test_resume_refuses_a_different_run(world, tmp_path):
+    train(_settings(world, tmp_path / "a.slot", stop_after=1))
+    with pytest.raises(SlotsmithError, match="different seed"):
+        train(_settings(world, tmp_path / "a.slot", resume=True, seed=7))
+
+
+@pytest.mark.parametrize(
+    "options",
+    [dict(gradient_checkpointing=True), dict(offload_blocks=True), dict(offload_blocks=True, gradient_checkpointing=True)],
+    ids=["checkpointing", "offload", "both"],
+)
+def test_memory_options_give_the_same_slot(world, tmp_path, options):
+    train(_settings(world, _own(tmp_path, "plain.slot")))
+    train(_settings(world, tmp_path / "opt.slot", **options))
+    a, b = _slot_tensors(tmp_path / "plain" / "plain.slot"), _slot_tensors(tmp_path / "opt.slot")
+    assert all(torch.allclose(a[n], b[n], rtol=0, atol=1e-6) for n in a)
+
+
+def test_fp8_base_and_bf16_run_and_keep_the_slot_dtype(world, tmp_path):
+    for name, kw in (("fp8", dict(fp8_base=True)), ("bf16", dict(mixed_precision="bf16"))):
+        train(_settings(world, _own(tmp_path, f"{name}.slot"), steps=2, **kw))
+        slot = read_slot(tmp_path / name / f"{name}.slot")
+        assert {e.dtype for e in slot.manifest.entries} == {"F32"}
+        assert all(torch.isfinite(t).all() for t in _slot_tensors(tmp_path / name / f"{name}.slot").values())
+
+
+def test_save_every_writes_slot_sized_snapshots(world, tmp_path):
+    train(_settings(world, tmp_path / "a.slot", steps=4, save_every=2, log_dir=str(tmp_path / "logs")))
+    snap = tmp_path / "a-step000002.slot"
+    assert read_slot(snap).manifest.provenance["steps"] == 2
+    assert snap.stat().st_size < world["base"].stat().st_size / 5
+    lines = (tmp_path / "logs" / "train_log.jsonl").read_text().splitlines()
+    assert [json.loads(line)["step"] for line in lines] == [1, 2, 3, 4]
+
+
+def test_expert_range_is_recorded(world, tmp_path):
+    with pytest.raises(SlotsmithError, match="--boundary"):
+        train(_settings(world, tmp_path / "a.slot", expert="high"))
+    train(_settings(world, tmp_path / "a.slot", expert="high", boundary=0.9, steps=1))
+    manifest = read_slot(tmp_path / "a.slot").manifest
+    assert manifest.expert == "high"
+    assert manifest.provenance["timestep_range"] == [0.9, 1.0]
+
+
+def test_taken_ffid_is_refused_unless_forced(world, tmp_path):
+    train(_settings(world, tmp_path / "first.slot", steps=1))
+    with pytest.raises(SlotsmithError, match="first.slot: already holds tensor"):
+        train(_settings(world, tmp_path / "second.slot", steps=1))
+    train(_settings(world, tmp_path / "other.slot", steps=1, ffid=2))
+    train(_settings(world, tmp_path / "second.slot", steps=1, force=True))
+    with pytest.raises(SlotsmithError, match="already exists"):
+        train(_settings(world, tmp_path / "first.slot", steps=1, ffid=3))
+
+
+def test_bad_inputs_fail_before_loading(world, tmp_path):
+    out = tmp_path / "a.slot"
+    with pytest.raises(SlotsmithError, match="no such file"):
+        train(_settings(world, out, base=str(tmp_path / "missing.safetensors")))
+    save_file({"x.weight": torch.zeros(2, 2)}, tmp_path / "notwan.safetensors")
+    with pytest.raises(SlotsmithError, match="not a Wan DiT"):
+        train(_settings(world, out, base=str(tmp_path / "notwan.safetensors")))
+    wrong = tmp_path / "cache"
+    shutil.copytree(world["cache"], wrong)
+    index = json.loads((wrong / "index.json").read_text())
+    for field, value, message in (("latent_channels", 4, "channels"), ("text_dim", 8, "text embeddings")):
+        items = []
+        for i in range(2):
+            lat = cache.write_latents(wrong, f"f{i}", torch.zeros(value if field == "latent_channels" else 16, 1, 4, 4))
+            txt = cache.write_text(wrong, f"f{i}", torch.zeros(3, value if field == "text_dim" else 32))
+            items.append({"latents": lat, "text": txt})
+        cache.write_index(wrong, items, value if field == "latent_channels" else 16, value if field == "text_dim" else 32)
+        with pytest.raises(SlotsmithError, match=message):
+            train(_settings(world, out, cache=str(wrong)))
+    cache.write_index(wrong, index["items"], 16, 32)
+    with pytest.raises(SlotsmithError, match="no training state"):
+        train(_settings(world, out, resume=True))
+    with pytest.raises(SlotsmithError, match="exactly one of --steps and --epochs"):
+        train(_settings(world, out, epochs=1))
+    assert not list(tmp_path.glob("*.slot")) and not list(tmp_path.glob("*.state"))
+
+
+def test_missing_optimizer_library_is_a_clear_error(world, tmp_path):
+    pytest.importorskip("transformers")
+    if "bitsandbytes" in sys.modules or _importable("bitsandbytes"):
+        pytest.skip("bitsandbytes is installed")
+    with pytest.raises(SlotsmithError, match="bitsandbytes"):
+        train(_settings(world, tmp_path / "a.slot", optimizer="adamw8bit"))
+
+
+def _importable(name):
+    import importlib.util
+
+    return importlib.util.find_spec(name) is not None
+
+
+def test_cli_reads_yaml_and_command_line_wins(world, tmp_path):
+    config = tmp_path / "train.yaml"
+    config.write_text(
+        yaml.safe_dump(
+            {"base": str(world["base"]), "cache": str(world["cache"]), "ff": FF, "ffid": FFID, "steps": 3,
+             "lr": 1e-3, "seed": 5}
+        )
+    )
+    out = tmp_path / "cli.slot"
+    r = CliRunner().invoke(main, ["train", "--config", str(config), "-o", str(out), "--steps", "2", "-q"])
+    assert r.exit_code == 0, r.output
+    manifest = read_slot(out).manifest
+    assert manifest.provenance["steps"] == 2 and manifest.provenance["seed"] == 5
+    config.write_text("bogus_option: 1\n")
+    r = CliRunner().invoke(main, ["train", "--config", str(config)])
+    assert r.exit_code == 1 and "unknown option 'bogus_option'" in r.output
+
+
+def test_two_processes_match_one(world, tmp_path):
+    """Two gloo processes with batch 1 == one process with batch 2.
+
+    ``accelerate launch --cpu`` starts a single process unless MPI is set up;
+    ``--multi_gpu`` on a machine without GPUs starts torchrun workers that
+    accelerate runs as MULTI_CPU over gloo.
+    """
+    train(_settings(world, _own(tmp_path, "one.slot"), batch_size=2, steps=3))
+    script = Path(sys.executable).with_name("slotsmith")
+    accelerate = Path(sys.executable).with_name("accelerate")
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    cmd = [
+        str(accelerate), "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1", "--mixed_precision", "no",
+        "--dynamo_backend", "no", str(script), "train", "-b", str(world["base"]), "--cache", str(world["cache"]),
+        "-o", str(tmp_path / "two.slot"), "--ff", str(FF), "--ffid", str(FFID), "--steps", "3", "--lr", "1e-3",
+        "--batch-size", "1", "-q",
+    ]
+    r = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
+    a, b = _slot_tensors(tmp_path / "one" / "one.slot"), _slot_tensors(tmp_path / "two.slot")
+    assert all(torch.allclose(a[n], b[n], rtol=0, atol=1e-5) for n in a)
+
+
+def test_attach_slot_can_take_every_tensor():
+    """Even whole modules (the time embedder, whose dtype diffusers reads off a parameter)."""
+    from slotsmith.train import attach_slot
+
+    torch.manual_seed(0)
+    model = wan.build_model(wan.TINY_CONFIG, wan.TINY_HEAD_DIM).requires_grad_(False)
+    names = list(wan.native_state_dict(model))
+    slot = attach_slot(model, names, torch.device("cpu"), torch.float32)
+    assert not any(p.numel() for p in model.parameters())
+    t = torch.tensor([0.5])
+    latents = torch.randn(1, 16, 1, 4, 4)
+    flow_loss(model, latents, torch.randn(1, 8, 32), t, torch.randn_like(latents), torch.float32).sum().backward()
+    assert all(slot[n].grad is not None for n in names)

@@ -1,0 +1,123 @@
+"""Building diffusers' WanTransformer3DModel from Wan checkpoints, offline."""
+
+import json
+
+import pytest
+import torch
+from diffusers import WanTransformer3DModel
+from diffusers.loaders.single_file_utils import convert_wan_transformer_to_diffusers
+from safetensors.torch import save_file
+
+from slotsmith import wan
+from slotsmith.errors import SlotsmithError
+from slotsmith.layout import WanConfig, config_from_shapes, wan_tensor_shapes
+from slotsmith.names import diffusers_to_native, from_canonical, native_to_diffusers
+
+torch.set_num_threads(1)
+
+I2V = WanConfig(dim=64, ffn_dim=128, num_layers=2, in_dim=36, text_dim=32, freq_dim=32, image_dim=48)
+
+
+def _diffusers_model(cfg: WanConfig) -> WanTransformer3DModel:
+    """Made with diffusers' own arguments, not with slotsmith.wan.diffusers_config."""
+    torch.manual_seed(0)
+    return WanTransformer3DModel(
+        patch_size=(1, 2, 2),
+        num_attention_heads=cfg.dim // 16,
+        attention_head_dim=16,
+        in_channels=cfg.in_dim,
+        out_channels=cfg.out_dim,
+        text_dim=cfg.text_dim,
+        freq_dim=cfg.freq_dim,
+        ffn_dim=cfg.ffn_dim,
+        num_layers=cfg.num_layers,
+        image_dim=cfg.image_dim or None,
+        added_kv_proj_dim=cfg.dim if cfg.image_dim else None,
+    )
+
+
+@pytest.mark.parametrize("cfg", [wan.TINY_CONFIG, I2V], ids=["t2v", "i2v"])
+def test_diffusers_state_dict_matches_layout(cfg):
+    model = _diffusers_model(cfg)
+    native = {diffusers_to_native(k): tuple(v.shape) for k, v in model.state_dict().items()}
+    assert native == wan_tensor_shapes(cfg)
+    assert config_from_shapes(native) == cfg
+
+
+@pytest.mark.parametrize("cfg", [wan.TINY_CONFIG, I2V], ids=["t2v", "i2v"])
+def test_rename_agrees_with_diffusers_converter(cfg):
+    model = _diffusers_model(cfg)
+    native = {diffusers_to_native(k): v for k, v in model.state_dict().items()}
+    converted = convert_wan_transformer_to_diffusers(dict(native))
+    assert set(converted) == set(model.state_dict())
+    for name, tensor in native.items():
+        assert converted[native_to_diffusers(name)] is tensor
+
+
+def test_diffusers_config_builds_the_same_model():
+    ours = wan.build_model(wan.TINY_CONFIG, wan.TINY_HEAD_DIM)
+    theirs = _diffusers_model(wan.TINY_CONFIG)
+    assert {k: v.shape for k, v in ours.state_dict().items()} == {k: v.shape for k, v in theirs.state_dict().items()}
+    assert ours.config.num_attention_heads == theirs.config.num_attention_heads
+
+
+def _save(tmp_path, model, convention, sharded=False):
+    tensors = {from_canonical(n, convention): v.contiguous() for n, v in wan.native_state_dict(model).items()}
+    folder = tmp_path / convention
+    folder.mkdir()
+    (folder / "config.json").write_text(json.dumps({"dim": 64, "num_heads": 4}))
+    if not sharded:
+        save_file(tensors, folder / "model.safetensors")
+        return folder / "model.safetensors"
+    keys = sorted(tensors)
+    halves = {"a.safetensors": keys[: len(keys) // 2], "b.safetensors": keys[len(keys) // 2 :]}
+    weight_map = {}
+    for file, part in halves.items():
+        save_file({k: tensors[k] for k in part}, folder / file)
+        weight_map.update({k: file for k in part})
+    (folder / "model.safetensors.index.json").write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
+    return folder
+
+
+@pytest.mark.parametrize(
+    "convention, sharded", [("native", False), ("prefixed", False), ("diffusers", False), ("native", True)]
+)
+def test_load_base_from_every_layout(tmp_path, convention, sharded):
+    model = _diffusers_model(wan.TINY_CONFIG).eval()
+    path = _save(tmp_path, model, convention, sharded)
+    base = wan.load_base(path)
+    assert base.head_dim == 16 and base.config == wan.TINY_CONFIG and base.dtype == torch.float32
+    theirs = model.state_dict()
+    for k, v in base.model.state_dict().items():
+        assert torch.equal(v, theirs[k]), k
+    assert not any(p.requires_grad for p in base.model.parameters())
+    x = torch.randn(1, 16, 1, 4, 4)
+    ctx = torch.randn(1, 7, 32)
+    t = torch.tensor([500.0])
+    with torch.no_grad():
+        a = base.model.eval()(x, t, ctx, return_dict=False)[0]
+        b = model(x, t, ctx, return_dict=False)[0]
+    assert torch.allclose(a, b, atol=1e-6)  # same weights; kernels may differ with memory alignment
+
+
+def test_head_dim_sources(tmp_path):
+    model = _diffusers_model(wan.TINY_CONFIG)
+    path = _save(tmp_path, model, "native")
+    (path.parent / "config.json").write_text(json.dumps({"attention_head_dim": 32, "num_attention_heads": 2}))
+    assert wan.inspect_base(path)[2] == 32
+    (path.parent / "config.json").unlink()
+    # Without a config: Wan's 128, which a 64-wide model cannot have.
+    with pytest.raises(SlotsmithError, match="head size 128"):
+        wan.inspect_base(path)
+    assert wan.inspect_base(path, head_dim=16)[2] == 16
+    tensors = {k: v.contiguous() for k, v in wan.native_state_dict(model).items()}
+    save_file(tensors, path, metadata={"config": json.dumps({"dim": 64, "num_heads": 8})})
+    assert wan.inspect_base(path)[2] == 8
+
+
+def test_refuses_non_wan_and_missing(tmp_path):
+    save_file({"encoder.weight": torch.zeros(4, 4)}, tmp_path / "other.safetensors")
+    with pytest.raises(SlotsmithError, match="not a Wan DiT"):
+        wan.inspect_base(tmp_path / "other.safetensors", head_dim=16)
+    with pytest.raises(SlotsmithError, match="no such file"):
+        wan.inspect_base(tmp_path / "missing.safetensors")
