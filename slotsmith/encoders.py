@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import html
 import re
+import string
 from pathlib import Path
 
 import torch
@@ -167,42 +168,68 @@ def encode_pixels(vae, pixels: torch.Tensor) -> torch.Tensor:
 
 # ---------------------------------------------------------------- text encoder
 
-_NATIVE_T5 = [
-    (r"token_embedding\.weight", "shared.weight"),
-    (r"norm\.weight", "encoder.final_layer_norm.weight"),
-    (r"blocks\.(\d+)\.norm1\.weight", r"encoder.block.\1.layer.0.layer_norm.weight"),
-    (r"blocks\.(\d+)\.attn\.([qkvo])\.weight", r"encoder.block.\1.layer.0.SelfAttention.\2.weight"),
+_T5_NAMES = [
+    ("token_embedding.weight", "shared.weight"),
+    ("norm.weight", "encoder.final_layer_norm.weight"),
+    ("blocks.{i}.norm1.weight", "encoder.block.{i}.layer.0.layer_norm.weight"),
+    ("blocks.{i}.attn.{p}.weight", "encoder.block.{i}.layer.0.SelfAttention.{p}.weight"),
     (
-        r"blocks\.(\d+)\.pos_embedding\.embedding\.weight",
-        r"encoder.block.\1.layer.0.SelfAttention.relative_attention_bias.weight",
+        "blocks.{i}.pos_embedding.embedding.weight",
+        "encoder.block.{i}.layer.0.SelfAttention.relative_attention_bias.weight",
     ),
-    (r"blocks\.(\d+)\.norm2\.weight", r"encoder.block.\1.layer.1.layer_norm.weight"),
-    (r"blocks\.(\d+)\.ffn\.gate\.0\.weight", r"encoder.block.\1.layer.1.DenseReluDense.wi_0.weight"),
-    (r"blocks\.(\d+)\.ffn\.fc1\.weight", r"encoder.block.\1.layer.1.DenseReluDense.wi_1.weight"),
-    (r"blocks\.(\d+)\.ffn\.fc2\.weight", r"encoder.block.\1.layer.1.DenseReluDense.wo.weight"),
+    ("blocks.{i}.norm2.weight", "encoder.block.{i}.layer.1.layer_norm.weight"),
+    ("blocks.{i}.ffn.gate.0.weight", "encoder.block.{i}.layer.1.DenseReluDense.wi_0.weight"),
+    ("blocks.{i}.ffn.fc1.weight", "encoder.block.{i}.layer.1.DenseReluDense.wi_1.weight"),
+    ("blocks.{i}.ffn.fc2.weight", "encoder.block.{i}.layer.1.DenseReluDense.wo.weight"),
 ]
-"""Wan's own T5 encoder names (wan/modules/t5.py) -> transformers' UMT5 names.
+"""Wan's own T5 encoder names (wan/modules/t5.py) <-> transformers' UMT5 names.
 
-Wan's feed-forward is ``fc2(fc1(x) * gelu(gate(x)))``, transformers' is
-``wo(gelu(wi_0(x)) * wi_1(x))``, hence gate -> wi_0 and fc1 -> wi_1.
+Pairs of templates (``{i}``: block index, ``{p}``: attention projection),
+read in either direction. Wan's feed-forward is ``fc2(fc1(x) * gelu(gate(x)))``,
+transformers' is ``wo(gelu(wi_0(x)) * wi_1(x))``, hence gate -> wi_0 and fc1 -> wi_1.
 """
 
+_T5_FIELDS = {"i": r"\d+", "p": "[qkvo]"}
 
-def native_t5_to_transformers(sd: dict, path: Path) -> dict:
-    """Rename Wan's native UMT5 encoder keys to transformers' ``UMT5EncoderModel`` keys.
+
+def _template_regex(template: str) -> re.Pattern:
+    """A regex matching ``template``'s names, its fields as named groups."""
+    parts = [
+        re.escape(literal) + (f"(?P<{field}>{_T5_FIELDS[field]})" if field else "")
+        for literal, field, _, _ in string.Formatter().parse(template)
+    ]
+    return re.compile("".join(parts))
+
+
+_T5_RULES = {
+    "transformers": [(_template_regex(native), hf) for native, hf in _T5_NAMES],
+    "native": [(_template_regex(hf), native) for native, hf in _T5_NAMES],
+}
+_T5_SOURCES = {"transformers": "Wan's UMT5 encoder", "native": "transformers' UMT5 encoder"}
+
+
+def convert_t5_keys(sd: dict, path: Path, to: str) -> dict:
+    """Rename UMT5 encoder keys between Wan's native names and transformers' ``UMT5EncoderModel`` names.
+
+    Args:
+        sd: Name -> tensor, every key in the other convention.
+        path: The file ``sd`` came from (for messages).
+        to: ``"transformers"`` (from Wan's names) or ``"native"`` (from transformers').
+
+    Returns:
+        The same tensors under the new names.
 
     Raises:
-        SlotsmithError: A key that is not part of Wan's T5 encoder.
+        SlotsmithError: A key that is not part of the source convention's T5 encoder.
     """
     out = {}
     for key, value in sd.items():
-        for pattern, repl in _NATIVE_T5:
-            new, n = re.subn(f"^{pattern}$", repl, key)
-            if n:
-                out[new] = value
+        for pattern, target in _T5_RULES[to]:
+            if m := pattern.fullmatch(key):
+                out[target.format(**m.groupdict())] = value
                 break
         else:
-            raise SlotsmithError(f"{path}: unexpected key {key!r} for Wan's UMT5 encoder")
+            raise SlotsmithError(f"{path}: unexpected key {key!r} for {_T5_SOURCES[to]}")
     return out
 
 
@@ -257,7 +284,7 @@ def load_text_encoder(path, device="cpu", dtype: torch.dtype = torch.float32):
         return model.to(device).eval().requires_grad_(False)
     sd = load_state_dict(path)
     if "token_embedding.weight" in sd:
-        sd = native_t5_to_transformers(sd, path)
+        sd = convert_t5_keys(sd, path, to="transformers")
     sd.setdefault("encoder.embed_tokens.weight", sd.get("shared.weight"))
     config = _t5_config(sd, path)
     # Built on the meta device so a 5.7B-parameter encoder is not first

@@ -100,16 +100,21 @@ def _convert(name: str, direction: str) -> str | None:
     return None if renamed is None else prefix + renamed
 
 
+def _convert_known(name: str, direction: str, source: str) -> str:
+    """`_convert`, raising for a name that is not a known ``source``-convention tensor."""
+    renamed = _convert(name, direction)
+    if renamed is None:
+        raise SlotsmithError(f"{name!r} is not a known {source} Wan DiT tensor name")
+    return renamed
+
+
 def native_to_diffusers(name: str) -> str:
     """Rename a native Wan key to its ``WanTransformer3DModel`` key.
 
     Raises:
         SlotsmithError: The name is not a known Wan DiT tensor.
     """
-    renamed = _convert(name, "to_diffusers")
-    if renamed is None:
-        raise SlotsmithError(f"{name!r} is not a known native Wan DiT tensor name")
-    return renamed
+    return _convert_known(name, "to_diffusers", "native")
 
 
 def diffusers_to_native(name: str) -> str:
@@ -118,10 +123,7 @@ def diffusers_to_native(name: str) -> str:
     Raises:
         SlotsmithError: The name is not a known diffusers Wan tensor.
     """
-    renamed = _convert(name, "to_native")
-    if renamed is None:
-        raise SlotsmithError(f"{name!r} is not a known diffusers Wan DiT tensor name")
-    return renamed
+    return _convert_known(name, "to_native", "diffusers")
 
 
 def detect_convention(keys: Iterable[str]) -> str:

@@ -13,6 +13,8 @@ from pathlib import Path
 
 import torch
 
+from slotsmith.encoders import convert_t5_keys
+
 TINY_VOCAB = ["<pad>", "</s>", "<unk>"] + [
     w
     for w in (
@@ -155,33 +157,10 @@ def build_tiny_text_encoder(out_dir, tokenizer_dir=None, *, d_model: int = 32, s
     return Path(out_dir)
 
 
-_T5_TO_NATIVE = [
-    (r"shared\.weight", "token_embedding.weight"),
-    (r"encoder\.final_layer_norm\.weight", "norm.weight"),
-    (r"encoder\.block\.(\d+)\.layer\.0\.layer_norm\.weight", r"blocks.\1.norm1.weight"),
-    (r"encoder\.block\.(\d+)\.layer\.0\.SelfAttention\.([qkvo])\.weight", r"blocks.\1.attn.\2.weight"),
-    (
-        r"encoder\.block\.(\d+)\.layer\.0\.SelfAttention\.relative_attention_bias\.weight",
-        r"blocks.\1.pos_embedding.embedding.weight",
-    ),
-    (r"encoder\.block\.(\d+)\.layer\.1\.layer_norm\.weight", r"blocks.\1.norm2.weight"),
-    (r"encoder\.block\.(\d+)\.layer\.1\.DenseReluDense\.wi_0\.weight", r"blocks.\1.ffn.gate.0.weight"),
-    (r"encoder\.block\.(\d+)\.layer\.1\.DenseReluDense\.wi_1\.weight", r"blocks.\1.ffn.fc1.weight"),
-    (r"encoder\.block\.(\d+)\.layer\.1\.DenseReluDense\.wo\.weight", r"blocks.\1.ffn.fc2.weight"),
-]
-
-
 def save_native_text_encoder(encoder_dir, out_file) -> Path:
     """Write a transformers UMT5 folder as Wan's native encoder ``.pth`` (Wan's key names)."""
     from safetensors.torch import load_file
 
-    sd = load_file(str(Path(encoder_dir) / "model.safetensors"))
-    out = {}
-    for key, value in sd.items():
-        for pattern, repl in _T5_TO_NATIVE:
-            new, n = re.subn(f"^{pattern}$", repl, key)
-            if n:
-                out[new] = value
-                break
-    torch.save(out, str(out_file))
+    weights = Path(encoder_dir) / "model.safetensors"
+    torch.save(convert_t5_keys(load_file(str(weights)), weights, to="native"), str(out_file))
     return Path(out_file)

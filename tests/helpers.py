@@ -2,7 +2,7 @@
 
 Files are written with plain ``json`` + bytes, exactly as the official
 library lays them out, so tests of slotsmith's own writer and reader do not
-check the code against itself.
+check the code against itself. `mutate_bytes` damages such files for fuzzing.
 """
 
 from __future__ import annotations
@@ -91,6 +91,36 @@ def read_raw_safetensors(path: Path) -> tuple[dict, dict[str, bytes]]:
     data = blob[8 + n :]
     out = {k: data[v["data_offsets"][0] : v["data_offsets"][1]] for k, v in header.items() if k != "__metadata__"}
     return header, out
+
+
+def mutate_bytes(data: bytes, mutations, span: int | None = None) -> bytes:
+    """Apply byte-wise fuzzing mutations, in order, to a copy of ``data``.
+
+    Args:
+        data: The original bytes.
+        mutations: ``(kind, pos, value)`` tuples: ``flip`` XORs the byte at
+            ``pos`` with ``value``, ``cut`` truncates at ``pos``, ``insert``
+            inserts byte ``value`` at ``pos``, ``delete`` removes ``value``
+            bytes from ``pos``.
+        span: Positions are taken modulo ``span + 1`` (default: the current
+            length), then kept within the data, so mutations can aim at a part
+            of the file such as its header.
+
+    Returns:
+        The mutated bytes.
+    """
+    out = bytearray(data)
+    for kind, pos, value in mutations:
+        pos = min(pos % ((len(out) if span is None else span) + 1), len(out))
+        if kind == "flip" and pos < len(out):
+            out[pos] ^= value
+        elif kind == "cut":
+            del out[pos:]
+        elif kind == "insert":
+            out.insert(pos, value)
+        elif kind == "delete":
+            del out[pos : pos + value]
+    return bytes(out)
 
 
 def make_checkpoint(

@@ -8,7 +8,6 @@ from click.testing import CliRunner
 from media import count_frames, write_image, write_video
 from safetensors.torch import load_file
 
-from slotsmith import tiny
 from slotsmith.cache import CachedDataset, load_index
 from slotsmith.caching import ensure_cache, run_cache
 from slotsmith.cli import main
@@ -16,14 +15,12 @@ from slotsmith.errors import SlotsmithError
 
 
 @pytest.fixture(scope="module")
-def models(tmp_path_factory):
-    root = tmp_path_factory.mktemp("models")
-    vae_dir = tiny.build_tiny_vae(root / "vae")
-    t5_dir = tiny.build_tiny_text_encoder(root / "t5", root / "tok")
+def models(tiny_models):
+    """The native encoder files, keyed by ``run_cache``'s argument names."""
     return {
-        "vae": str(tiny.save_native_vae(vae_dir, root / "Wan2.1_VAE.pth")),
-        "t5": str(tiny.save_native_text_encoder(t5_dir, root / "umt5.pth")),
-        "tokenizer": str(root / "tok"),
+        "vae": str(tiny_models["vae_pth"]),
+        "t5": str(tiny_models["t5_pth"]),
+        "tokenizer": str(tiny_models["tok"]),
     }
 
 

@@ -18,22 +18,6 @@ from slotsmith.encoders import (
 from slotsmith.errors import SlotsmithError
 
 
-@pytest.fixture(scope="module")
-def models(tmp_path_factory):
-    root = tmp_path_factory.mktemp("models")
-    vae_dir = tiny.build_tiny_vae(root / "vae")
-    t5_dir = tiny.build_tiny_text_encoder(root / "t5", root / "tok")
-    return {
-        "root": root,
-        "vae_dir": vae_dir,
-        "vae_pth": tiny.save_native_vae(vae_dir, root / "Wan2.1_VAE.pth"),
-        "vae_st": tiny.save_native_vae(vae_dir, root / "Wan2.1_VAE.safetensors"),
-        "t5_dir": t5_dir,
-        "t5_pth": tiny.save_native_text_encoder(t5_dir, root / "umt5-enc.pth"),
-        "tok": root / "tok",
-    }
-
-
 def test_native_vae_keys_are_what_diffusers_converts():
     # Our test writer of native files is the exact inverse of diffusers' own
     # converter, so native-file tests exercise the real conversion path.
@@ -47,22 +31,22 @@ def test_native_vae_keys_are_what_diffusers_converts():
 
 
 @pytest.mark.parametrize("form", ["vae_dir", "vae_pth", "vae_st"])
-def test_vae_loads_from_each_form_with_identical_weights(models, form):
-    reference = load_file(str(models["vae_dir"] / "diffusion_pytorch_model.safetensors"))
-    vae = load_vae(models[form])
+def test_vae_loads_from_each_form_with_identical_weights(tiny_models, form):
+    reference = load_file(str(tiny_models["vae_dir"] / "diffusion_pytorch_model.safetensors"))
+    vae = load_vae(tiny_models[form])
     got = vae.state_dict()
     assert set(got) == set(reference)
     assert all(torch.equal(got[k], reference[k]) for k in reference)
 
 
-def test_vae_folder_of_a_pipeline_is_found(models, tmp_path):
+def test_vae_folder_of_a_pipeline_is_found(tiny_models, tmp_path):
     (tmp_path / "pipe").mkdir()
-    (tmp_path / "pipe" / "vae").symlink_to(models["vae_dir"])
+    (tmp_path / "pipe" / "vae").symlink_to(tiny_models["vae_dir"])
     assert load_vae(tmp_path / "pipe").config.base_dim == 8
 
 
-def test_latents_shape_and_normalisation(models):
-    vae = load_vae(models["vae_dir"])
+def test_latents_shape_and_normalisation(tiny_models):
+    vae = load_vae(tiny_models["vae_dir"])
     pixels = torch.rand(2, 3, 9, 32, 48) * 2 - 1
     latents = encode_pixels(vae, pixels)
     assert latents.shape == (2, 16, (9 - 1) // 4 + 1, 32 // 8, 48 // 8)
@@ -75,26 +59,26 @@ def test_latents_shape_and_normalisation(models):
     torch.testing.assert_close(latents / inv_std + mean, mu, rtol=1e-5, atol=1e-5)
 
 
-def test_native_vae_has_wan21_latent_statistics(models):
+def test_native_vae_has_wan21_latent_statistics(tiny_models):
     # A native file carries no statistics; Wan 2.1's published ones apply.
-    vae = load_vae(models["vae_pth"])
+    vae = load_vae(tiny_models["vae_pth"])
     assert vae.config.latents_mean[:2] == [-0.7571, -0.7089]
     assert vae.config.latents_std[:2] == [2.8184, 1.4541]
 
 
-def test_text_encoder_native_pth_matches_the_folder(models):
-    tok = load_tokenizer(models["tok"])
-    a = load_text_encoder(models["t5_dir"])
-    b = load_text_encoder(models["t5_pth"])
+def test_text_encoder_native_pth_matches_the_folder(tiny_models):
+    tok = load_tokenizer(tiny_models["tok"])
+    a = load_text_encoder(tiny_models["t5_dir"])
+    b = load_text_encoder(tiny_models["t5_pth"])
     captions = ["a red cat walks slowly", "the man"]
     ca, cb = encode_texts(tok, a, captions), encode_texts(tok, b, captions)
     for x, y in zip(ca, cb):
         torch.testing.assert_close(x, y, rtol=0, atol=0)
 
 
-def test_context_is_real_tokens_only_and_independent_of_batch(models):
-    tok = load_tokenizer(models["tok"])
-    enc = load_text_encoder(models["t5_dir"])
+def test_context_is_real_tokens_only_and_independent_of_batch(tiny_models):
+    tok = load_tokenizer(tiny_models["tok"])
+    enc = load_text_encoder(tiny_models["t5_dir"])
     long_c, short_c = "a red cat walks slowly in the dark forest", "the man"
     batch = encode_texts(tok, enc, [long_c, short_c])
     alone = encode_texts(tok, enc, [short_c])
@@ -102,15 +86,15 @@ def test_context_is_real_tokens_only_and_independent_of_batch(models):
     torch.testing.assert_close(batch[1], alone[0], rtol=1e-5, atol=1e-5)
 
 
-def test_context_is_cut_at_512_tokens(models):
-    tok = load_tokenizer(models["tok"])
-    enc = load_text_encoder(models["t5_dir"])
+def test_context_is_cut_at_512_tokens(tiny_models):
+    tok = load_tokenizer(tiny_models["tok"])
+    enc = load_text_encoder(tiny_models["t5_dir"])
     (context,) = encode_texts(tok, enc, ["cat " * 700])
     assert context.shape == (512, 32)
 
 
-def test_text_encoder_safetensors_with_transformers_keys(models, tmp_path):
-    sd = load_file(str(models["t5_dir"] / "model.safetensors"))
+def test_text_encoder_safetensors_with_transformers_keys(tiny_models, tmp_path):
+    sd = load_file(str(tiny_models["t5_dir"] / "model.safetensors"))
     save_file(sd, str(tmp_path / "umt5.safetensors"))
     model = load_text_encoder(tmp_path / "umt5.safetensors")
     assert model.config.num_layers == 2 and model.config.d_model == 32
@@ -127,7 +111,7 @@ def test_pickles_with_code_are_refused(tmp_path):
         load_state_dict(path)
 
 
-def test_wrong_files_give_clear_errors(models, tmp_path):
+def test_wrong_files_give_clear_errors(tiny_models, tmp_path):
     save_file({"x": torch.zeros(2)}, str(tmp_path / "x.safetensors"))
     with pytest.raises(SlotsmithError, match="not a Wan VAE"):
         load_vae(tmp_path / "x.safetensors")
@@ -139,7 +123,7 @@ def test_wrong_files_give_clear_errors(models, tmp_path):
         load_vae(tmp_path)
     with pytest.raises(SlotsmithError, match="cannot load a tokenizer"):
         load_tokenizer(tmp_path)
-    sd = tiny.vae_to_native(load_file(str(models["vae_dir"] / "diffusion_pytorch_model.safetensors")))
+    sd = tiny.vae_to_native(load_file(str(tiny_models["vae_dir"] / "diffusion_pytorch_model.safetensors")))
     sd.pop("decoder.head.2.bias")
     save_file(sd, str(tmp_path / "cut.safetensors"))
     with pytest.raises(SlotsmithError, match="do not fit a Wan 2.1 VAE"):

@@ -10,7 +10,7 @@ from media import write_image
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from slotsmith import tiny, wan
+from slotsmith import wan
 from slotsmith.cli import main
 
 torch.set_num_threads(1)
@@ -22,10 +22,8 @@ def _run(*args):
 
 
 @pytest.fixture(scope="module")
-def world(tmp_path_factory):
+def world(tmp_path_factory, tiny_models):
     root = tmp_path_factory.mktemp("e2e")
-    vae_dir = tiny.build_tiny_vae(root / "models" / "vae")
-    t5_dir = tiny.build_tiny_text_encoder(root / "models" / "t5", root / "models" / "tok")
     torch.manual_seed(0)
     base = root / "base" / "dit.safetensors"
     base.parent.mkdir()
@@ -39,9 +37,9 @@ def world(tmp_path_factory):
         (data / "imgs" / f"{i}.txt").write_text(f"character1 picture {i}")
     (data / "data.yaml").write_text(yaml.safe_dump({"datasets": [{"image_directory": "imgs", "resolution": [32, 32]}]}))
     encoders = [
-        "--vae", tiny.save_native_vae(vae_dir, root / "models" / "Wan2.1_VAE.pth"),
-        "--t5", tiny.save_native_text_encoder(t5_dir, root / "models" / "umt5.pth"),
-        "--tokenizer", root / "models" / "tok",
+        "--vae", tiny_models["vae_pth"],
+        "--t5", tiny_models["t5_pth"],
+        "--tokenizer", tiny_models["tok"],
     ]
     return {"root": root, "base": base, "data": data / "data.yaml", "encoders": encoders}
 

@@ -6,6 +6,7 @@ import os
 import struct
 
 import numpy as np
+from helpers import mutate_bytes
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from safetensors.numpy import save_file
@@ -49,17 +50,8 @@ mutation = st.one_of(
 @FUZZ
 @given(mutations=st.lists(mutation, min_size=1, max_size=4))
 def test_mutated_header_bytes(tmp_path, mutations):
-    data = bytearray(_valid_file(tmp_path))
-    for kind, pos, value in mutations:
-        pos %= len(data) + 1
-        if kind == "flip" and pos < len(data):
-            data[pos] ^= value
-        elif kind == "cut":
-            del data[pos:]
-        elif kind == "insert":
-            data.insert(pos, value)
     path = tmp_path / "fuzzed.safetensors"
-    path.write_bytes(bytes(data))
+    path.write_bytes(mutate_bytes(_valid_file(tmp_path), mutations))
     _check_header(path)
 
 

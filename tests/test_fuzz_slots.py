@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 import xxhash
 from click.testing import CliRunner
-from helpers import make_checkpoint, random_bytes, read_raw_safetensors, write_raw_safetensors
+from helpers import make_checkpoint, mutate_bytes, random_bytes, read_raw_safetensors, write_raw_safetensors
 from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 
@@ -115,20 +115,8 @@ byte_mutation = st.one_of(
 def test_byte_mutated_slot(seed, mutations, in_header):
     original = seed["slot"].read_bytes()
     header_end = 8 + int.from_bytes(original[:8], "little")
-    data = bytearray(original)
-    for kind, pos, value in mutations:
-        pos %= (header_end if in_header else len(data)) + 1
-        pos = min(pos, len(data))
-        if kind == "flip" and pos < len(data):
-            data[pos] ^= value
-        elif kind == "cut":
-            del data[pos:]
-        elif kind == "insert":
-            data.insert(pos, value)
-        elif kind == "delete":
-            del data[pos : pos + value]
     path = seed["work"] / "mutated.slot"
-    path.write_bytes(bytes(data))
+    path.write_bytes(mutate_bytes(original, mutations, header_end if in_header else None))
     doc = _verify(path)
     if doc["ok"]:
         assert _holds_its_manifest(path)
