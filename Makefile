@@ -16,7 +16,7 @@ $(VENV)/.installed: pyproject.toml
 	touch $@
 
 demo: $(VENV)/.installed
-	$(BIN)/slotsmith plan --model wan2.2-t2v-a14b --ff 0.01 --ffid 1 --ffid 2
+	$(BIN)/slotsmith demo --out demo-out
 
 test: $(VENV)/.installed
 	$(BIN)/python -m pytest -q

@@ -18,9 +18,9 @@ from slotsmith.encoders import convert_t5_keys
 TINY_VOCAB = ["<pad>", "</s>", "<unk>"] + [
     w
     for w in (
-        "a an the of and with in on at to is are man woman person character cat dog red blue green "
-        "yellow black white walks runs sits stands smiles looks camera street room forest sky light "
-        "dark slowly quickly close up wide shot video photo of portrait hair coat hat"
+        "a an the of and with in on at to is are man woman person character character1 character2 cat dog "
+        "red blue green yellow black white walks runs sits stands smiles looks camera street room forest "
+        "sky light dark slowly quickly close up wide shot video photo portrait hair coat hat"
     ).split()
 ]
 """Word-level vocabulary of the tiny tokenizer (pad 0, eos 1, unk 2, like T5)."""

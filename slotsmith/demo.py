@@ -1,0 +1,494 @@
+"""``slotsmith demo``: the whole story on an embedded default, in a few minutes on a CPU.
+
+1. A tiny Wan DiT (``diffusers.WanTransformer3DModel``, random init, seeded)
+   is saved as ``DIR/base.safetensors`` under native Wan names; a tiny Wan
+   VAE, UMT5 encoder and tokenizer are built in code under ``DIR/models/``.
+2. Two synthetic "characters" (distinct shapes and colours, captions
+   ``character1 ...`` / ``character2 ...``) are drawn under ``DIR/data/``,
+   plus generic images that both characters' dataset YAMLs mix in (prior
+   preservation: without them a slot learns to draw its character for
+   every caption, and the other character pays for it in the splice).
+3. ``char1.slot`` (ffid 1) and ``char2.slot`` (ffid 2) are trained by two
+   concurrent ``slotsmith train`` processes, spliced into
+   ``DIR/spliced.safetensors`` and checked with ``slotsmith verify``.
+4. The flow-matching loss on each character's data, with fixed noise and
+   timesteps, is measured for the base, base + each slot and the splice; a
+   character's *retention* ``(base - both) / (base - own slot)`` says how
+   much of what its slot learned survives next to the other slot.
+
+Every step runs the same code and commands a user runs on a real model.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import yaml
+
+from slotsmith.errors import SlotsmithError
+from slotsmith.layout import WanConfig
+
+DEMO_CONFIG = WanConfig(dim=96, ffn_dim=256, num_layers=4, text_dim=32, freq_dim=32)
+"""The demo's DiT: 4 blocks of width 96 (594k parameters); text_dim matches the tiny UMT5."""
+DEMO_HEAD_DIM = 16
+CHARACTERS = ("char1", "char2")
+IMAGE_SIZE = 64
+"""Pixels per side: 8x8 latents, 16 tokens after Wan's 2x2 patches."""
+IMAGES_PER_CHARACTER = 8
+GENERIC_IMAGES = 48
+CHARACTER_REPEATS = 3
+"""Each character image counts 3 times per epoch next to the generic images mixed in."""
+EVAL_TIMESTEPS = (0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9)
+"""Flow-matching times every item is scored at (with fixed noise), so losses compare."""
+MARKER = ".slotsmith-demo"
+"""Marks a folder as the demo's own, so a re-run may replace its files."""
+
+
+@dataclass(frozen=True)
+class DemoSettings:
+    """What ``slotsmith demo`` runs with.
+
+    Attributes:
+        out: The demo folder.
+        steps: Training steps per slot.
+        seed: Seed of the base, the data and the training runs.
+        ff: Fraction of the model per slot.
+        lr: Learning rate of both runs.
+    """
+
+    out: Path
+    steps: int = 200
+    seed: int = 0
+    ff: float = 0.1
+    lr: float = 1e-3
+
+
+# --------------------------------------------------------------------------- building blocks
+
+
+def build_base(path: Path, seed: int) -> Path:
+    """Save a randomly initialised demo DiT with native Wan names.
+
+    The head size goes into the file's ``config`` metadata, so every command
+    loads it without ``--head-dim``.
+
+    Args:
+        path: The ``.safetensors`` file to write (replaced if present).
+        seed: Initialisation seed.
+
+    Returns:
+        ``path``.
+    """
+    from slotsmith.io.writer import TensorOut, write_safetensors
+    from slotsmith.wan import build_model, diffusers_config, native_state_dict
+
+    torch.manual_seed(seed)
+    model = build_model(DEMO_CONFIG, DEMO_HEAD_DIM)
+    tensors = [
+        TensorOut(name, "F32", tuple(t.shape), (memoryview(t.contiguous().reshape(-1).view(torch.uint8).numpy()),))
+        for name, t in sorted(native_state_dict(model).items())
+    ]
+    config = json.dumps(diffusers_config(DEMO_CONFIG, DEMO_HEAD_DIM))
+    return write_safetensors(path, tensors, {"config": config, "format": "pt"}, force=True)
+
+
+def build_encoders(models: Path, seed: int) -> dict[str, Path]:
+    """Build the tiny VAE, UMT5 encoder and tokenizer under ``models``.
+
+    Returns:
+        ``{"vae", "t5", "tokenizer"}`` -> their folders.
+    """
+    import transformers
+
+    from slotsmith import tiny
+
+    # save_pretrained's per-shard bar is noise next to the demo's own messages.
+    transformers.utils.logging.disable_progress_bar()
+    paths = {"vae": models / "vae", "t5": models / "umt5", "tokenizer": models / "tokenizer"}
+    tiny.build_tiny_vae(paths["vae"], seed=seed)
+    tiny.build_tiny_text_encoder(paths["t5"], paths["tokenizer"], d_model=DEMO_CONFIG.text_dim, seed=seed)
+    return paths
+
+
+_COLOURS = {
+    "red": (230, 40, 40), "blue": (40, 60, 220), "green": (40, 160, 60),
+    "yellow": (235, 210, 40), "black": (15, 15, 15), "white": (240, 240, 240),
+}
+_SHAPES = {"cat": "ellipse", "dog": "rectangle"}
+_ACTIONS = ("sits", "walks", "runs", "stands", "smiles", "looks at the camera", "in the forest", "in the street")
+_CHARACTER_LOOKS = {
+    # (shape colour, shape word, background): the background is the "identity"
+    # that no caption word describes and only the character's slot learns.
+    "char1": ("red", "cat", (20, 30, 90)),
+    "char2": ("green", "dog", (235, 225, 190)),
+}
+
+
+def _draw(path: Path, colour: str, animal: str, background: tuple[int, int, int], rng) -> None:
+    """One image: a ``colour`` shape standing for ``animal``, of random size and place."""
+    from PIL import Image, ImageDraw
+
+    image = Image.new("RGB", (IMAGE_SIZE, IMAGE_SIZE), background)
+    size = rng.randint(IMAGE_SIZE // 3, IMAGE_SIZE // 2)
+    x, y = rng.randint(0, IMAGE_SIZE - size), rng.randint(0, IMAGE_SIZE - size)
+    getattr(ImageDraw.Draw(image), _SHAPES[animal])((x, y, x + size, y + size), fill=_COLOURS[colour])
+    image.save(path)
+
+
+def draw_character(folder: Path, name: str, count: int, seed: int) -> None:
+    """Draw ``count`` images of one character (varied size and place) with captions.
+
+    Args:
+        folder: Where the ``.png`` files and their ``.txt`` captions go.
+        name: ``char1`` or ``char2``.
+        count: Number of images.
+        seed: Seed of the placements.
+    """
+    import random
+
+    colour, animal, background = _CHARACTER_LOOKS[name]
+    rng = random.Random(f"{seed}-{name}")
+    folder.mkdir(parents=True, exist_ok=True)
+    for i in range(count):
+        _draw(folder / f"{i:02d}.png", colour, animal, background, rng)
+        caption = f"character{name[-1]} a {colour} {animal} {_ACTIONS[i % len(_ACTIONS)]}"
+        (folder / f"{i:02d}.txt").write_text(caption + "\n", encoding="utf-8")
+
+
+def draw_generic(folder: Path, count: int, seed: int) -> None:
+    """Draw ``count`` generic images (any colour, shape and background), mixed into each character's data.
+
+    Captions name the colour and the shape word, never the background, so a
+    slot learns that only its character's caption brings its background.
+    """
+    import random
+
+    rng = random.Random(f"{seed}-generic")
+    folder.mkdir(parents=True, exist_ok=True)
+    for i in range(count):
+        colour, animal = rng.choice(list(_COLOURS)), rng.choice(list(_SHAPES))
+        background = tuple(rng.randint(0, 255) for _ in range(3))
+        _draw(folder / f"{i:03d}.png", colour, animal, background, rng)
+        caption = f"a {colour} {animal} {rng.choice(_ACTIONS)}"
+        (folder / f"{i:03d}.txt").write_text(caption + "\n", encoding="utf-8")
+
+
+def calibrate_vae(vae_dir: Path, data_yamls: list[Path]) -> None:
+    """Set the VAE's ``latents_mean``/``latents_std`` to the demo images' latent statistics.
+
+    Wan's VAE normalises latents per channel with statistics measured on its
+    training data; a randomly initialised VAE has none that fit, and maps all
+    images to nearly the same latent, so the characters would be alike to the
+    DiT. Measuring the statistics on the demo's own images (as Wan measured
+    them on its data) makes the cached latents unit-scale and the characters
+    distinct.
+
+    Args:
+        vae_dir: The tiny VAE's diffusers folder (its ``config.json`` is rewritten).
+        data_yamls: The dataset YAMLs whose images set the statistics.
+    """
+    from slotsmith.data import discover, load_data_config, read_clips
+    from slotsmith.encoders import encode_pixels, load_vae
+
+    vae = load_vae(vae_dir)
+    channels = vae.config.z_dim
+    vae.register_to_config(latents_mean=[0.0] * channels, latents_std=[1.0] * channels)
+    pixels = []
+    for path in data_yamls:
+        sources, _ = discover(load_data_config(path))
+        pixels += [clip.pixels for source in sources for clip in read_clips(source)]
+    raw = encode_pixels(vae, torch.stack(pixels)).transpose(0, 1).reshape(channels, -1)
+    config_path = vae_dir / "config.json"
+    config = json.loads(config_path.read_text(encoding="utf-8"))
+    config["latents_mean"] = raw.mean(1).tolist()
+    config["latents_std"] = raw.std(1).clamp_min(1e-6).tolist()
+    config_path.write_text(json.dumps(config, indent=2) + "\n", encoding="utf-8")
+
+
+def write_dataset_yaml(folder: Path, regularisation: Path | None = None, repeats: int = 1) -> Path:
+    """The dataset YAML of one image folder (``folder/images``), cache beside it.
+
+    Args:
+        folder: Holds ``images/``; gets ``data.yaml`` and ``cache/``.
+        regularisation: Another image folder mixed in (prior preservation):
+            it keeps a slot from drawing its character for every caption.
+        repeats: How often each of the folder's own images counts per epoch.
+
+    Returns:
+        The YAML's path.
+    """
+    datasets = [{"image_directory": "images", "resolution": [IMAGE_SIZE, IMAGE_SIZE], "repeats": repeats}]
+    if regularisation is not None:
+        datasets.append(
+            {"image_directory": os.path.relpath(regularisation, folder), "resolution": [IMAGE_SIZE, IMAGE_SIZE]}
+        )
+    path = folder / "data.yaml"
+    path.write_text(yaml.safe_dump({"cache_dir": "cache", "datasets": datasets}, sort_keys=False), encoding="utf-8")
+    return path
+
+
+def slotsmith_command(*args: str) -> list[str]:
+    """The argv that runs a ``slotsmith`` command with this interpreter."""
+    return [sys.executable, "-m", "slotsmith", *args]
+
+
+def train_concurrently(jobs: dict[str, list[str]], logs: Path) -> None:
+    """Run ``slotsmith train`` commands side by side, one thread each, and wait for all.
+
+    Args:
+        jobs: Label -> ``slotsmith train`` arguments.
+        logs: Folder for each run's output (``<label>.log``).
+
+    Raises:
+        SlotsmithError: A run failed (the message holds the end of its log).
+    """
+    logs.mkdir(parents=True, exist_ok=True)
+    # One thread per process: the runs share the cores instead of fighting over them.
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
+    running = {}
+    try:
+        for label, args in jobs.items():
+            log = open(logs / f"{label}.log", "w", encoding="utf-8")
+            proc = subprocess.Popen(slotsmith_command("train", *args), stdout=log, stderr=subprocess.STDOUT, env=env)
+            running[label] = (proc, log)
+        failed = []
+        for label, (proc, log) in running.items():
+            if proc.wait() != 0:
+                failed.append(label)
+            log.close()
+    finally:
+        for proc, log in running.values():
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
+            log.close()
+    if failed:
+        label = failed[0]
+        tail = (logs / f"{label}.log").read_text(encoding="utf-8").strip().splitlines()[-5:]
+        raise SlotsmithError(f"training {label} failed (see {logs / (label + '.log')}):\n  " + "\n  ".join(tail))
+
+
+def run_verify(paths: list[Path], base: Path) -> str:
+    """Run ``slotsmith verify -q --base BASE PATHS`` as a user would.
+
+    Returns:
+        Its output (failed checks and the summary line).
+
+    Raises:
+        SlotsmithError: Verification failed.
+    """
+    cmd = slotsmith_command("verify", "-q", "--base", str(base), *map(str, paths))
+    done = subprocess.run(cmd, capture_output=True, text=True)
+    output = (done.stdout + done.stderr).strip()
+    if done.returncode != 0:
+        raise SlotsmithError(f"slotsmith verify failed:\n{output}")
+    return output
+
+
+# --------------------------------------------------------------------------- evaluation
+
+
+def eval_batches(cache_dir: Path, images: Path, seed: int) -> list[tuple[torch.Tensor, ...]]:
+    """Fixed evaluation inputs: every cached item from ``images``, at every ``EVAL_TIMESTEPS``.
+
+    The noise comes from a generator seeded by ``seed`` alone, so every model
+    is scored on exactly the same noisy inputs.
+
+    Returns:
+        One ``(latents, context, t, noise)`` batch per timestep.
+    """
+    from slotsmith.cache import CachedDataset
+
+    dataset = CachedDataset(cache_dir)
+    folder = images.resolve()
+    picked = [i for i, item in enumerate(dataset.index["items"]) if Path(item["source"]).parent == folder]
+    items = [dataset[i] for i in picked]
+    latents = torch.stack([it["latents"] for it in items])
+    context = torch.stack([it["context"] for it in items])
+    g = torch.Generator().manual_seed(seed)
+    batches = []
+    for t in EVAL_TIMESTEPS:
+        noise = torch.randn(latents.shape, generator=g)
+        batches.append((latents, context, torch.full((len(items),), t), noise))
+    return batches
+
+
+@torch.no_grad()
+def mean_loss(model: torch.nn.Module, batches) -> float:
+    """Mean flow-matching loss of ``model`` over fixed batches (see ``eval_batches``)."""
+    from slotsmith.train import flow_loss
+
+    model.eval()
+    losses = [flow_loss(model, lat, ctx, t, noise, torch.float32).mean().item() for lat, ctx, t, noise in batches]
+    return sum(losses) / len(losses)
+
+
+def evaluate(models: dict[str, Path], data: dict[str, tuple[Path, Path]], seed: int) -> dict[str, dict[str, float]]:
+    """The loss of each model on each character's data.
+
+    Args:
+        models: Label -> checkpoint (loaded with `slotsmith.wan.load_base`).
+        data: Character -> (cache folder, its images folder).
+        seed: Seed of the fixed noise.
+
+    Returns:
+        ``{character: {model label: loss}}``.
+    """
+    from slotsmith.wan import load_base
+
+    batches = {char: eval_batches(cache, images, seed) for char, (cache, images) in data.items()}
+    table: dict[str, dict[str, float]] = {char: {} for char in data}
+    for label, path in models.items():
+        model = load_base(path).model
+        for char in data:
+            table[char][label] = mean_loss(model, batches[char])
+    return table
+
+
+def retention(losses: dict[str, float], own: str) -> float | None:
+    """``(base - both) / (base - own)``: the share of a slot's gain that survives the splice.
+
+    Args:
+        losses: One character's losses, keys ``base``, ``both`` and ``own``.
+        own: The label of the character's own slot.
+
+    Returns:
+        The retention, or None when the slot gained nothing (no ratio to take).
+    """
+    gain = losses["base"] - losses[own]
+    return (losses["base"] - losses["both"]) / gain if gain > 0 else None
+
+
+def render_table(report: dict) -> str:
+    """The loss table and retention lines, for the terminal."""
+    labels = ("base", "char1", "char2", "both")
+    heads = {"base": "base", "char1": "+char1", "char2": "+char2", "both": "spliced"}
+    lines = ["flow-matching loss (fixed noise and timesteps; lower is better)",
+             f"{'data':<8}" + "".join(f"{heads[m]:>10}" for m in labels)]
+    for char, row in report["loss"].items():
+        lines.append(f"{char:<8}" + "".join(f"{row[m]:>10.4f}" for m in labels))
+    lines.append("")
+    for char, value in report["retention"].items():
+        if value is None:
+            lines.append(f"retention {char}: n/a (its slot did not lower its loss; train longer)")
+        else:
+            lines.append(f"retention {char}: {value:.1%} of its own slot's gain survives in the splice")
+    return "\n".join(lines)
+
+
+# --------------------------------------------------------------------------- the demo
+
+
+def _prepare_folder(out: Path) -> None:
+    """Create the demo folder, or reuse one the demo made; refuse any other non-empty folder."""
+    if out.exists() and not out.is_dir():
+        raise SlotsmithError(f"{out}: exists and is not a folder")
+    if out.is_dir() and any(out.iterdir()) and not (out / MARKER).exists():
+        raise SlotsmithError(f"{out}: folder is not empty and was not made by `slotsmith demo`; pick another --out")
+    out.mkdir(parents=True, exist_ok=True)
+    (out / MARKER).write_text("made by slotsmith demo; a re-run replaces the files here\n", encoding="utf-8")
+    # A re-run starts clean: stale slots of another --ff would collide with the new ones.
+    for name in (*(f"{c}.slot" for c in CHARACTERS), *(f"{c}.slot.state" for c in CHARACTERS),
+                 "spliced.safetensors", "report.json"):
+        (out / name).unlink(missing_ok=True)
+    for sub in ("data", "models", "logs"):
+        shutil.rmtree(out / sub, ignore_errors=True)
+
+
+def run_demo(settings: DemoSettings, say: Callable[[str], None] = lambda _: None) -> dict:
+    """Run the demo end to end (see the module docstring).
+
+    Args:
+        settings: Folder, steps, seed and training settings.
+        say: Called with each progress message.
+
+    Returns:
+        The report: ``{"loss": {char: {"base", "char1", "char2", "both"}},
+        "retention": {char: float}, "settings": {...}, "seconds": {...}}``.
+
+    Raises:
+        SlotsmithError: A bad folder, a failed training run or a failed check.
+    """
+    from slotsmith.caching import run_cache
+    from slotsmith.io.writer import atomic_file
+    from slotsmith.splice import splice
+
+    if settings.steps < 1:
+        raise SlotsmithError(f"--steps must be at least 1, got {settings.steps}")
+    out = settings.out
+    _prepare_folder(out)
+    seconds: dict[str, float] = {}
+    clock = time.perf_counter()
+
+    def lap(name: str) -> None:
+        nonlocal clock
+        now = time.perf_counter()
+        seconds[name] = round(now - clock, 1)
+        clock = now
+
+    say(f"[1/5] building a tiny Wan DiT ({DEMO_CONFIG.num_layers} blocks, width {DEMO_CONFIG.dim}), VAE, UMT5 "
+        "and tokenizer; drawing the images")
+    base = build_base(out / "base.safetensors", settings.seed)
+    encoders = build_encoders(out / "models", settings.seed)
+    folders = {name: out / "data" / name for name in ("generic", *CHARACTERS)}
+    draw_generic(folders["generic"] / "images", GENERIC_IMAGES, settings.seed)
+    yamls = {}
+    for char in CHARACTERS:
+        draw_character(folders[char] / "images", char, IMAGES_PER_CHARACTER, settings.seed)
+        yamls[char] = write_dataset_yaml(folders[char], folders["generic"] / "images", CHARACTER_REPEATS)
+    calibrate_vae(encoders["vae"], list(yamls.values()))
+    lap("build")
+
+    say(f"[2/5] caching each character's {IMAGES_PER_CHARACTER} images with {GENERIC_IMAGES} shared generic ones")
+    caches = {
+        char: run_cache(yaml_path, encoders["vae"], encoders["t5"], encoders["tokenizer"], device="cpu",
+                        progress=False).cache_dir
+        for char, yaml_path in yamls.items()
+    }
+    lap("cache")
+
+    say(f"[3/5] training char1.slot (ffid 1) and char2.slot (ffid 2) at once, {settings.steps} steps each")
+    slots = {char: out / f"{char}.slot" for char in CHARACTERS}
+    jobs = {
+        char: ["-b", str(base), "--cache", str(caches[char]), "-o", str(slots[char]), "--ff", str(settings.ff),
+               "--ffid", str(i + 1), "--steps", str(settings.steps), "--lr", str(settings.lr),
+               "--seed", str(settings.seed + i), "--force", "-q"]
+        for i, char in enumerate(CHARACTERS)
+    }
+    train_concurrently(jobs, out / "logs")
+    for char in CHARACTERS:
+        (out / f"{char}.slot.state").unlink(missing_ok=True)  # resumable state: not needed once finished
+    lap("train")
+
+    say("[4/5] splicing both slots into spliced.safetensors and verifying")
+    spliced = splice(base, list(slots.values()), out / "spliced.safetensors", force=True)
+    say("      slotsmith verify: " + run_verify([*slots.values(), spliced], base).splitlines()[-1])
+    lap("splice_verify")
+
+    say("[5/5] scoring base, base+char1, base+char2 and the splice on each character's data")
+    with tempfile.TemporaryDirectory(dir=out, prefix=".eval-") as tmp:
+        # Each slot alone, through the same splice a user runs.
+        singles = {char: splice(base, [slot], Path(tmp) / f"{char}.safetensors") for char, slot in slots.items()}
+        data = {char: (caches[char], folders[char] / "images") for char in CHARACTERS}
+        losses = evaluate({"base": base, **singles, "both": spliced}, data, settings.seed)
+    lap("evaluate")
+
+    report = {
+        "loss": losses,
+        "retention": {char: retention(losses[char], char) for char in CHARACTERS},
+        "settings": {"steps": settings.steps, "seed": settings.seed, "ff": settings.ff, "lr": settings.lr},
+        "seconds": seconds,
+    }
+    with atomic_file(out / "report.json", force=True) as fd, os.fdopen(os.dup(fd), "w", encoding="utf-8") as f:
+        f.write(json.dumps(report, indent=2) + "\n")
+    return report

@@ -1,0 +1,107 @@
+"""``slotsmith demo`` end to end with few steps: artifacts, splice bytes, verify, report."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+from click.testing import CliRunner
+from safetensors import safe_open
+
+from slotsmith.cli import main
+
+STEPS = 30
+
+
+def _tensors(path) -> dict[str, bytes]:
+    """Every tensor of a safetensors file as raw bytes, read with the official library."""
+    with safe_open(str(path), framework="numpy") as f:
+        return {key: f.get_tensor(key).tobytes() for key in f.keys()}
+
+
+@pytest.fixture(scope="module")
+def demo(tmp_path_factory):
+    out = tmp_path_factory.mktemp("demo") / "demo-out"
+    result = CliRunner().invoke(main, ["demo", "--out", str(out), "--steps", str(STEPS), "--json", "-q"])
+    assert result.exit_code == 0, result.output
+    return out, result.output
+
+
+def test_demo_writes_every_artifact(demo):
+    out, _ = demo
+    for rel in ("base.safetensors", "char1.slot", "char2.slot", "spliced.safetensors", "report.json",
+                "models/vae/config.json", "models/umt5/config.json", "models/tokenizer/tokenizer.json",
+                "data/char1/data.yaml", "data/char2/data.yaml", "data/char1/cache/index.json",
+                "data/char2/cache/index.json"):
+        assert (out / rel).is_file(), rel
+    for char in ("char1", "char2"):
+        captions = [p.read_text() for p in sorted((out / "data" / char / "images").glob("*.txt"))]
+        assert captions and all(c.startswith(f"character{char[-1]} ") for c in captions)
+        assert len(list((out / "data" / char / "images").glob("*.png"))) == len(captions)
+    # The images of the two characters differ.
+    one = (out / "data" / "char1" / "images" / "00.png").read_bytes()
+    two = (out / "data" / "char2" / "images" / "00.png").read_bytes()
+    assert one != two
+
+
+def test_slots_are_disjoint_and_only_they_differ_in_the_splice(demo):
+    out, _ = demo
+    base = _tensors(out / "base.safetensors")
+    spliced = _tensors(out / "spliced.safetensors")
+    slots = {char: _tensors(out / f"{char}.slot") for char in ("char1", "char2")}
+    assert slots["char1"] and slots["char2"]
+    assert not set(slots["char1"]) & set(slots["char2"])
+    assert set(spliced) == set(base)
+    from_slots = {**slots["char1"], **slots["char2"]}
+    for key, data in spliced.items():
+        if key in from_slots:
+            assert data == from_slots[key], key
+            assert data != base[key], f"{key}: trained tensor equals the base"
+        else:
+            assert data == base[key], f"{key}: changed outside the slots"
+
+
+def test_slots_record_their_ffids(demo):
+    out, _ = demo
+    for ffid, char in ((1, "char1"), (2, "char2")):
+        with safe_open(str(out / f"{char}.slot"), framework="numpy") as f:
+            manifest = json.loads(f.metadata()["slotsmith.manifest"])
+        assert manifest["selection"]["ffid"] == ffid
+
+
+def test_verify_passes_on_the_demo_outputs(demo):
+    out, _ = demo
+    cmd = [sys.executable, "-m", "slotsmith", "verify", "--base", str(out / "base.safetensors"),
+           str(out / "char1.slot"), str(out / "char2.slot"), str(out / "spliced.safetensors")]
+    done = subprocess.run(cmd, capture_output=True, text=True)
+    assert done.returncode == 0, done.stdout + done.stderr
+
+
+def test_report_each_slot_lowers_its_own_loss(demo):
+    out, stdout = demo
+    report = json.loads((out / "report.json").read_text())
+    assert json.loads(stdout) == report
+    assert set(report["loss"]) == {"char1", "char2"} == set(report["retention"])
+    for char, row in report["loss"].items():
+        assert set(row) == {"base", "char1", "char2", "both"}
+        assert row[char] < row["base"], (char, row)
+        expected = (row["base"] - row["both"]) / (row["base"] - row[char])
+        assert report["retention"][char] == pytest.approx(expected)
+
+
+def test_demo_refuses_a_foreign_folder(tmp_path):
+    (tmp_path / "mine.txt").write_text("keep me")
+    result = CliRunner().invoke(main, ["demo", "--out", str(tmp_path), "--steps", "1", "-q"])
+    assert result.exit_code == 1
+    assert "not made by `slotsmith demo`" in result.output
+    assert [p.name for p in tmp_path.iterdir()] == ["mine.txt"]
+
+
+def test_cli_defaults_match_the_demo_settings():
+    from slotsmith.demo import DemoSettings
+
+    params = {p.name: p.default for p in main.commands["demo"].params}
+    defaults = DemoSettings(out=None)
+    assert (params["steps"], params["seed"]) == (defaults.steps, defaults.seed)
