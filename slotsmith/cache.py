@@ -28,7 +28,7 @@ from safetensors.torch import save
 
 from slotsmith.errors import SlotsmithError
 from slotsmith.io.header import parse_json_object, read_header
-from slotsmith.io.writer import atomic_file
+from slotsmith.io.writer import atomic_file, write_error
 
 CACHE_FORMAT = "slotsmith-cache/1"
 TEXT_LEN = 512
@@ -39,8 +39,16 @@ _KEY_CHARS = set("0123456789abcdefABCDEF-_")
 
 
 def _atomic_write(target: Path, payload: bytes) -> None:
-    """Write ``payload`` atomically; items are content-addressed, so replacing is safe."""
-    target.parent.mkdir(parents=True, exist_ok=True)
+    """Write ``payload`` atomically; items are content-addressed, so replacing is safe.
+
+    Raises:
+        SlotsmithError: Writing failed (a full disk, a folder that cannot be
+            made); nothing was written.
+    """
+    try:
+        target.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise write_error(target, e) from None
     with atomic_file(target, force=True) as fd:
         view = memoryview(payload)
         while view:
@@ -70,7 +78,7 @@ def write_latents(cache_dir, key: str, latents: torch.Tensor) -> str:
         The path relative to ``cache_dir``, for the index.
 
     Raises:
-        SlotsmithError: Bad key or shape.
+        SlotsmithError: Bad key or shape, or writing failed.
     """
     return _write_tensor(cache_dir, "latents", key, "latents", latents, 4)
 
@@ -87,7 +95,7 @@ def write_text(cache_dir, key: str, context: torch.Tensor) -> str:
         The path relative to ``cache_dir``, for the index.
 
     Raises:
-        SlotsmithError: Bad key, shape or length.
+        SlotsmithError: Bad key, shape or length, or writing failed.
     """
     if context.ndim == 2 and not 0 < context.shape[0] <= TEXT_LEN:
         raise SlotsmithError(f"cache context must have 1..{TEXT_LEN} tokens, got {context.shape[0]}")
@@ -103,6 +111,9 @@ def write_index(cache_dir, items: list[dict], latent_channels: int, text_dim: in
             optionally ``source``, ``caption``, ``repeats`` (default 1).
         latent_channels: C of every latent.
         text_dim: Embedding size of every context.
+
+    Raises:
+        SlotsmithError: Writing failed.
     """
     doc = {
         "format": CACHE_FORMAT,

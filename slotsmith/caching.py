@@ -19,21 +19,29 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from slotsmith.cache import INDEX_NAME, load_index, write_index, write_latents, write_text
-from slotsmith.data import BadItem, DataConfig, Source, discover, load_data_config, read_clips
+from slotsmith.data import DEFAULT_ALIGN, BadItem, DataConfig, Source, discover, load_data_config, read_clips
 from slotsmith.digest import digest_file_range, digest_json
 from slotsmith.errors import SlotsmithError
 
 KEY_VERSION = 1
 """Bump when the encoding changes in a way the other key parts do not capture."""
 
+LISTED_PROBLEMS = 10
+"""Most lines of a stale-cache error: the first problems show what is wrong, the count the rest."""
+
 
 class BadItemsError(SlotsmithError):
-    """Some files cannot be cached; ``bad`` lists each with its problem."""
+    """Some files cannot be cached; ``bad`` lists each with its problem.
+
+    The message has one line per bad item, then a count and the way out
+    (``--skip-bad``, which ``cache`` and ``train --data`` both take).
+    """
 
     def __init__(self, bad: list[BadItem]):
         self.bad = bad
-        lines = "\n".join(f"  {b}" for b in bad)
-        super().__init__(f"{len(bad)} bad item(s), fix them or pass --skip-bad to leave them out:\n{lines}")
+        lines = [str(b) for b in bad]
+        lines.append(f"{len(bad)} bad item(s); fix them or pass --skip-bad to leave them out")
+        super().__init__("\n".join(lines))
 
 
 @dataclass
@@ -154,21 +162,43 @@ class _Encoders:
         return self._t5
 
 
-def _media_problems(sources: list[Source]) -> list[BadItem]:
+def _media_problems(sources: list[Source], align: int = DEFAULT_ALIGN) -> list[BadItem]:
     problems = []
     for source in sources:
         try:
-            read_clips(source)
+            read_clips(source, align)
         except SlotsmithError as e:
             problems.append(BadItem(source.path, str(e)))
     return problems
 
 
-def default_device() -> str:
-    """``cuda`` when a GPU is there, else ``cpu``."""
+def resolve_device(device: str | None) -> str:
+    """The device to encode on: ``device`` once checked, else cuda when a GPU is there, else cpu.
+
+    Raises:
+        SlotsmithError: Not a torch device name, or a device this machine (or
+            this torch build) does not have.
+    """
     import torch
 
-    return "cuda" if torch.cuda.is_available() else "cpu"
+    if device is None:
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    try:
+        parsed = torch.device(device)
+    except RuntimeError:
+        raise SlotsmithError(f"--device {device!r} is not a torch device (e.g. cpu, cuda, cuda:1)") from None
+    if parsed.type == "cpu":
+        return device
+    # torch.cuda, torch.mps, torch.xpu...: each backend module says whether it can run here.
+    backend = getattr(torch, parsed.type, None)
+    if not (hasattr(backend, "is_available") and backend.is_available()):
+        raise SlotsmithError(
+            f"--device {device}: this machine or torch build has no {parsed.type} device; use --device cpu"
+        )
+    count = backend.device_count() if hasattr(backend, "device_count") else None
+    if parsed.index is not None and count is not None and parsed.index >= count:
+        raise SlotsmithError(f"--device {device}: there are only {count} {parsed.type} device(s), from index 0")
+    return device
 
 
 def run_cache(
@@ -202,7 +232,7 @@ def run_cache(
 
     Raises:
         BadItemsError: Bad items and not ``skip_bad`` (the index is not written).
-        SlotsmithError: Bad config, encoders or paths.
+        SlotsmithError: Bad config, device, encoders or paths.
     """
     import torch
     from tqdm import tqdm
@@ -211,7 +241,7 @@ def run_cache(
 
     if batch_size < 1:
         raise SlotsmithError(f"batch size must be at least 1, got {batch_size}")
-    device = device or default_device()
+    device = resolve_device(device)
     dtype = dtype or ("bfloat16" if device.startswith("cuda") else "float32")
     torch_dtype = parse_dtype(dtype)
     config = load_data_config(data_yaml)
@@ -319,37 +349,45 @@ def run_cache(
     return report
 
 
-def missing_from_cache(config: DataConfig) -> list[str]:
+def missing_from_cache(config: DataConfig, skip_bad: bool = False) -> tuple[list[str], list[BadItem]]:
     """What a dataset YAML has that its cache does not (without loading encoders).
 
     Args:
         config: The dataset config.
+        skip_bad: Leave bad items out, as ``run_cache`` does with it: files
+            without a caption, and files that are not cached because their
+            media cannot be read (read here, as ``run_cache`` would).
 
     Returns:
-        One line per problem (empty when the cache is complete and current).
+        ``(problems, bad)``: one line per problem (none when the cache is
+        complete and current), and the bad items left out.
 
     Raises:
-        BadItemsError: Files with a missing caption.
+        BadItemsError: Files with a missing caption (without ``skip_bad``).
     """
     sources, bad = discover(config)
-    if bad:
+    if bad and not skip_bad:
         raise BadItemsError(bad)
     if not (config.cache_dir / INDEX_NAME).exists():
-        return [f"{source.path}: not cached" for source in sources]
+        return [f"{source.path}: not cached" for source in sources], bad
     try:
         index = load_index(config.cache_dir)
     except SlotsmithError as e:
-        return [str(e)]
+        return [str(e)], bad
     by_source: dict[str, list[dict]] = defaultdict(list)
     for item in index["items"]:
         by_source[item.get("source", "")].append(item)
+    align = _align_of(index["items"][0])
     problems = []
     wanted = set()
     for source in sources:
         wanted.add(str(source.path))
         cached = by_source.get(str(source.path))
         if not cached:
-            problems.append(f"{source.path}: not cached")
+            unreadable = _media_problems([source], align) if skip_bad else []
+            bad.extend(unreadable)
+            if not unreadable:
+                problems.append(f"{source.path}: not cached")
         elif cached[0].get("source_digest") != _file_digest(source.path):
             problems.append(f"{source.path}: changed since it was cached")
         elif cached[0].get("pixel_settings") != pixel_settings(source, _align_of(cached[0])):
@@ -357,7 +395,7 @@ def missing_from_cache(config: DataConfig) -> list[str]:
         elif cached[0].get("caption") != source.caption:
             problems.append(f"{source.path}: caption changed since it was cached")
     problems.extend(f"{s}: cached but no longer in {config.path.name}" for s in sorted(set(by_source) - wanted))
-    return problems
+    return problems, bad
 
 
 def _align_of(item: dict) -> int:
@@ -370,8 +408,10 @@ def ensure_cache(
     vae=None,
     t5=None,
     tokenizer=None,
+    *,
+    skip_bad: bool = False,
     **cache_options,
-) -> Path:
+) -> tuple[Path, list[BadItem]]:
     """Make sure a dataset YAML's cache is complete, for ``train --data``.
 
     With all three encoders, caches what is missing (see `run_cache`).
@@ -382,28 +422,37 @@ def ensure_cache(
         vae: Wan VAE file or folder, or None.
         t5: UMT5 encoder file or folder, or None.
         tokenizer: Tokenizer folder, or None.
+        skip_bad: Leave bad items out instead of failing, the same ones
+            ``slotsmith cache --skip-bad`` leaves out.
         **cache_options: Passed to `run_cache` (device, dtype, batch_size,
-            skip_bad, progress).
+            progress).
 
     Returns:
-        The cache folder, ready for `slotsmith.cache.CachedDataset`.
+        The cache folder, ready for `slotsmith.cache.CachedDataset`, and the
+        bad items left out.
 
     Raises:
+        BadItemsError: Bad items and not ``skip_bad``.
         SlotsmithError: Only some encoders given; or, without encoders, the
-            cache is missing or stale (the message lists exactly what).
+            cache is missing or stale (one line per problem, the first
+            ``LISTED_PROBLEMS`` of them, then what to do).
     """
     given = {"--vae": vae, "--t5": t5, "--tokenizer": tokenizer}
     if all(v is not None for v in given.values()):
-        return run_cache(data_yaml, vae, t5, tokenizer, **cache_options).cache_dir
+        report = run_cache(data_yaml, vae, t5, tokenizer, skip_bad=skip_bad, **cache_options)
+        return report.cache_dir, report.bad
     if any(v is not None for v in given.values()):
         missing = ", ".join(k for k, v in given.items() if v is None)
         raise SlotsmithError(f"caching needs --vae, --t5 and --tokenizer together; missing {missing}")
     config = load_data_config(data_yaml)
-    problems = missing_from_cache(config)
+    problems, bad = missing_from_cache(config, skip_bad)
     if problems:
-        lines = "\n".join(f"  {p}" for p in problems)
+        listed = problems[:LISTED_PROBLEMS]
+        which = "listed above" if len(listed) == len(problems) else f"the first {len(listed)} listed above"
+        left_out = "" if skip_bad else " (and --skip-bad, if `slotsmith cache --skip-bad` left bad files out)"
         raise SlotsmithError(
-            f"the cache {config.cache_dir} does not match {config.path}:\n{lines}\n"
-            "pass --vae, --t5 and --tokenizer to cache what is missing, or run `slotsmith cache`"
+            "\n".join(listed) + f"\nthe cache {config.cache_dir} does not match {config.path}: "
+            f"{len(problems)} problem(s), {which}; pass --vae, --t5 and --tokenizer to cache what is missing, "
+            f"or run `slotsmith cache`{left_out}"
         )
-    return config.cache_dir
+    return config.cache_dir, bad

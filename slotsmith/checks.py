@@ -14,6 +14,7 @@ from slotsmith.digest import canonical_json, digest_file_range
 from slotsmith.errors import SlotsmithError
 from slotsmith.inventory import Inventory
 from slotsmith.io.header import parse_json_object
+from slotsmith.layout import KNOWN_MODELS, wan_tensor_shapes
 from slotsmith.manifest import Manifest, manifest_from_json
 from slotsmith.select import ALGORITHMS, NUM_POOLS
 from slotsmith.slot import InputFiles, Slot, base_region
@@ -77,6 +78,7 @@ def fingerprint_problems(slot: Slot, base: Inventory, files: InputFiles) -> list
         return [
             f"{slot.path}: made on a base of layout {m.base.layout_digest} "
             f"({m.base.layout or 'unknown model'}), but {base.source} has layout {digest}"
+            f"{_first_layout_difference(m, base)}"
         ]
     problems = []
     expert = f" (the slot is for the {m.expert!r} expert)" if m.expert else ""
@@ -92,6 +94,31 @@ def fingerprint_problems(slot: Slot, base: Inventory, files: InputFiles) -> list
                 f"was made on: wrong base{expert}"
             )
     return problems
+
+
+def _first_layout_difference(m: Manifest, base: Inventory) -> str:
+    """The first tensor (by name) where ``base`` differs from the base the slot was made on.
+
+    A manifest records only the layout digest, so that base is rebuilt from
+    the known model the manifest names and the dtype of the slot's entries
+    (the base's own dtype).
+
+    Returns:
+        ``": first difference: tensor ..."``, or ``""`` when the manifest
+        names no known model or its entries have several dtypes.
+    """
+    model = KNOWN_MODELS.get(m.base.layout or "")
+    dtypes = {e.dtype for e in m.entries}
+    if model is None or len(dtypes) != 1:
+        return ""
+    (dtype,) = dtypes
+    made_on = {n: f"{dtype}{list(shape)}" for n, shape in wan_tensor_shapes(model.config).items()}
+    found = {n: f"{t.dtype}{list(t.shape)}" for n, t in base.tensors.items()}
+    for name in sorted(made_on.keys() | found.keys()):
+        theirs, ours = made_on.get(name, "absent"), found.get(name, "absent")
+        if theirs != ours:
+            return f": first difference: tensor {name!r} is {ours} in the base, {theirs} in {model.name}"
+    return ""
 
 
 def overlap_problems(slots: Sequence[tuple[str, Manifest]]) -> list[str]:
@@ -117,10 +144,9 @@ def overlap_problems(slots: Sequence[tuple[str, Manifest]]) -> list[str]:
                     continue
                 lo, hi = max(ea.span[0], eb.span[0]), min(ea.span[1], eb.span[1])
                 if lo < hi:
-                    problems.append(
-                        f"{a} and {b} overlap: tensor {ea.name!r} rows [{lo}, {hi}) "
-                        f"({ea.describe()} vs {eb.describe()})"
-                    )
+                    whole = ea.rows is None and eb.rows is None
+                    what = f"tensor {ea.name!r}" if whole else f"rows [{lo}, {hi}) of tensor {ea.name!r}"
+                    problems.append(f"{a} and {b} overlap: both hold {what}")
     return problems
 
 

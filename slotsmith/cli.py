@@ -1,8 +1,10 @@
 """The ``slotsmith`` command line: thin click commands over the library.
 
 Light commands (plan, inspect, splice, extract, verify) never import torch;
-the trainer's commands import their heavy modules inside the command body.
-Every command turns a ``SlotsmithError`` into one ``error:`` line and exit 1.
+the trainer's commands import their heavy modules inside the command body
+(and, in a light install without them, say which extra to install).
+Every command turns a ``SlotsmithError`` into ``error:`` lines (one per line
+of its message) and exit 1.
 """
 
 from __future__ import annotations

@@ -304,13 +304,22 @@ def _media_kind(path: Path) -> str | None:
 
 
 def _jsonl_sources(spec: DatasetSpec, bad: list[BadItem]) -> list[Source]:
+    try:
+        raw = spec.path.read_bytes()
+    except OSError as e:
+        bad.append(BadItem(spec.path, f"cannot read: {e.strerror or e}"))
+        return []
     sources = []
-    for n, line in enumerate(spec.path.read_text(encoding="utf-8").splitlines(), 1):
-        if not line.strip():
+    # Line by line, so one line that is not UTF-8 is one bad item, not a lost dataset.
+    for n, raw_line in enumerate(raw.splitlines(), 1):
+        if not raw_line.strip():
             continue
         where = Path(f"{spec.path}:{n}")
         try:
-            entry = json.loads(line)
+            entry = json.loads(raw_line.decode("utf-8"))
+        except UnicodeDecodeError:
+            bad.append(BadItem(where, "not valid UTF-8"))
+            continue
         except json.JSONDecodeError as e:
             bad.append(BadItem(where, f"not valid JSON: {e.msg}"))
             continue
@@ -510,7 +519,7 @@ def _decode_frames(path: Path, size_for) -> tuple[list, float | None]:
     frames = []
     with av.open(str(path)) as container:
         if not container.streams.video:
-            raise SlotsmithError("no video stream")
+            raise SlotsmithError("unreadable video: no video stream")
         stream = container.streams.video[0]
         rate = float(stream.average_rate) if stream.average_rate else None
         size = None

@@ -313,7 +313,8 @@ def load_tokenizer(path):
     try:
         return AutoTokenizer.from_pretrained(str(path), local_files_only=True)
     except (OSError, ValueError, TypeError) as e:
-        raise SlotsmithError(f"{path}: cannot load a tokenizer: {str(e).splitlines()[0]}") from None
+        # transformers spreads this message over several lines; all of them are needed to make sense.
+        raise SlotsmithError(f"{path}: cannot load a tokenizer: {' '.join(str(e).split())}") from None
 
 
 def clean_caption(text: str) -> str:

@@ -1,4 +1,4 @@
-"""The one exception type that reaches the user as a clean one-line error."""
+"""The one exception type that reaches the user as a clean error line."""
 
 
 class SlotsmithError(Exception):
@@ -6,4 +6,7 @@ class SlotsmithError(Exception):
 
     The CLI prints ``error: <message>`` and exits 1, never a traceback, so the
     message must name the file (and the tensor, where there is one) itself.
+    A message of several lines (one problem each, e.g. every bad item of a
+    dataset) is printed with ``error: `` before each line, so every line must
+    make sense on its own.
     """

@@ -21,6 +21,7 @@ from slotsmith.errors import SlotsmithError
 from slotsmith.io.checkpoint import Checkpoint, open_checkpoint
 from slotsmith.io.header import DTYPE_SIZES
 from slotsmith.layout import KNOWN_MODELS, layouts_dir, wan_tensor_shapes
+from slotsmith.manifest import METADATA_KEY
 from slotsmith.names import detect_convention, to_canonical
 
 LAYOUT_CAP = 50_000_000
@@ -89,6 +90,17 @@ class Inventory:
         mine = {n: t.shape for n, t in self.tensors.items()}
         return [name for name, spec in _known_shapes().items() if spec == mine]
 
+    def known_model(self, expert: str | None = None) -> str | None:
+        """The known model this layout is (the first match), or None.
+
+        Wan 2.1 T2V 14B and Wan 2.2 T2V A14B share one layout: with an
+        ``expert``, a matching model that has experts is preferred.
+        """
+        models = self.matching_models()
+        if expert is not None:
+            models = [m for m in models if KNOWN_MODELS[m].experts] or models
+        return models[0] if models else None
+
 
 def _known_shapes() -> dict[str, dict[str, tuple[int, ...]]]:
     return {name: wan_tensor_shapes(m.config) for name, m in KNOWN_MODELS.items()}
@@ -98,10 +110,12 @@ def inventory_from_checkpoint(path: str | os.PathLike) -> Inventory:
     """Inventory a checkpoint from its headers alone.
 
     Raises:
-        SlotsmithError: Malformed files, mixed key conventions, unknown
-            diffusers keys, or two keys that map to one canonical name.
+        SlotsmithError: Malformed files, a slot file, mixed key conventions,
+            unknown diffusers keys, or two keys that map to one canonical name.
     """
     ckpt = open_checkpoint(path)
+    if any(METADATA_KEY in h.metadata for h in ckpt.files):
+        raise SlotsmithError(f"{ckpt.path}: is a slot, not a base checkpoint")
     try:
         convention = detect_convention(ckpt.tensors)
     except SlotsmithError as e:

@@ -116,6 +116,18 @@ def max_ff(pool_params: int, total_params: int) -> float:
     return math.floor(exact * scale) / scale
 
 
+def check_ff_ffid(ff: float, ffid: int, num_pools: int = NUM_POOLS) -> None:
+    """Refuse an ``ff`` outside (0, 1] or an ``ffid`` outside the pools.
+
+    Raises:
+        SlotsmithError: Names the option and its range.
+    """
+    if not 0 <= ffid < num_pools or isinstance(ffid, bool):
+        raise SlotsmithError(f"--ffid {ffid} is out of range: pools are numbered 0..{num_pools - 1}")
+    if not (isinstance(ff, (int, float)) and 0 < ff <= 1):
+        raise SlotsmithError(f"--ff {ff} is out of range: it must be in (0, 1]")
+
+
 def select_v2(numels: Mapping[str, int], ff: float, ffid: int, num_pools: int = NUM_POOLS) -> Selection:
     """Select the slot ``--ff ff --ffid ffid`` of a model.
 
@@ -134,10 +146,7 @@ def select_v2(numels: Mapping[str, int], ff: float, ffid: int, num_pools: int = 
             budget beyond the pool's capacity (the message names the largest
             ff the pool can serve).
     """
-    if not 0 <= ffid < num_pools or isinstance(ffid, bool):
-        raise SlotsmithError(f"--ffid {ffid} is out of range: pools are numbered 0..{num_pools - 1}")
-    if not (isinstance(ff, (int, float)) and 0 < ff <= 1):
-        raise SlotsmithError(f"--ff {ff} is out of range: it must be in (0, 1]")
+    check_ff_ffid(ff, ffid, num_pools)
     if not numels:
         raise SlotsmithError("the model has no tensors to select from")
     total = sum(numels.values())

@@ -111,7 +111,8 @@ def write_slot(
 
     Raises:
         SlotsmithError: Unknown tensor, wrong byte count, bad rows, no
-            checkpoint behind ``base``, existing output, or a non-JSON field.
+            checkpoint behind ``base``, existing output, a non-JSON field, or
+            writing failed.
     """
     out = Path(out_path)
     rows = dict(rows or {})
@@ -149,18 +150,14 @@ def write_slot(
             entries.append(entry)
             part = data if isinstance(data, FileRange) else memoryview(data).cast("B")
             outs.append(TensorOut(name, spec.dtype, entry.stored_shape, (part,)))
-        models = base.matching_models()
         manifest = build_manifest(
             selection=selection,
-            base=BaseFingerprint(models[0] if models else None, base.layout_digest(), fingerprint),
+            base=BaseFingerprint(base.known_model(expert), base.layout_digest(), fingerprint),
             entries=entries,
             provenance={"slotsmith": __version__, **provenance},
             expert=expert,
         )
-        try:
-            write_safetensors(out, outs, dict(manifest_metadata(manifest)), force=force)
-        except OSError as e:
-            raise SlotsmithError(f"{out}: writing failed ({e.strerror or e}); nothing was written") from None
+        write_safetensors(out, outs, dict(manifest_metadata(manifest)), force=force)
     return manifest
 
 

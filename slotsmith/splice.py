@@ -263,7 +263,7 @@ def execute_splice(plan: SplicePlan, progress: Callable[[int], None] | None = No
         The output path.
 
     Raises:
-        OSError: Reading or writing failed; nothing is left at the output.
+        SlotsmithError: Reading or writing failed; nothing is left at the output.
     """
     if plan.index is None:
         (f,) = plan.files
@@ -298,10 +298,7 @@ def splice(
     with InputFiles() as files:
         plan = plan_splice(base_path, slot_paths, files, out, force=force)
         with progress_bar(plan.nbytes, "splice", quiet) as update:
-            try:
-                return execute_splice(plan, update)
-            except OSError as e:
-                raise SlotsmithError(f"{plan.out}: writing failed ({e.strerror or e}); nothing was written") from None
+            return execute_splice(plan, update)
 
 
 def _differs(fa: int, a: tuple[int, int], fb: int, b: tuple[int, int], progress: Callable[[int], None]) -> bool:

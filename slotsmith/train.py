@@ -266,8 +266,14 @@ def sample_generator(seed: int, position: int) -> torch.Generator:
 
 
 @dataclass
-class RunPlan:
-    """What the cheap checks established, before any weights are loaded."""
+class BasePlan:
+    """What the checks of the base, the selection and the output established (headers only).
+
+    Attributes:
+        boundary_from: Where ``boundary`` came from: ``--boundary``, or the
+            known Wan 2.2 model whose layout the base matches (None without
+            an expert).
+    """
 
     inventory: Inventory
     config: WanConfig
@@ -275,10 +281,17 @@ class RunPlan:
     selection: Selection
     t_range: tuple[float, float]
     boundary: float | None
-    cache_index: dict
-    dataset_digest: str
+    boundary_from: str | None
     out: Path
     state_path: Path
+
+
+@dataclass
+class RunPlan(BasePlan):
+    """What every cheap check established, the cache's included, before any weights are loaded."""
+
+    cache_index: dict
+    dataset_digest: str
     total_steps: int
 
 
@@ -293,29 +306,40 @@ def snapshot_path_for(out: Path, step: int) -> Path:
     return out.with_name(f"{stem}-step{step:06d}{SLOT_SUFFIX}")
 
 
-def expert_range(settings: TrainSettings, inventory: Inventory) -> tuple[tuple[float, float], float | None]:
+def expert_range(
+    settings: TrainSettings, inventory: Inventory
+) -> tuple[tuple[float, float], float | None, str | None]:
     """The timestep range of ``--expert`` (the whole [0, 1] without one).
 
+    The boundary is ``--boundary``, else that of the known two-expert Wan 2.2
+    model whose layout the base's shapes match. Wan 2.1 T2V 14B has the
+    layout of Wan 2.2 T2V A14B, so such a base gets that model's 0.875.
+
     Returns:
-        ((low, high), boundary) with ``boundary`` None without an expert.
+        ((low, high), boundary, where the boundary came from: ``--boundary``
+        or the model's name); the last two are None without an expert.
 
     Raises:
-        SlotsmithError: ``--expert`` on a base whose boundary is unknown and
-            no ``--boundary`` given.
+        SlotsmithError: ``--boundary`` without ``--expert``, or ``--expert``
+            on a base that matches no two-expert layout and no ``--boundary``.
     """
     if settings.expert is None:
         if settings.boundary is not None:
             raise SlotsmithError("--boundary only makes sense with --expert")
-        return (0.0, 1.0), None
-    boundary = settings.boundary
-    if boundary is None:
-        known = [KNOWN_MODELS[m].experts for m in inventory.matching_models() if KNOWN_MODELS[m].experts]
-        if not known:
+        return (0.0, 1.0), None, None
+    if settings.boundary is not None:
+        boundary, source = settings.boundary, "--boundary"
+    else:
+        source = inventory.known_model(settings.expert)
+        experts = KNOWN_MODELS[source].experts if source else None
+        if not experts:
+            two = ", ".join(name for name, model in KNOWN_MODELS.items() if model.experts)
             raise SlotsmithError(
-                f"{inventory.source}: not a known two-expert Wan 2.2 layout; give --boundary with --expert"
+                f"{inventory.source}: --expert needs the expert boundary, and the base's shapes match no "
+                f"two-expert Wan 2.2 layout ({two}); give --boundary"
             )
-        boundary = known[0]["low"][1]
-    return ((boundary, 1.0) if settings.expert == "high" else (0.0, boundary)), boundary
+        boundary = experts["low"][1]
+    return ((boundary, 1.0) if settings.expert == "high" else (0.0, boundary)), boundary, source
 
 
 def check_taken(out: Path, inventory: Inventory, selection: Selection, expert: str | None) -> None:
@@ -352,20 +376,22 @@ def dataset_digest(index: dict) -> str:
     return digest_json([[i["latents"], i["text"], i["repeats"]] for i in index["items"]])
 
 
-def plan_run(settings: TrainSettings, num_processes: int = 1) -> RunPlan:
-    """Every check that needs no weights: fail fast, before heavy work.
+def plan_base(settings: TrainSettings) -> BasePlan:
+    """The checks of the base, the selection and the output: headers only.
+
+    They need no cache, so ``train --data`` runs them before encoding anything.
 
     Args:
-        settings: Validated settings.
-        num_processes: Data-parallel processes (the global batch grows with it).
+        settings: The run's settings.
 
     Returns:
-        The plan.
+        What they established.
 
     Raises:
-        SlotsmithError: Missing files, a base that is not a (supported) Wan
-            DiT, a cache that does not fit it, a taken ffid, an existing
-            output, a missing resume state, a missing optimizer library.
+        SlotsmithError: Invalid settings, a missing file, a base that is not
+            a (supported) Wan DiT, an expert without a boundary, a taken
+            ffid, an existing output, a missing resume state, a missing
+            optimizer library.
     """
     settings.validate()
     inventory, cfg, head_dim = inspect_base(settings.base, settings.head_dim)
@@ -373,18 +399,8 @@ def plan_run(settings: TrainSettings, num_processes: int = 1) -> RunPlan:
         raise SlotsmithError(
             f"{inventory.source}: image-to-video bases (image conditioning channels) are not supported by the trainer yet"
         )
-    index = load_index(settings.cache)
-    if index["latent_channels"] != cfg.in_dim:
-        raise SlotsmithError(
-            f"{settings.cache}: latents have {index['latent_channels']} channels but the base takes {cfg.in_dim}"
-        )
-    if index["text_dim"] != cfg.text_dim:
-        raise SlotsmithError(
-            f"{settings.cache}: text embeddings are {index['text_dim']}-dim but the base takes {cfg.text_dim}"
-        )
-    _check_latent_shapes(Path(settings.cache), index, cfg)
     selection = select_v2(inventory.numels(), settings.ff, settings.ffid)
-    t_range, boundary = expert_range(settings, inventory)
+    t_range, boundary, boundary_from = expert_range(settings, inventory)
     low = max(t_range[0], settings.min_timestep / 1000)
     high = min(t_range[1], settings.max_timestep / 1000)
     if not low < high:
@@ -401,12 +417,40 @@ def plan_run(settings: TrainSettings, num_processes: int = 1) -> RunPlan:
         check_taken(out, inventory, selection, settings.expert)
     if settings.optimizer != "adamw":
         make_optimizer(settings.optimizer, [nn.Parameter(torch.zeros(1))], 1e-3, 0.0)
+    return BasePlan(inventory, cfg, head_dim, selection, (low, high), boundary, boundary_from, out, state_path)
+
+
+def plan_run(settings: TrainSettings, num_processes: int = 1, base: BasePlan | None = None) -> RunPlan:
+    """Every check that needs no weights: fail fast, before heavy work.
+
+    Args:
+        settings: Validated settings naming a cache folder.
+        num_processes: Data-parallel processes (the global batch grows with it).
+        base: ``plan_base(settings)``, when it already ran.
+
+    Returns:
+        The plan.
+
+    Raises:
+        SlotsmithError: What ``plan_base`` raises, or a cache that does not
+            fit the base.
+    """
+    base = base or plan_base(settings)
+    cfg = base.config
+    index = load_index(settings.cache)
+    if index["latent_channels"] != cfg.in_dim:
+        raise SlotsmithError(
+            f"{settings.cache}: latents have {index['latent_channels']} channels but the base takes {cfg.in_dim}"
+        )
+    if index["text_dim"] != cfg.text_dim:
+        raise SlotsmithError(
+            f"{settings.cache}: text embeddings are {index['text_dim']}-dim but the base takes {cfg.text_dim}"
+        )
+    _check_latent_shapes(Path(settings.cache), index, cfg)
     entries = sum(i["repeats"] for i in index["items"])
     global_batch = settings.batch_size * num_processes * settings.grad_accum
     total = settings.steps if settings.steps is not None else math.ceil(settings.epochs * entries / global_batch)
-    return RunPlan(
-        inventory, cfg, head_dim, selection, (low, high), boundary, index, dataset_digest(index), out, state_path, total
-    )
+    return RunPlan(**vars(base), cache_index=index, dataset_digest=dataset_digest(index), total_steps=total)
 
 
 def _check_latent_shapes(cache_dir: Path, index: dict, cfg: WanConfig) -> None:
@@ -438,20 +482,51 @@ def _set_rng_state(state: dict) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
+_RESUME_OPTIONS = ("ff", "ffid", "seed", "batch_size", "grad_accum", "optimizer", "timestep_sampling", "expert")
+"""The options a resumed run must share with the run it continues."""
+
+_RESUME_FACTS = {  # how the saved run differs, for what the identity holds besides options
+    "layout": "a base of another layout",
+    "dataset": "other training data (the cache differs)",
+    "tensors": "another selection of tensors",
+}
+
+
 def _state_identity(settings: TrainSettings, plan: RunPlan, num_processes: int) -> dict:
-    """What must match for a resumed run to continue the same run exactly."""
-    keep = ("ff", "ffid", "seed", "batch_size", "grad_accum", "optimizer", "timestep_sampling", "expert")
+    """What must match for a resumed run to continue the same run exactly.
+
+    Options come first, so a resume refused for another ``--ffid`` names that
+    option rather than the tensor list it implies.
+    """
     return {
+        **{k: getattr(settings, k) for k in _RESUME_OPTIONS},
         "layout": plan.inventory.layout_digest(),
-        "tensors": list(plan.selection.tensors),
         "dataset": plan.dataset_digest,
         "processes": num_processes,
-        **{k: getattr(settings, k) for k in keep},
+        "tensors": list(plan.selection.tensors),
     }
 
 
+def _resume_difference(key: str, saved, value) -> str:
+    """How the saved run differs from this one in ``key`` of the identity."""
+    if key in _RESUME_OPTIONS:
+        flag = "--" + key.replace("_", "-")
+
+        def given(v) -> str:
+            return f"no {flag}" if v is None else f"{flag} {v}"
+
+        return f"{given(saved)}, but this run has {given(value)}"
+    if key == "processes":
+        return f"{saved} process(es), but this run has {value}"
+    return _RESUME_FACTS[key]
+
+
 def save_state(path: Path, identity: dict, step: int, slot: SlotParams, optimizer, scaler, losses: list) -> None:
-    """Write the resumable state atomically (slot-sized: masters + optimizer state)."""
+    """Write the resumable state atomically (slot-sized: masters + optimizer state).
+
+    Raises:
+        SlotsmithError: Writing failed (naming the file); nothing was written.
+    """
     state = {
         "format": STATE_FORMAT,
         "identity": json.dumps(identity, sort_keys=True),
@@ -481,7 +556,10 @@ def load_state(path: Path, identity: dict) -> dict:
     saved = json.loads(state["identity"])
     for key, value in identity.items():
         if saved.get(key) != value:
-            raise SlotsmithError(f"{path}: was made with a different {key} ({saved.get(key)!r}); cannot resume")
+            raise SlotsmithError(
+                f"{path}: was made with {_resume_difference(key, saved.get(key), value)}; cannot resume "
+                "(run with the same settings, or without --resume to start over)"
+            )
     return state
 
 
@@ -505,6 +583,8 @@ class TrainResult:
     optimizer_bytes: int
     interrupted: bool = False
     is_main: bool = True
+    expert_note: str | None = None
+    skipped: tuple[str, ...] = ()
 
 
 @contextmanager
@@ -572,15 +652,21 @@ def train(settings: TrainSettings, progress: bool | None = None) -> TrainResult:
 
     accelerator = Accelerator(cpu=not torch.cuda.is_available())
     show = progress if progress is not None else (not settings.quiet and sys.stderr.isatty())
+    # The base and the output are checked first: encoding a dataset for a run that cannot start is waste.
+    base_plan = plan_base(settings)
+    skipped = []
     if settings.data:
         # The main process encodes what is missing; the others then find a complete cache.
         with accelerator.main_process_first():
-            cache_dir = ensure_cache(
-                settings.data, settings.vae, settings.t5, settings.tokenizer, progress=show and accelerator.is_main_process
+            cache_dir, skipped = ensure_cache(
+                settings.data, settings.vae, settings.t5, settings.tokenizer, skip_bad=settings.skip_bad,
+                progress=show and accelerator.is_main_process,
             )
         # From here on the run is a run on that cache folder (the same one --cache would name).
-        settings = dataclasses.replace(settings, cache=str(cache_dir), data="", vae=None, t5=None, tokenizer=None)
-    plan = plan_run(settings, accelerator.num_processes)
+        settings = dataclasses.replace(
+            settings, cache=str(cache_dir), data="", vae=None, t5=None, tokenizer=None, skip_bad=False
+        )
+    plan = plan_run(settings, accelerator.num_processes, base_plan)
     device = accelerator.device
     world, rank = accelerator.num_processes, accelerator.process_index
     torch.manual_seed(settings.seed)
@@ -706,8 +792,18 @@ def train(settings: TrainSettings, progress: bool | None = None) -> TrainResult:
     return TrainResult(
         manifest, plan.out if finished else None, plan.state_path, start_step, step, plan.total_steps,
         losses[0] if losses else None, losses[-1] if losses else None, seconds, slot.numel,
-        optimizer_state_bytes(optimizer), interrupted, accelerator.is_main_process,
+        optimizer_state_bytes(optimizer), interrupted, accelerator.is_main_process, _expert_note(settings, plan),
+        tuple(str(item) for item in skipped),
     )
+
+
+def _expert_note(settings: TrainSettings, plan: RunPlan) -> str | None:
+    """Which timesteps an expert run trained on, and where its boundary came from."""
+    if settings.expert is None:
+        return None
+    source = "--boundary" if plan.boundary_from == "--boundary" else f"{plan.boundary_from}, whose layout the base has"
+    low, high = plan.t_range
+    return f"expert: {settings.expert}, timesteps [{low:g}, {high:g}] (boundary {plan.boundary:g} from {source})"
 
 
 def _micro_step(model, slot, dataset, stream, settings, plan, positions, device, input_dtype, autocast, scaler, divisor):
@@ -769,10 +865,13 @@ def summary(result: TrainResult) -> str:
     """A few lines on what a run did, for the end of ``slotsmith train``."""
     done = result.steps - result.start_step
     rate = done / result.seconds if result.seconds > 0 else 0.0
-    lines = [
+    lines = [f"skipped: {item}" for item in result.skipped]
+    lines += [
         f"steps: {result.start_step} -> {result.steps} of {result.total_steps} ({rate:.2f} it/s, {result.seconds:.1f} s)",
         f"trained parameters: {result.trained_params:,} (optimizer state {result.optimizer_bytes / 2**20:.1f} MiB)",
     ]
+    if result.expert_note is not None:
+        lines.append(result.expert_note)
     if result.first_loss is not None:
         lines.append(f"loss: first {result.first_loss:.5f}, last {result.final_loss:.5f}")
     if result.manifest is not None:

@@ -14,6 +14,7 @@ from pathlib import Path
 import yaml
 
 from slotsmith.errors import SlotsmithError
+from slotsmith.select import check_ff_ffid
 
 TIMESTEP_SAMPLINGS = ("uniform", "sigmoid", "shift", "logit_normal")
 LR_SCHEDULERS = ("constant", "linear", "cosine")
@@ -32,9 +33,10 @@ class TrainSettings:
     vae: str | None = None
     t5: str | None = None
     tokenizer: str | None = None
+    skip_bad: bool = False
     out: str = ""
-    ff: float = 0.0
-    ffid: int = -1
+    ff: float | None = None
+    ffid: int | None = None
     steps: int | None = None
     epochs: float | None = None
     lr: float = 2e-5
@@ -77,17 +79,21 @@ class TrainSettings:
         Raises:
             SlotsmithError: Names the offending option.
         """
-        for name in ("base", "out"):
-            if not getattr(self, name):
+        for name in ("base", "out", "ff", "ffid"):
+            if getattr(self, name) in ("", None):
                 raise SlotsmithError(f"--{name} is required")
+        for f in fields(self):
+            value = getattr(self, f.name)
+            # NaN passes every range check below (each comparison is false), so refuse it first.
+            if f.type.startswith("float") and value is not None and not math.isfinite(value):
+                raise SlotsmithError(f"--{f.name.replace('_', '-')} {value} must be a finite number")
         if bool(self.cache) == bool(self.data):
             raise SlotsmithError("give exactly one of --cache (a cache folder) and --data (a dataset YAML)")
         if not self.data and (self.vae or self.t5 or self.tokenizer):
             raise SlotsmithError("--vae, --t5 and --tokenizer go with --data (they encode what is not cached yet)")
-        if self.ffid < 0:
-            raise SlotsmithError("--ffid is required")
-        if not 0 < self.ff <= 1:
-            raise SlotsmithError(f"--ff {self.ff} must be in (0, 1]")
+        if not self.data and self.skip_bad:
+            raise SlotsmithError("--skip-bad goes with --data (a --cache folder holds only the items it was made of)")
+        check_ff_ffid(self.ff, self.ffid)
         if (self.steps is None) == (self.epochs is None):
             raise SlotsmithError("give exactly one of --steps and --epochs")
         if self.steps is not None and self.steps < 1 or self.epochs is not None and not self.epochs > 0:
@@ -104,7 +110,7 @@ class TrainSettings:
         for name in ("warmup_steps", "save_every"):
             if getattr(self, name) < 0:
                 raise SlotsmithError(f"--{name.replace('_', '-')} must not be negative")
-        if not (self.lr > 0 and math.isfinite(self.lr)):
+        if not self.lr > 0:
             raise SlotsmithError(f"--lr {self.lr} must be a positive number")
         if not 0 <= self.min_timestep < self.max_timestep <= 1000:
             raise SlotsmithError("need 0 <= --min-timestep < --max-timestep <= 1000")
@@ -128,6 +134,8 @@ def _yaml_settings(path: Path) -> dict:
         doc = yaml.safe_load(path.read_text(encoding="utf-8"))
     except FileNotFoundError:
         raise SlotsmithError(f"{path}: no such file") from None
+    except OSError as e:  # a folder, no permission...
+        raise SlotsmithError(f"{path}: cannot read the training config ({e.strerror or e})") from None
     except (UnicodeDecodeError, yaml.YAMLError) as e:
         raise SlotsmithError(f"{path}: not valid YAML ({str(e).splitlines()[0]})") from None
     if doc is None:

@@ -227,7 +227,11 @@ def _selection_check(report: Report, file: str, m: Manifest, layouts: _Layouts, 
         return
     layout = layouts.find(m)
     if layout is None:
-        report.skip(file, "selection", f"{who}layout {m.base.layout_digest} is not a known model; give --base")
+        if layouts.base is None:
+            why = "give --base"
+        else:
+            why = f"the --base {layouts.base.source} has another layout ({layouts.base.layout_digest()})"
+        report.skip(file, "selection", f"{who}layout {m.base.layout_digest} is not a known model; {why}")
         return
     sel = m.selection
     kind = "within" if is_extracted(m) else "exactly"

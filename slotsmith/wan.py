@@ -180,7 +180,8 @@ def inspect_base(path: str | os.PathLike, head_dim: int | None = None) -> tuple[
         (inventory, config, head dim).
 
     Raises:
-        SlotsmithError: Missing or malformed file, or not a Wan DiT.
+        SlotsmithError: Missing or malformed file, not a Wan DiT, or a width
+            that is not a multiple of the head size.
     """
     if not Path(path).exists():
         raise SlotsmithError(f"{path}: no such file")
@@ -190,7 +191,13 @@ def inspect_base(path: str | os.PathLike, head_dim: int | None = None) -> tuple[
     except SlotsmithError as e:
         raise SlotsmithError(f"{inventory.source}: {e}") from None
     head_dim = head_dim or find_head_dim(inventory)
-    diffusers_config(cfg, head_dim)
+    try:
+        diffusers_config(cfg, head_dim)
+    except SlotsmithError as e:
+        raise SlotsmithError(
+            f"{inventory.source}: {e}; give --head-dim, or put a config.json with \"attention_head_dim\" "
+            "beside the checkpoint"
+        ) from None
     base_dtype(inventory)
     return inventory, cfg, head_dim
 

@@ -179,3 +179,24 @@ def read_checkpoint_tensors(built_or_path: Built | Path) -> dict[str, bytes]:
     for f in files:
         out.update(read_raw_safetensors(f)[1])
     return out
+
+
+def disk_full(monkeypatch) -> None:
+    """Make the temp files of slotsmith's atomic writes behave like files on a full disk.
+
+    Each temp file is created as usual (so its removal can be checked), but
+    its descriptor writes to ``/dev/full``: every write fails with ENOSPC.
+    """
+    import os
+    import tempfile
+
+    real = tempfile.mkstemp
+
+    def mkstemp(*args, **kwargs):
+        fd, name = real(*args, **kwargs)
+        full = os.open("/dev/full", os.O_WRONLY)
+        os.dup2(full, fd)
+        os.close(full)
+        return fd, name
+
+    monkeypatch.setattr(tempfile, "mkstemp", mkstemp)

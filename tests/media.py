@@ -35,3 +35,15 @@ def count_frames(path) -> int:
     """Frames PyAV decodes from ``path``."""
     with av.open(str(path)) as container:
         return sum(1 for _ in container.decode(video=0))
+
+
+def write_audio_only(path, seconds: float = 0.1, rate: int = 8000) -> Path:
+    """A container (Matroska, whatever the suffix) with one audio stream and no video stream."""
+    with av.open(str(path), "w", format="matroska") as container:
+        stream = container.add_stream("pcm_s16le", rate=rate)
+        samples = np.zeros((1, int(seconds * rate)), dtype=np.int16)
+        frame = av.AudioFrame.from_ndarray(samples, format="s16", layout="mono")
+        frame.sample_rate = rate
+        container.mux(stream.encode(frame))
+        container.mux(stream.encode())
+    return Path(path)

@@ -4,6 +4,7 @@ import json
 
 import pytest
 import torch
+from helpers import disk_full
 
 from slotsmith import cache
 from slotsmith.errors import SlotsmithError
@@ -86,3 +87,18 @@ def test_writers_refuse_bad_input(tmp_path):
         cache.write_latents(tmp_path, "ab", torch.zeros(4, 2, 2))
     with pytest.raises(SlotsmithError, match="tokens"):
         cache.write_text(tmp_path, "ab", torch.zeros(cache.TEXT_LEN + 1, 8))
+
+
+def test_full_disk_is_a_clear_error_naming_the_file(tmp_path, monkeypatch):
+    disk_full(monkeypatch)
+    with pytest.raises(SlotsmithError, match=r"latents/ab\.safetensors: writing failed \(No space left on device\)"):
+        cache.write_latents(tmp_path, "ab", torch.zeros(4, 1, 2, 2))
+    with pytest.raises(SlotsmithError, match=r"index\.json: writing failed"):
+        cache.write_index(tmp_path, [{"latents": "latents/ab.safetensors", "text": "text/ab.safetensors"}], 4, 8)
+    assert not [p for p in tmp_path.rglob("*") if p.is_file()]
+
+
+def test_cache_folder_that_cannot_be_made_is_a_clear_error(tmp_path):
+    (tmp_path / "file").write_text("not a folder")
+    with pytest.raises(SlotsmithError, match=r"file/latents/ab\.safetensors: writing failed \(Not a directory\)"):
+        cache.write_latents(tmp_path / "file", "ab", torch.zeros(4, 1, 2, 2))

@@ -9,7 +9,7 @@ from media import count_frames, write_image, write_video
 from safetensors.torch import load_file
 
 from slotsmith.cache import CachedDataset, load_index
-from slotsmith.caching import ensure_cache, run_cache
+from slotsmith.caching import LISTED_PROBLEMS, BadItemsError, ensure_cache, run_cache
 from slotsmith.cli import main
 from slotsmith.errors import SlotsmithError
 
@@ -134,6 +134,8 @@ def test_each_bad_item_is_reported_by_file_and_the_run_fails(models, bad_dataset
     assert any("trunc.png" in line and "unreadable image" in line for line in lines)
     assert any("junk.mp4" in line and "unreadable video" in line for line in lines)
     assert any("short.mp4" in line and "too short" in line for line in lines)
+    assert lines == result.output.splitlines()  # every line stands alone as an error line
+    assert lines[-1] == "error: 4 bad item(s); fix them or pass --skip-bad to leave them out"
     assert "Traceback" not in result.output
     assert not (bad_dataset / "cache" / "index.json").exists()
 
@@ -169,8 +171,8 @@ def test_ensure_cache_without_encoders_says_what_is_missing(models, dataset):
         ensure_cache(data)
     with pytest.raises(SlotsmithError, match="missing --t5, --tokenizer"):
         ensure_cache(data, vae=models["vae"])
-    assert ensure_cache(data, progress=False, **models) == dataset / "cache"
-    assert ensure_cache(data) == dataset / "cache"
+    assert ensure_cache(data, progress=False, **models) == (dataset / "cache", [])
+    assert ensure_cache(data) == (dataset / "cache", [])
     (dataset / "imgs" / "b.txt").write_text("a green dog")
     write_image(dataset / "imgs" / "c.png")
     (dataset / "imgs" / "c.txt").write_text("new")
@@ -180,4 +182,70 @@ def test_ensure_cache_without_encoders_says_what_is_missing(models, dataset):
     assert "b.jpg: caption changed" in message and "c.png: not cached" in message
     assert "--vae, --t5 and --tokenizer" in message
     ensure_cache(data, progress=False, **models)
-    assert ensure_cache(data) == dataset / "cache"
+    assert ensure_cache(data) == (dataset / "cache", [])
+
+
+@pytest.mark.parametrize(
+    "device, message",
+    [
+        ("banana", "--device 'banana' is not a torch device (e.g. cpu, cuda, cuda:1)"),
+        ("cuda:x", "--device 'cuda:x' is not a torch device (e.g. cpu, cuda, cuda:1)"),
+        ("cuda", "--device cuda: this machine or torch build has no cuda device; use --device cpu"),
+    ],
+)
+def test_bad_device_is_refused_before_any_work(models, dataset, monkeypatch, device, message):
+    import torch
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)  # as on a CPU-only torch
+    result = _cli(models, dataset / "data.yaml", "--device", device)
+    assert result.exit_code == 1
+    assert result.output == f"error: {message}\n"
+    assert not (dataset / "cache").exists()
+
+
+def test_skip_bad_without_encoders_leaves_out_what_cache_skip_bad_left_out(models, bad_dataset):
+    data = bad_dataset / "data.yaml"
+    _cache(models, data, skip_bad=True)
+    with pytest.raises(BadItemsError, match="nocap.png: missing caption"):
+        ensure_cache(data)
+    cache_dir, bad = ensure_cache(data, skip_bad=True)
+    assert cache_dir == bad_dataset / "cache"
+    assert sorted(b.path.name for b in bad) == ["junk.mp4", "nocap.png", "short.mp4", "trunc.png"]
+    # A new good file is still missing from the cache, bad ones or not.
+    write_image(bad_dataset / "imgs" / "new.png")
+    (bad_dataset / "imgs" / "new.txt").write_text("new")
+    with pytest.raises(SlotsmithError, match="new.png: not cached") as e:
+        ensure_cache(data, skip_bad=True)
+    assert "trunc.png" not in str(e.value)
+    # Without skip_bad, what the cache left out is missing, and the error says what to pass.
+    for name in ("nocap.png", "new.png", "new.txt"):
+        (bad_dataset / "imgs" / name).unlink()
+    with pytest.raises(SlotsmithError) as e:
+        ensure_cache(data)
+    lines = str(e.value).splitlines()
+    assert sorted(line.rsplit("/", 1)[1] for line in lines[:-1]) == [
+        "junk.mp4: not cached", "short.mp4: not cached", "trunc.png: not cached"
+    ]
+    assert lines[-1].endswith("(and --skip-bad, if `slotsmith cache --skip-bad` left bad files out)")
+
+
+def test_bad_items_error_is_lines_that_stand_alone(bad_dataset):
+    with pytest.raises(BadItemsError) as e:
+        ensure_cache(bad_dataset / "data.yaml")
+    assert str(e.value).splitlines() == [
+        f"{bad_dataset / 'imgs' / 'nocap.png'}: missing caption (nocap.txt absent or empty)",
+        "1 bad item(s); fix them or pass --skip-bad to leave them out",
+    ]
+
+
+def test_stale_cache_error_lists_the_first_problems_then_the_count(dataset):
+    for i in range(12):
+        write_image(dataset / "imgs" / f"n{i:02d}.png")
+        (dataset / "imgs" / f"n{i:02d}.txt").write_text("new")
+    with pytest.raises(SlotsmithError) as e:
+        ensure_cache(dataset / "data.yaml")
+    *problems, last = str(e.value).splitlines()
+    assert len(problems) == LISTED_PROBLEMS
+    assert all(line.startswith(str(dataset)) and line.endswith(": not cached") for line in problems)
+    assert last.startswith(f"the cache {dataset / 'cache'} does not match {dataset / 'data.yaml'}: ")
+    assert f"{4 + 12} problem(s), the first {LISTED_PROBLEMS} listed above" in last

@@ -16,7 +16,7 @@ from slotsmith.data import (
     resample_indices,
 )
 from slotsmith.errors import SlotsmithError
-from media import write_image, write_video
+from media import write_audio_only, write_image, write_video
 
 
 def _yaml(tmp_path, doc: dict):
@@ -129,6 +129,17 @@ def test_discover_reads_jsonl_and_reports_each_bad_line(folders):
     assert any("list.jsonl:5" in p and "not valid JSON" in p for p in problems)
 
 
+def test_jsonl_line_that_is_not_utf8_is_one_bad_item(folders):
+    write_image(folders / "imgs" / "a.png")
+    good = b'{"path": "imgs/a.png", "caption": "a cat"}'
+    latin1 = '{"path": "imgs/a.png", "caption": "caf\xe9"}'.encode("latin-1")
+    (folders / "list.jsonl").write_bytes(good + b"\n" + latin1)
+    config = load_data_config(_yaml(folders, {"datasets": [{"jsonl_file": "list.jsonl", "resolution": [32, 32]}]}))
+    sources, bad = discover(config)
+    assert [s.caption for s in sources] == ["a cat"]
+    assert [str(b) for b in bad] == [f"{folders / 'list.jsonl'}:2: not valid UTF-8"]
+
+
 def _spec(folders, **kw):
     doc = {"datasets": [{"image_directory": "imgs", "resolution": [64, 64], **kw}]}
     return load_data_config(_yaml(folders, doc)).datasets[0]
@@ -222,6 +233,8 @@ def test_unreadable_and_short_media_raise_clear_errors(folders):
     (folders / "clips" / "short.txt").write_text("x")
     (folders / "clips" / "junk.mp4").write_bytes(b"\x00" * 500)
     (folders / "clips" / "junk.txt").write_text("x")
+    write_audio_only(folders / "clips" / "sound.mkv")
+    (folders / "clips" / "sound.txt").write_text("x")
     doc = {
         "datasets": [
             {"image_directory": "imgs", "resolution": [32, 32]},
@@ -237,3 +250,4 @@ def test_unreadable_and_short_media_raise_clear_errors(folders):
     assert "unreadable image" in errors["t.png"]
     assert "unreadable video" in errors["junk.mp4"]
     assert "too short: 3 frames" in errors["short.mp4"]
+    assert errors["sound.mkv"] == "unreadable video: no video stream"

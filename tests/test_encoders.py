@@ -128,3 +128,15 @@ def test_wrong_files_give_clear_errors(tiny_models, tmp_path):
     save_file(sd, str(tmp_path / "cut.safetensors"))
     with pytest.raises(SlotsmithError, match="do not fit a Wan 2.1 VAE"):
         load_vae(tmp_path / "cut.safetensors")
+
+
+def test_tokenizer_error_is_the_whole_message_on_one_line(tmp_path):
+    from transformers import AutoTokenizer
+
+    with pytest.raises(Exception) as original:  # what transformers itself says about an empty folder
+        AutoTokenizer.from_pretrained(str(tmp_path), local_files_only=True)
+    with pytest.raises(SlotsmithError) as e:
+        load_tokenizer(tmp_path)
+    message = str(e.value)
+    assert "\n" not in message
+    assert message == f"{tmp_path}: cannot load a tokenizer: {' '.join(str(original.value).split())}"

@@ -97,3 +97,15 @@ def test_extract_refusals(tmp_path, case):
     r = _run("extract", base.path, tuned, "-o", out, *extra)
     assert r.exit_code == 1 and needle in r.output and r.output.startswith("error: ")
     assert (not out.exists()) if case != "exists" else out.read_bytes() == b"keep"
+
+
+def test_expert_must_be_high_or_low(tmp_path):
+    base = make_checkpoint(tmp_path / "base.safetensors")
+    _tuned(tmp_path / "tuned.safetensors", base, CHANGED)
+    out = tmp_path / "x.slot"
+    r = _run("extract", base.path, tmp_path / "tuned.safetensors", "-o", out, "--expert", "middle")
+    assert r.exit_code == 2 and "'middle' is not one of 'high', 'low'" in r.output
+    assert not out.exists()
+    r = _run("extract", base.path, tmp_path / "tuned.safetensors", "-o", out, "--expert", "low", "-q")
+    assert r.exit_code == 0, r.output
+    assert read_slot(out).manifest.expert == "low"

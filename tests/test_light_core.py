@@ -65,3 +65,24 @@ def test_verify_runs_without_torch(tmp_path):
     out = splice(base.path, [slot], tmp_path / "out.safetensors")
     argv = ["verify", "-q", str(slot), str(out), "--base", str(base.path)]
     assert _heavy_imported(argv) == "[]"
+
+
+def test_heavy_commands_without_torch_say_how_to_install_it(tmp_path):
+    """A light install (no torch): train, cache and demo name the extra instead of a traceback."""
+    code = """
+import sys
+sys.modules["torch"] = None  # as if torch were not installed: importing it raises ModuleNotFoundError
+from slotsmith.cli import main
+main(sys.argv[1:])
+"""
+    commands = {
+        "train": ["train", "-b", "x.safetensors", "--cache", "c", "--ff", "0.01", "--ffid", "1", "--steps", "1",
+                  "-o", "x.slot"],
+        "cache": ["cache", "--data", "d.yaml", "--vae", "v", "--t5", "t", "--tokenizer", "tok"],
+        "demo": ["demo", "--out", "demo-out"],
+    }
+    for name, argv in commands.items():
+        r = subprocess.run([sys.executable, "-c", code, *argv], capture_output=True, text=True, cwd=tmp_path)
+        assert r.returncode == 1, r.stderr
+        assert r.stderr == f"error: slotsmith {name} needs the training extra: pip install 'slotsmith[train]'\n"
+        assert not list(tmp_path.iterdir())

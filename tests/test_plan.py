@@ -96,3 +96,16 @@ def test_bad_arguments_exit_1(args, message):
 
 def test_missing_option_is_usage_error():
     assert _plan("-m", "wan2.2-t2v-a14b", "--ff", "0.01").exit_code == 2
+
+
+def test_a_slot_is_not_a_model(tmp_path):
+    from slotsmith.inventory import inventory_from_checkpoint
+    from slotsmith.slot import write_slot
+
+    base = make_checkpoint(tmp_path / "base.safetensors")
+    inv = inventory_from_checkpoint(base.path)
+    slot = tmp_path / "a.slot"
+    write_slot(slot, inv, {"head.head.bias": base.tensors["head.head.bias"]}, selection=None, provenance={})
+    result = _plan("-m", str(slot), "--ff", "0.01", "--ffid", "1")
+    assert result.exit_code == 1
+    assert result.output == f"error: {slot}: is a slot, not a base checkpoint\n"

@@ -6,7 +6,7 @@ import struct
 import numpy as np
 import pytest
 import xxhash
-from helpers import make_checkpoint, random_bytes, read_raw_safetensors, write_raw_safetensors
+from helpers import disk_full, make_checkpoint, random_bytes, read_raw_safetensors, write_raw_safetensors
 from safetensors import safe_open
 
 from slotsmith.errors import SlotsmithError
@@ -172,3 +172,41 @@ def test_flipped_weight_byte_is_caught(slot_path):
     with pytest.raises(SlotsmithError, match="do not match the manifest digest"):
         slot.verify_hashes()
 
+
+
+def _sparse_checkpoint(path, model: str):
+    """A checkpoint with a known model's full layout in BF16: real header, sparse zero data (no disk used)."""
+    from slotsmith.layout import KNOWN_MODELS, wan_tensor_shapes
+
+    header, offset = {}, 0
+    for name, shape in wan_tensor_shapes(KNOWN_MODELS[model].config).items():
+        size = 2 * int(np.prod(shape))
+        header[name] = {"dtype": "BF16", "shape": list(shape), "data_offsets": [offset, offset + size]}
+        offset += size
+    raw = json.dumps(header).encode()
+    raw += b" " * (-len(raw) % 8)
+    with open(path, "wb") as f:
+        f.write(struct.pack("<Q", len(raw)) + raw)
+        f.truncate(8 + len(raw) + offset)
+    return path
+
+
+def test_expert_slot_of_the_shared_14b_layout_records_wan22(tmp_path):
+    """Wan 2.1 T2V 14B and Wan 2.2 T2V A14B share one layout; an expert slot is a Wan 2.2 one."""
+    inv = inventory_from_checkpoint(_sparse_checkpoint(tmp_path / "dit.safetensors", "wan2.2-t2v-a14b"))
+    assert inv.matching_models() == ["wan2.1-t2v-14b", "wan2.2-t2v-a14b"]
+    bias = {"head.head.bias": bytes(2 * 64)}
+    high = write_slot(tmp_path / "high.slot", inv, bias, selection=None, provenance={}, expert="high")
+    plain = write_slot(tmp_path / "plain.slot", inv, bias, selection=None, provenance={})
+    assert high.base.layout == "wan2.2-t2v-a14b"
+    assert plain.base.layout == "wan2.1-t2v-14b"
+
+
+def test_full_disk_is_a_clear_error_and_leaves_nothing(tmp_path, base, monkeypatch):
+    inv = inventory_from_checkpoint(base.path)
+    disk_full(monkeypatch)
+    out = tmp_path / "a.slot"
+    written = r"a\.slot: writing failed \(No space left on device\); nothing was written"
+    with pytest.raises(SlotsmithError, match=written):
+        write_slot(out, inv, {Q: _new((64, 64))}, selection=None, provenance={})
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["base.safetensors"]

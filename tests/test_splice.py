@@ -160,6 +160,7 @@ def _refused(tmp_path, args, *needles):
         assert needle in line, line
     assert not out.exists() and _no_temp_left(tmp_path)
     assert {p: p.stat().st_mtime_ns for p in tmp_path.rglob("*")} == before  # inputs untouched
+    return line
 
 
 def test_refuses_tampered_slot_bytes(tmp_path):
@@ -184,6 +185,34 @@ def test_refuses_non_slot(tmp_path):
     base = make_checkpoint(tmp_path / "base.safetensors")
     other = make_checkpoint(tmp_path / "other.safetensors", seed=1)
     _refused(tmp_path, [base.path, other.path], "other.safetensors", "not a slot")
+
+
+def test_refuses_a_slot_as_base(tmp_path):
+    base = make_checkpoint(tmp_path / "base.safetensors")
+    _slot(tmp_path / "a.slot", base.path, {Q: (None, 1)})
+    _slot(tmp_path / "b.slot", base.path, {BIAS: (None, 2)})
+    line = _refused(tmp_path, [tmp_path / "a.slot", tmp_path / "b.slot"])
+    assert line == f"error: {tmp_path / 'a.slot'}: is a slot, not a base checkpoint"
+
+
+def test_other_layout_of_a_known_model_names_the_first_differing_tensor(tmp_path):
+    from slotsmith.checks import fingerprint_problems
+    from slotsmith.inventory import load_inventory
+    from slotsmith.manifest import BaseFingerprint, Entry, build_manifest
+    from slotsmith.slot import Slot
+
+    # Made on Wan 2.1 1.3B (F32), checked against a 14B layout: head.head.bias fits both.
+    entry = Entry(BIAS, (64,), "F32", None, "0" * 32)
+    m = build_manifest(
+        selection=None, base=BaseFingerprint("wan2.1-t2v-1.3b", "1" * 32, {BIAS: "2" * 32}),
+        entries=[entry], provenance={}, expert=None,
+    )
+    big = load_inventory("wan2.1-t2v-14b")
+    (problem,) = fingerprint_problems(Slot(tmp_path / "a.slot", None, m), big, None)
+    assert problem.endswith(
+        ": first difference: tensor 'blocks.0.cross_attn.k.bias' is BF16[5120] in the base, "
+        "F32[1536] in wan2.1-t2v-1.3b"
+    )
 
 
 def test_refuses_truncated_slot(tmp_path):
@@ -231,17 +260,21 @@ def test_refuses_overlapping_rows_naming_both(tmp_path):
     base = make_checkpoint(tmp_path / "base.safetensors")
     _slot(tmp_path / "a.slot", base.path, {FFN: ((0, 40), 1)})
     _slot(tmp_path / "b.slot", base.path, {FFN: ((30, 50), 2)})
-    _refused(
-        tmp_path, [base.path, tmp_path / "a.slot", tmp_path / "b.slot"], "a.slot", "b.slot", FFN, "[30, 40)"
-    )
+    line = _refused(tmp_path, [base.path, tmp_path / "a.slot", tmp_path / "b.slot"])
+    assert f"{tmp_path / 'a.slot'} and {tmp_path / 'b.slot'} overlap: both hold rows [30, 40) of tensor {FFN!r}" in line
+    assert line.count(FFN) == 1
 
 
 def test_refuses_whole_tensor_overlap_and_same_slot_twice(tmp_path):
     base = make_checkpoint(tmp_path / "base.safetensors")
     _slot(tmp_path / "a.slot", base.path, {Q: (None, 1), BIAS: (None, 5)})
     _slot(tmp_path / "b.slot", base.path, {FFN: ((3, 4), 2), Q: ((10, 11), 3)})
-    _refused(tmp_path, [base.path, tmp_path / "a.slot", tmp_path / "b.slot"], "overlap", Q, "[10, 11)")
-    _refused(tmp_path, [base.path, tmp_path / "a.slot", tmp_path / "a.slot"], "same slot given twice")
+    a, b, c = (tmp_path / f"{x}.slot" for x in "abc")
+    _refused(tmp_path, [base.path, a, b], f"overlap: both hold rows [10, 11) of tensor {Q!r}")
+    _slot(c, base.path, {Q: (None, 4)})
+    line = _refused(tmp_path, [base.path, a, c], f"overlap: both hold tensor {Q!r}")
+    assert line.count(Q) == 1
+    _refused(tmp_path, [base.path, a, a], "same slot given twice")
 
 
 def test_refuses_output_that_is_an_input(tmp_path):

@@ -11,6 +11,8 @@ import pytest
 import torch
 import yaml
 from click.testing import CliRunner
+from helpers import disk_full
+from media import write_image
 from safetensors import safe_open
 from safetensors.torch import save_file
 
@@ -18,10 +20,19 @@ from slotsmith import cache, wan
 from slotsmith.cli import main
 from slotsmith.digest import digest_bytes
 from slotsmith.errors import SlotsmithError
-from slotsmith.inventory import inventory_from_checkpoint
+from slotsmith.inventory import inventory_from_checkpoint, load_inventory
 from slotsmith.select import select_v2
 from slotsmith.slot import read_slot
-from slotsmith.train import flow_loss, sample_generator, sample_t, state_path_for, train
+from slotsmith.train import (
+    expert_range,
+    flow_loss,
+    load_state,
+    sample_generator,
+    sample_t,
+    state_path_for,
+    summary,
+    train,
+)
 from slotsmith.train_config import TrainSettings
 
 torch.set_num_threads(1)
@@ -142,10 +153,24 @@ def test_resume_continues_exactly(world, tmp_path):
     assert all(torch.equal(a[n], b[n]) for n in a)
 
 
-def test_resume_refuses_a_different_run(world, tmp_path):
-    train(_settings(world, tmp_path / "a.slot", stop_after=1))
-    with pytest.raises(SlotsmithError, match="different seed"):
-        train(_settings(world, tmp_path / "a.slot", resume=True, seed=7))
+def test_resume_refuses_a_different_run_naming_the_setting(world, tmp_path):
+    out = tmp_path / "a.slot"
+    train(_settings(world, out, stop_after=1))
+    state = state_path_for(out)
+    for change, said in (
+        (dict(seed=7), "--seed 42, but this run has --seed 7"),
+        (dict(ffid=2), "--ffid 1, but this run has --ffid 2"),  # not the tensor list it implies
+        (dict(expert="high", boundary=0.5), "no --expert, but this run has --expert high"),
+    ):
+        with pytest.raises(SlotsmithError) as e:
+            train(_settings(world, out, resume=True, **change))
+        assert str(e.value) == (
+            f"{state}: was made with {said}; cannot resume (run with the same settings, or without --resume to "
+            "start over)"
+        )
+    saved = json.loads(torch.load(state, weights_only=True)["identity"])
+    with pytest.raises(SlotsmithError, match=r"was made with 1 process\(es\), but this run has 2; cannot resume"):
+        load_state(state, {**saved, "processes": 2})
 
 
 @pytest.mark.parametrize(
@@ -178,12 +203,27 @@ def test_save_every_writes_slot_sized_snapshots(world, tmp_path):
 
 
 def test_expert_range_is_recorded(world, tmp_path):
-    with pytest.raises(SlotsmithError, match="--boundary"):
+    with pytest.raises(SlotsmithError) as e:
         train(_settings(world, tmp_path / "a.slot", expert="high"))
-    train(_settings(world, tmp_path / "a.slot", expert="high", boundary=0.9, steps=1))
+    assert str(e.value) == (
+        f"{world['base']}: --expert needs the expert boundary, and the base's shapes match no two-expert "
+        "Wan 2.2 layout (wan2.2-t2v-a14b, wan2.2-i2v-a14b); give --boundary"
+    )
+    result = train(_settings(world, tmp_path / "a.slot", expert="high", boundary=0.9, steps=1))
     manifest = read_slot(tmp_path / "a.slot").manifest
     assert manifest.expert == "high"
     assert manifest.provenance["timestep_range"] == [0.9, 1.0]
+    assert "expert: high, timesteps [0.9, 1] (boundary 0.9 from --boundary)" in summary(result).splitlines()
+
+
+def test_expert_boundary_comes_from_the_wan22_layout_the_base_matches():
+    """Wan 2.1 T2V 14B has Wan 2.2 T2V A14B's layout: an expert run on it takes that model's boundary."""
+    wan21 = load_inventory("wan2.1-t2v-14b")
+    assert expert_range(TrainSettings(expert="high"), wan21) == ((0.875, 1.0), 0.875, "wan2.2-t2v-a14b")
+    assert expert_range(TrainSettings(expert="low", boundary=0.5), wan21) == ((0.0, 0.5), 0.5, "--boundary")
+    i2v = load_inventory("wan2.2-i2v-a14b")
+    assert expert_range(TrainSettings(expert="low"), i2v) == ((0.0, 0.9), 0.9, "wan2.2-i2v-a14b")
+    assert expert_range(TrainSettings(), wan21) == ((0.0, 1.0), None, None)
 
 
 def test_taken_ffid_is_refused_unless_forced(world, tmp_path):
@@ -291,3 +331,90 @@ def test_attach_slot_can_take_every_tensor():
     latents = torch.randn(1, 16, 1, 4, 4)
     flow_loss(model, latents, torch.randn(1, 8, 32), t, torch.randn_like(latents), torch.float32).sum().backward()
     assert all(slot[n].grad is not None for n in names)
+
+
+def _cli_args(world, out, *extra):
+    return ["train", "-b", str(world["base"]), "--cache", str(world["cache"]), "-o", str(out), "--steps", "1", "-q",
+            *extra]
+
+
+@pytest.mark.parametrize(
+    "extra, message",
+    [
+        (["--ffid", "1"], "--ff is required"),
+        (["--ff", "0.05"], "--ffid is required"),
+        (["--ff", "1.5", "--ffid", "1"], "--ff 1.5 is out of range: it must be in (0, 1]"),
+        (["--ff", "0.05", "--ffid", "8"], "--ffid 8 is out of range: pools are numbered 0..7"),
+        (["--ff", "0.05", "--ffid", "1", "--flow-shift", "nan"], "--flow-shift nan must be a finite number"),
+        (["--ff", "0.05", "--ffid", "1", "--lr", "inf"], "--lr inf must be a finite number"),
+        (["--ff", "0.05", "--ffid", "1", "--expert", "high", "--boundary", "nan"],
+         "--boundary nan must be a finite number"),
+        (["--ff", "0.05", "--ffid", "1", "--skip-bad"], "--skip-bad goes with --data (a --cache folder holds only "
+         "the items it was made of)"),
+    ],
+)
+def test_option_errors_name_the_option(world, tmp_path, extra, message):
+    r = CliRunner().invoke(main, _cli_args(world, tmp_path / "a.slot", *extra))
+    assert r.exit_code == 1 and r.output == f"error: {message}\n"
+    assert not list(tmp_path.iterdir())
+
+
+def test_config_that_cannot_be_read_is_a_clear_error(tmp_path):
+    r = CliRunner().invoke(main, ["train", "--config", str(tmp_path)])
+    assert r.exit_code == 1
+    assert r.output == f"error: {tmp_path}: cannot read the training config (Is a directory)\n"
+
+
+def test_full_disk_when_saving_is_a_clear_error(world, tmp_path, monkeypatch):
+    disk_full(monkeypatch)
+    out = tmp_path / "a.slot"
+    r = CliRunner().invoke(main, _cli_args(world, out, "--ff", str(FF), "--ffid", str(FFID)))
+    assert r.exit_code == 1
+    assert r.output == f"error: {out}.state: writing failed (No space left on device); nothing was written\n"
+    assert not list(tmp_path.iterdir())
+
+
+def test_data_runs_check_the_base_and_output_before_encoding(world, tmp_path, monkeypatch):
+    def never(*args, **kwargs):
+        raise AssertionError("the dataset was encoded before the base and output were checked")
+
+    monkeypatch.setattr("slotsmith.train.ensure_cache", never)
+    data = dict(cache="", data=str(tmp_path / "data.yaml"), vae="vae.pth", t5="t5.pth", tokenizer="tok")
+    with pytest.raises(SlotsmithError, match="missing.safetensors: no such file"):
+        train(_settings(world, tmp_path / "a.slot", base=str(tmp_path / "missing.safetensors"), **data))
+    with pytest.raises(SlotsmithError, match="output folder does not exist"):
+        train(_settings(world, tmp_path / "nowhere" / "a.slot", **data))
+    with pytest.raises(SlotsmithError, match="give --boundary"):
+        train(_settings(world, tmp_path / "a.slot", expert="high", **data))
+
+
+def test_skip_bad_trains_on_what_cache_skip_bad_kept(world, tiny_models, tmp_path):
+    imgs = tmp_path / "imgs"
+    imgs.mkdir()
+    for name in ("a", "b", "trunc", "nocap"):
+        write_image(imgs / f"{name}.png", 32, 32, seed=len(name))
+    raw = (imgs / "trunc.png").read_bytes()
+    (imgs / "trunc.png").write_bytes(raw[: len(raw) // 2])
+    for name in ("a", "b", "trunc"):
+        (imgs / f"{name}.txt").write_text(f"a {name} cat")
+    data = tmp_path / "data.yaml"
+    data.write_text(yaml.safe_dump({"datasets": [{"image_directory": "imgs", "resolution": [32, 32]}]}))
+    encoders = ["--vae", str(tiny_models["vae_pth"]), "--t5", str(tiny_models["t5_pth"]),
+                "--tokenizer", str(tiny_models["tok"])]
+    r = CliRunner().invoke(main, ["cache", "--data", str(data), *encoders, "--skip-bad", "-q"])
+    assert r.exit_code == 0, r.output
+    out = tmp_path / "a.slot"
+    args = ["train", "-b", str(world["base"]), "--data", str(data), "--ff", str(FF), "--ffid", str(FFID),
+            "--steps", "1", "-o", str(out), "-q"]
+    r = CliRunner().invoke(main, args)
+    assert r.exit_code == 1
+    assert r.output.splitlines() == [
+        f"error: {(imgs / 'nocap.png').resolve()}: missing caption (nocap.txt absent or empty)",
+        "error: 1 bad item(s); fix them or pass --skip-bad to leave them out",
+    ]
+    r = CliRunner().invoke(main, [*args, "--skip-bad"])
+    assert r.exit_code == 0, r.output
+    skipped = [line for line in r.output.splitlines() if line.startswith("skipped: ")]
+    assert [line.split(": ")[1] for line in skipped] == [str((imgs / n).resolve()) for n in ("nocap.png", "trunc.png")]
+    assert "unreadable image" in skipped[1]
+    assert read_slot(out).manifest.provenance["steps"] == 1

@@ -275,6 +275,21 @@ def test_selection_on_a_known_layout_needs_no_base(tmp_path):
     assert code == 0 and [c["result"] for c in doc["checks"] if c["check"] == "selection"] == ["skip"]
 
 
+def test_selection_skip_says_when_the_base_given_has_another_layout(tmp_path, base):
+    from slotsmith.layout import WanConfig
+
+    slot = _selected_slot(tmp_path / "a.slot", base, 1)
+    other = make_checkpoint(tmp_path / "other.safetensors", WanConfig(64, 256, 2, text_dim=32, freq_dim=16))
+    other_digest = inventory_from_checkpoint(other.path).layout_digest()
+    code, doc = _json("verify", slot, "--base", other.path)
+    (row,) = [c for c in doc["checks"] if c["check"] == "selection"]
+    assert row["result"] == "skip"
+    assert row["detail"].endswith(
+        f"is not a known model; the --base {other.path} has another layout ({other_digest})"
+    )
+    assert "give --base" not in row["detail"]
+
+
 def test_overlap_fails_and_row_disjoint_slots_pass(tmp_path, base):
     a = _slot(tmp_path / "a.slot", base.path, [FFN], 1, rows={FFN: (0, 64)})
     b = _slot(tmp_path / "b.slot", base.path, [FFN, BIAS], 2, rows={FFN: (64, 128)})
@@ -285,7 +300,8 @@ def test_overlap_fails_and_row_disjoint_slots_pass(tmp_path, base):
     code, doc = _json("verify", a, b, c)
     assert code == 1 and _failed(doc) == {("group 1", "disjoint")}
     details = " ".join(_rows(doc, "fail")[0]["problems"])
-    assert str(a) in details and str(b) in details and str(c) in details and "rows [60, 64)" in details
+    assert str(a) in details and str(b) in details and str(c) in details
+    assert f"{a} and {c} overlap: both hold rows [60, 64) of tensor {FFN!r}" in details
 
 
 def test_slots_of_different_bases_are_groups_unless_base_given(tmp_path, base):

@@ -107,8 +107,12 @@ def test_head_dim_sources(tmp_path):
     assert wan.inspect_base(path)[2] == 32
     (path.parent / "config.json").unlink()
     # Without a config: Wan's 128, which a 64-wide model cannot have.
-    with pytest.raises(SlotsmithError, match="head size 128"):
+    with pytest.raises(SlotsmithError) as e:
         wan.inspect_base(path)
+    assert str(e.value) == (
+        f"{path}: model width 64 is not a multiple of the head size 128; give --head-dim, "
+        'or put a config.json with "attention_head_dim" beside the checkpoint'
+    )
     assert wan.inspect_base(path, head_dim=16)[2] == 16
     tensors = {k: v.contiguous() for k, v in wan.native_state_dict(model).items()}
     save_file(tensors, path, metadata={"config": json.dumps({"dim": 64, "num_heads": 8})})

@@ -10,7 +10,8 @@ filesystems with reflinks (XFS, btrfs) share it instead of copying it.
 
 Output goes to a temp file in the target folder, is fsynced, then renamed into
 place; on any exception (Ctrl-C included) the temp file is removed and nothing
-appears at the target.
+appears at the target. An ``OSError`` on the way (a full disk, a read-only
+folder) becomes one ``SlotsmithError`` naming the target.
 """
 
 from __future__ import annotations
@@ -275,19 +276,29 @@ def _publish(tmp: Path, out: Path, force: bool) -> None:
     os.unlink(tmp)
 
 
+def write_error(out: str | os.PathLike, e: OSError) -> SlotsmithError:
+    """The one-line error for a failed write of ``out`` (full disk, no permission...)."""
+    return SlotsmithError(f"{out}: writing failed ({e.strerror or e}); nothing was written")
+
+
 @contextmanager
 def atomic_file(out: str | os.PathLike, *, force: bool = False) -> Iterator[int]:
     """Yield the fd of a temp file beside ``out``; publish it on success.
 
     On success the file is fsynced and renamed to ``out``; on any exception
-    (KeyboardInterrupt included) it is removed and the exception propagates.
+    (KeyboardInterrupt included) it is removed and the exception propagates,
+    an ``OSError`` (from the caller's writes too) as a ``SlotsmithError``.
 
     Raises:
-        SlotsmithError: ``out`` exists and not ``force``, or its folder is missing.
+        SlotsmithError: ``out`` exists and not ``force``, its folder is
+            missing, or writing failed (naming ``out``).
     """
     out = Path(out)
     refuse_existing(out, force)
-    fd, name = tempfile.mkstemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent)
+    try:
+        fd, name = tempfile.mkstemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent)
+    except OSError as e:
+        raise write_error(out, e) from None
     tmp = Path(name)
     try:
         yield fd
@@ -297,6 +308,8 @@ def atomic_file(out: str | os.PathLike, *, force: bool = False) -> Iterator[int]
         os.chmod(tmp, 0o644)
         _publish(tmp, out, force)
         _fsync_dir(out.parent)
+    except OSError as e:
+        raise write_error(out, e) from None
     finally:
         if fd >= 0:
             os.close(fd)
@@ -307,20 +320,27 @@ def atomic_file(out: str | os.PathLike, *, force: bool = False) -> Iterator[int]
 def atomic_dir(out: str | os.PathLike, *, force: bool = False) -> Iterator[Path]:
     """Yield a temp folder beside ``out``; publish it as ``out`` on success.
 
-    The caller writes files inside it with ``new_file_in``.
+    The caller writes files inside it with ``new_file_in``. On any exception
+    the temp folder is removed; an ``OSError`` becomes a ``SlotsmithError``.
 
     Raises:
-        SlotsmithError: ``out`` exists and not ``force``, or its folder is missing.
+        SlotsmithError: ``out`` exists and not ``force``, its folder is
+            missing, or writing failed (naming ``out``).
     """
     out = Path(out)
     refuse_existing(out, force)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent))
+    try:
+        tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent))
+    except OSError as e:
+        raise write_error(out, e) from None
     try:
         yield tmp
         _fsync_dir(tmp)
         os.chmod(tmp, 0o755)
         _publish(tmp, out, force)
         _fsync_dir(out.parent)
+    except OSError as e:
+        raise write_error(out, e) from None
     finally:
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
@@ -363,8 +383,8 @@ def write_safetensors(
         ``out`` as a Path.
 
     Raises:
-        SlotsmithError: ``out`` exists (without force), or bad part lengths.
-        OSError: Reading or writing failed (nothing is left behind).
+        SlotsmithError: ``out`` exists (without force), bad part lengths, or
+            reading or writing failed (nothing is left behind).
     """
     out = Path(out)
     with atomic_file(out, force=force) as fd:
