@@ -112,6 +112,7 @@ def plan(model: str, ff: float, ffid: tuple[int, ...], as_json: bool) -> None:
 @click.argument("base", type=click.Path(path_type=str))
 @click.argument("slots", nargs=-1, required=True, type=click.Path(path_type=str))
 @click.option(
+    "--out",
     "--output",
     "-o",
     "out",
@@ -145,7 +146,7 @@ def splice(base: str, slots: tuple[str, ...], out: str | None, force: bool, quie
 @main.command()
 @click.argument("base", type=click.Path(path_type=str))
 @click.argument("tuned", type=click.Path(path_type=str))
-@click.option("--output", "-o", "out", required=True, metavar="X.slot", help="The slot file to write.")
+@click.option("--out", "--output", "-o", "out", required=True, metavar="X.slot", help="The slot file to write.")
 @click.option("--ff", type=float, default=None, help="With --ffid: refuse changes outside this selection.")
 @click.option("--ffid", type=int, default=None, help="Pool id of the selection (with --ff).")
 @click.option("--expert", type=click.Choice(EXPERTS), help="Wan 2.2 expert the slot is for, recorded in the manifest.")
@@ -258,7 +259,7 @@ def _train_options(fn):
         click.option("--tokenizer", metavar="DIR", help="With --data: the tokenizer folder."),
         click.option("--skip-bad/--no-skip-bad", default=d.skip_bad,
                      help="With --data: leave bad items out, as `slotsmith cache --skip-bad` does."),
-        click.option("--out", "-o", metavar="FILE", help="The .slot file to write."),
+        click.option("--out", "--output", "-o", "out", metavar="FILE", help="The .slot file to write."),
         click.option("--ff", type=float, default=d.ff, help="Fraction of the model's parameters, as in `plan`."),
         click.option("--ffid", type=int, default=d.ffid, help="Pool id 0..7, as in `plan`."),
         click.option("--steps", type=int, help="Optimizer steps (or give --epochs)."),
@@ -377,7 +378,7 @@ def cache(data_yaml, vae, t5, tokenizer, device, batch_size, dtype, skip_bad, qu
 
 
 @main.command()
-@click.option("--out", "-o", default="demo-out", show_default=True, type=click.Path(file_okay=False, path_type=str),
+@click.option("--out", "--output", "-o", "out", default="demo-out", show_default=True, type=click.Path(file_okay=False, path_type=str),
               help="Folder for everything the demo makes (a re-run replaces the demo's files there).")
 @click.option("--steps", default=200, show_default=True, type=click.IntRange(min=1), help="Training steps per slot.")
 @click.option("--seed", default=0, show_default=True, type=int, help="Seed of the model, the data and the training.")
