@@ -18,14 +18,16 @@ from __future__ import annotations
 import argparse
 import os
 import shutil
+import statistics
 import subprocess
 import sys
-import statistics
 import tempfile
 import time
+from math import prod
 from pathlib import Path
 
 from slotsmith.inventory import inventory_from_checkpoint
+from slotsmith.io.header import DTYPE_SIZES
 from slotsmith.io.writer import TensorOut, write_safetensors
 from slotsmith.layout import KNOWN_MODELS, wan_tensor_shapes
 from slotsmith.select import select_v2
@@ -52,10 +54,8 @@ def build_base(path: Path, model: str) -> None:
     pool = memoryview(os.urandom(2 * CHUNK))
     tensors = []
     for i, (name, shape) in enumerate(shapes.items()):
-        n = 2
-        for d in shape:
-            n *= d
-        tensors.append(TensorOut(name, "BF16", shape, _parts(n, pool, i * 7919)))
+        nbytes = prod(shape) * DTYPE_SIZES["BF16"]
+        tensors.append(TensorOut(name, "BF16", shape, _parts(nbytes, pool, i * 7919)))
     write_safetensors(path, tensors, {"format": "pt"}, data_mod=123 * 8)
 
 

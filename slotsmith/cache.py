@@ -19,7 +19,6 @@ items. The trainer pads each context to 512 tokens with zeros, as Wan does.
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 
 import torch
@@ -27,8 +26,8 @@ from safetensors import safe_open
 from safetensors.torch import save
 
 from slotsmith.errors import SlotsmithError
-from slotsmith.io.header import parse_json_object, read_header
-from slotsmith.io.writer import atomic_file, write_error
+from slotsmith.io.header import is_int, parse_json_object, read_header
+from slotsmith.io.writer import atomic_file, write_all, write_error
 
 CACHE_FORMAT = "slotsmith-cache/1"
 TEXT_LEN = 512
@@ -50,9 +49,7 @@ def _atomic_write(target: Path, payload: bytes) -> None:
     except OSError as e:
         raise write_error(target, e) from None
     with atomic_file(target, force=True) as fd:
-        view = memoryview(payload)
-        while view:
-            view = view[os.write(fd, view) :]
+        write_all(fd, payload)
 
 
 def _write_tensor(cache_dir, sub: str, key: str, name: str, tensor: torch.Tensor, ndim: int) -> str:
@@ -162,7 +159,7 @@ def load_index(cache_dir) -> dict:
         raise SlotsmithError(f"{path}: format {doc.get('format')!r} is not {CACHE_FORMAT!r}")
     channels, text_dim, items = doc.get("latent_channels"), doc.get("text_dim"), doc.get("items")
     for field, value in (("latent_channels", channels), ("text_dim", text_dim)):
-        if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
+        if not is_int(value) or value <= 0:
             raise SlotsmithError(f"{path}: {field} must be a positive integer")
     if not isinstance(items, list) or not items:
         raise SlotsmithError(f"{path}: the cache holds no items")
@@ -171,7 +168,7 @@ def load_index(cache_dir) -> dict:
         if not isinstance(item, dict):
             raise SlotsmithError(f"{path}: {where} is not an object")
         repeats = item.setdefault("repeats", 1)
-        if not isinstance(repeats, int) or isinstance(repeats, bool) or repeats < 1:
+        if not is_int(repeats) or repeats < 1:
             raise SlotsmithError(f"{path}: {where}: repeats must be a positive integer")
         _check_tensor(cache_dir, item.get("latents"), "latents", 4, 0, channels, where)
         _check_tensor(cache_dir, item.get("text"), "context", 2, 1, text_dim, where)
@@ -190,17 +187,19 @@ class CachedDataset(torch.utils.data.Dataset):
     float32, the context zero-padded past its real tokens.
     """
 
-    def __init__(self, cache_dir):
+    def __init__(self, cache_dir, index: dict | None = None):
         """Open a cache folder.
 
         Args:
             cache_dir: The cache folder.
+            index: What ``load_index(cache_dir)`` returned, when the caller
+                has it already (its files are then not checked again).
 
         Raises:
             SlotsmithError: See ``load_index``.
         """
         self.cache_dir = Path(cache_dir)
-        self.index = load_index(self.cache_dir)
+        self.index = load_index(self.cache_dir) if index is None else index
         self.latent_channels = self.index["latent_channels"]
         self.text_dim = self.index["text_dim"]
         self._entries = [item for item in self.index["items"] for _ in range(item["repeats"])]

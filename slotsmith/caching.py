@@ -18,10 +18,23 @@ from collections import defaultdict
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import torch
+from tqdm import tqdm
+
 from slotsmith.cache import INDEX_NAME, load_index, write_index, write_latents, write_text
 from slotsmith.data import DEFAULT_ALIGN, BadItem, DataConfig, Source, discover, load_data_config, read_clips
 from slotsmith.digest import digest_file_range, digest_json
+from slotsmith.encoders import (
+    encode_pixels,
+    encode_texts,
+    load_text_encoder,
+    load_tokenizer,
+    load_vae,
+    parse_dtype,
+    vae_spatial_factor,
+)
 from slotsmith.errors import SlotsmithError
+from slotsmith.io.header import read_header
 
 KEY_VERSION = 1
 """Bump when the encoding changes in a way the other key parts do not capture."""
@@ -130,8 +143,6 @@ def _previous_items(cache_dir: Path) -> dict[str, list[dict]]:
 
 
 def _tensor_dim(path: Path, name: str) -> int:
-    from slotsmith.io.header import read_header
-
     info = read_header(path).tensors[name]
     return info.shape[0] if name == "latents" else info.shape[1]
 
@@ -140,10 +151,9 @@ class _Encoders:
     """The VAE, and the text encoder loaded only when some caption needs encoding."""
 
     def __init__(self, vae, t5, tokenizer, device, dtype):
+        # Imported only when encoding: they take seconds to import.
         import diffusers
         import transformers
-
-        from slotsmith.encoders import load_tokenizer, load_vae
 
         # Their per-file loading bars would drown the one bar that matters.
         diffusers.utils.logging.disable_progress_bar()
@@ -156,8 +166,6 @@ class _Encoders:
     @property
     def t5(self):
         if self._t5 is None:
-            from slotsmith.encoders import load_text_encoder
-
             self._t5 = load_text_encoder(self.t5_path, self.device, self.dtype)
         return self._t5
 
@@ -179,8 +187,6 @@ def resolve_device(device: str | None) -> str:
         SlotsmithError: Not a torch device name, or a device this machine (or
             this torch build) does not have.
     """
-    import torch
-
     if device is None:
         return "cuda" if torch.cuda.is_available() else "cpu"
     try:
@@ -234,11 +240,6 @@ def run_cache(
         BadItemsError: Bad items and not ``skip_bad`` (the index is not written).
         SlotsmithError: Bad config, device, encoders or paths.
     """
-    import torch
-    from tqdm import tqdm
-
-    from slotsmith.encoders import encode_pixels, encode_texts, parse_dtype, vae_spatial_factor
-
     if batch_size < 1:
         raise SlotsmithError(f"batch size must be at least 1, got {batch_size}")
     device = resolve_device(device)
@@ -252,7 +253,7 @@ def run_cache(
     ids = {"vae": model_identity(vae), "t5": model_identity(t5), "tokenizer": model_identity(tokenizer)}
     enc = _Encoders(vae, t5, tokenizer, device, torch_dtype)
     align = 2 * vae_spatial_factor(enc.vae)  # the DiT patchifies latents 2x2
-    if align != 16:
+    if align != DEFAULT_ALIGN:
         config = load_data_config(data_yaml, align)
     cache_dir = config.cache_dir
     report = CacheReport(cache_dir, bad=list(bad))
@@ -400,7 +401,7 @@ def missing_from_cache(config: DataConfig, skip_bad: bool = False) -> tuple[list
 
 def _align_of(item: dict) -> int:
     """The alignment a cached item was made with (32 when the VAE was Wan 2.2's)."""
-    return 32 if item.get("align") == 32 else 16
+    return 32 if item.get("align") == 32 else DEFAULT_ALIGN
 
 
 def ensure_cache(

@@ -2,7 +2,8 @@
 
 Every check returns a list of problems, one line each, naming the file and
 the tensor (an empty list means it passed), so ``verify`` can report them all
-while ``splice`` stops at the first with ``raise_problems``.
+while ``splice`` stops at the first with ``raise_problems``. (A slot's
+tensor hashes are checked by its own ``Slot.hash_problems``.)
 """
 
 from __future__ import annotations
@@ -13,7 +14,7 @@ from dataclasses import dataclass
 from slotsmith.digest import canonical_json, digest_file_range
 from slotsmith.errors import SlotsmithError
 from slotsmith.inventory import Inventory
-from slotsmith.io.header import parse_json_object
+from slotsmith.io.header import is_int, parse_json_object
 from slotsmith.layout import KNOWN_MODELS, wan_tensor_shapes
 from slotsmith.manifest import Manifest, manifest_from_json
 from slotsmith.select import ALGORITHMS, NUM_POOLS
@@ -34,11 +35,6 @@ def raise_problems(problems: Sequence[str]) -> None:
     if problems:
         more = f" (and {len(problems) - 1} more problem(s))" if len(problems) > 1 else ""
         raise SlotsmithError(problems[0] + more)
-
-
-def slot_hash_problems(slot: Slot) -> list[str]:
-    """Every slot tensor whose bytes do not match its manifest digest."""
-    return slot.hash_problems()
 
 
 def shape_problems(slot: Slot, base: Inventory) -> list[str]:
@@ -238,10 +234,6 @@ MAX_POOLS = 64
 """Most pools a recorded selection may name: bounds the work a hostile manifest can ask for."""
 
 
-def _is_int(v: object) -> bool:
-    return isinstance(v, int) and not isinstance(v, bool)
-
-
 def is_extracted(m: Manifest) -> bool:
     """Whether the slot was made by ``extract`` (it records ``extracted_from``)."""
     return "extracted_from" in m.provenance or "extracted_from" in (m.selection or {})
@@ -269,7 +261,7 @@ def selection_problems(label: str, m: Manifest, layout: Inventory) -> list[str]:
     if select is None:
         return [f"{label}: unknown selection algorithm {alg!r} (known: {', '.join(ALGORITHMS)})"]
     ff, ffid, pools = sel.get("ff"), sel.get("ffid"), sel.get("num_pools", NUM_POOLS)
-    if not (isinstance(ff, int | float) and not isinstance(ff, bool) and _is_int(ffid) and _is_int(pools)):
+    if not (isinstance(ff, int | float) and not isinstance(ff, bool) and is_int(ffid) and is_int(pools)):
         return [f"{label}: selection needs a number ff and integers ffid and num_pools"]
     if not 1 <= pools <= MAX_POOLS:
         return [f"{label}: selection num_pools {pools} is outside 1..{MAX_POOLS}"]

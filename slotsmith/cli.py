@@ -1,8 +1,10 @@
 """The ``slotsmith`` command line: thin click commands over the library.
 
-Light commands (plan, inspect, splice, extract, verify) never import torch;
-the trainer's commands import their heavy modules inside the command body
-(and, in a light install without them, say which extra to install).
+Every command imports its library modules inside its body, so starting the
+CLI loads only click and the training options' defaults. Light commands
+(plan, inspect, splice, extract, verify) never import torch; the trainer's
+commands import their heavy modules under ``training_extra`` (so a light
+install without them says which extra to install).
 Every command turns a ``SlotsmithError`` into ``error:`` lines (one per line
 of its message) and exit 1.
 """
@@ -14,12 +16,22 @@ import json
 import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
+from pathlib import Path
 
 import click
+from click.core import ParameterSource
 
 from slotsmith import __version__
 from slotsmith.errors import SlotsmithError
-from slotsmith.train_config import EXPERTS
+from slotsmith.train_config import (
+    EXPERTS,
+    LR_SCHEDULERS,
+    MIXED_PRECISIONS,
+    OPTIMIZERS,
+    TIMESTEP_SAMPLINGS,
+    TrainSettings,
+    load_settings,
+)
 
 
 def user_errors(fn):
@@ -240,14 +252,6 @@ def verify(paths: tuple[str, ...], base: str | None, as_json: bool, quiet: bool)
 
 def _train_options(fn):
     """The options of ``train``, each a field of ``TrainSettings`` (defaults shown from it)."""
-    from slotsmith.train_config import (
-        LR_SCHEDULERS,
-        MIXED_PRECISIONS,
-        OPTIMIZERS,
-        TIMESTEP_SAMPLINGS,
-        TrainSettings,
-    )
-
     d = TrainSettings()
     opts = [
         click.option("--base", "-b", metavar="CKPT", help="Wan DiT checkpoint: .safetensors, sharded index or folder."),
@@ -324,17 +328,13 @@ def train(ctx: click.Context, config: str | None, **options) -> None:
       slotsmith train -b dit.safetensors --cache cache/ --ff 0.01 --ffid 1 --steps 2000 -o char1.slot
       slotsmith train --config train.yaml --resume
     """
-    from click.core import ParameterSource
-
-    from slotsmith.train_config import load_settings
-
     with training_extra("train"):
         from slotsmith.train import summary, train as run_training
 
     explicit = {
         name for name in options if ctx.get_parameter_source(name) in (ParameterSource.COMMANDLINE, ParameterSource.ENVIRONMENT)
     }
-    settings = load_settings({k: v for k, v in options.items()}, explicit, config)
+    settings = load_settings(options, explicit, config)
     result = run_training(settings)
     if result.is_main:
         click.echo(summary(result), err=True)
@@ -398,8 +398,6 @@ def demo(out: str, steps: int, seed: int, as_json: bool, quiet: bool) -> None:
     Example:
       slotsmith demo --out demo-out
     """
-    from pathlib import Path
-
     with training_extra("demo"):
         from slotsmith.demo import DemoSettings, render_table, run_demo
 

@@ -512,7 +512,7 @@ def clip_ranges(count: int, spec: DatasetSpec) -> list[tuple[int, int]]:
     return ranges
 
 
-def _decode_frames(path: Path, size_for) -> tuple[list, float | None]:
+def _decode_frames(path: Path, size_for) -> list:
     """All frames of a video's first video stream, each fitted to its bucket."""
     import av
 
@@ -521,14 +521,13 @@ def _decode_frames(path: Path, size_for) -> tuple[list, float | None]:
         if not container.streams.video:
             raise SlotsmithError("unreadable video: no video stream")
         stream = container.streams.video[0]
-        rate = float(stream.average_rate) if stream.average_rate else None
         size = None
         for frame in container.decode(stream):
             image = frame.to_image()
             if size is None:
                 size = size_for(image.width, image.height)
             frames.append(_fit(image, size))
-    return frames, rate
+    return frames
 
 
 def read_video(source: Source, align: int = DEFAULT_ALIGN) -> list[Clip]:
@@ -549,7 +548,7 @@ def read_video(source: Source, align: int = DEFAULT_ALIGN) -> list[Clip]:
 
     spec = source.dataset
     try:
-        frames, _ = _decode_frames(source.path, lambda w, h: bucket_size(w, h, spec, align))
+        frames = _decode_frames(source.path, lambda w, h: bucket_size(w, h, spec, align))
     except (av.error.FFmpegError, OSError, ValueError) as e:
         raise SlotsmithError(f"unreadable video: {e}") from None
     if not frames:

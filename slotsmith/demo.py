@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import json
 import os
+import random
 import shutil
 import subprocess
 import sys
@@ -35,8 +36,17 @@ from pathlib import Path
 import torch
 import yaml
 
+from slotsmith import tiny
+from slotsmith.cache import CachedDataset
+from slotsmith.caching import run_cache
+from slotsmith.data import discover, load_data_config, read_clips
+from slotsmith.encoders import encode_pixels, load_vae
 from slotsmith.errors import SlotsmithError
+from slotsmith.io.writer import TensorOut, atomic_file, write_all, write_safetensors
 from slotsmith.layout import WanConfig
+from slotsmith.splice import splice
+from slotsmith.train import flow_loss
+from slotsmith.wan import build_model, diffusers_config, load_base, native_state_dict
 
 DEMO_CONFIG = WanConfig(dim=96, ffn_dim=256, num_layers=4, text_dim=32, freq_dim=32)
 """The demo's DiT: 4 blocks of width 96 (594k parameters); text_dim matches the tiny UMT5."""
@@ -89,9 +99,6 @@ def build_base(path: Path, seed: int) -> Path:
     Returns:
         ``path``.
     """
-    from slotsmith.io.writer import TensorOut, write_safetensors
-    from slotsmith.wan import build_model, diffusers_config, native_state_dict
-
     torch.manual_seed(seed)
     model = build_model(DEMO_CONFIG, DEMO_HEAD_DIM)
     tensors = [
@@ -108,9 +115,7 @@ def build_encoders(models: Path, seed: int) -> dict[str, Path]:
     Returns:
         ``{"vae", "t5", "tokenizer"}`` -> their folders.
     """
-    import transformers
-
-    from slotsmith import tiny
+    import transformers  # seconds to import: only here
 
     # save_pretrained's per-shard bar is noise next to the demo's own messages.
     transformers.utils.logging.disable_progress_bar()
@@ -154,8 +159,6 @@ def draw_character(folder: Path, name: str, count: int, seed: int) -> None:
         count: Number of images.
         seed: Seed of the placements.
     """
-    import random
-
     colour, animal, background = _CHARACTER_LOOKS[name]
     rng = random.Random(f"{seed}-{name}")
     folder.mkdir(parents=True, exist_ok=True)
@@ -171,8 +174,6 @@ def draw_generic(folder: Path, count: int, seed: int) -> None:
     Captions name the colour and the shape word, never the background, so a
     slot learns that only its character's caption brings its background.
     """
-    import random
-
     rng = random.Random(f"{seed}-generic")
     folder.mkdir(parents=True, exist_ok=True)
     for i in range(count):
@@ -197,9 +198,6 @@ def calibrate_vae(vae_dir: Path, data_yamls: list[Path]) -> None:
         vae_dir: The tiny VAE's diffusers folder (its ``config.json`` is rewritten).
         data_yamls: The dataset YAMLs whose images set the statistics.
     """
-    from slotsmith.data import discover, load_data_config, read_clips
-    from slotsmith.encoders import encode_pixels, load_vae
-
     vae = load_vae(vae_dir)
     channels = vae.config.z_dim
     vae.register_to_config(latents_mean=[0.0] * channels, latents_std=[1.0] * channels)
@@ -307,8 +305,6 @@ def eval_batches(cache_dir: Path, images: Path, seed: int) -> list[tuple[torch.T
     Returns:
         One ``(latents, context, t, noise)`` batch per timestep.
     """
-    from slotsmith.cache import CachedDataset
-
     dataset = CachedDataset(cache_dir)
     folder = images.resolve()
     picked = [i for i, item in enumerate(dataset.index["items"]) if Path(item["source"]).parent == folder]
@@ -326,8 +322,6 @@ def eval_batches(cache_dir: Path, images: Path, seed: int) -> list[tuple[torch.T
 @torch.no_grad()
 def mean_loss(model: torch.nn.Module, batches) -> float:
     """Mean flow-matching loss of ``model`` over fixed batches (see ``eval_batches``)."""
-    from slotsmith.train import flow_loss
-
     model.eval()
     losses = [flow_loss(model, lat, ctx, t, noise, torch.float32).mean().item() for lat, ctx, t, noise in batches]
     return sum(losses) / len(losses)
@@ -344,8 +338,6 @@ def evaluate(models: dict[str, Path], data: dict[str, tuple[Path, Path]], seed: 
     Returns:
         ``{character: {model label: loss}}``.
     """
-    from slotsmith.wan import load_base
-
     batches = {char: eval_batches(cache, images, seed) for char, (cache, images) in data.items()}
     table: dict[str, dict[str, float]] = {char: {} for char in data}
     for label, path in models.items():
@@ -419,10 +411,6 @@ def run_demo(settings: DemoSettings, say: Callable[[str], None] = lambda _: None
     Raises:
         SlotsmithError: A bad folder, a failed training run or a failed check.
     """
-    from slotsmith.caching import run_cache
-    from slotsmith.io.writer import atomic_file
-    from slotsmith.splice import splice
-
     if settings.steps < 1:
         raise SlotsmithError(f"--steps must be at least 1, got {settings.steps}")
     out = settings.out
@@ -489,6 +477,6 @@ def run_demo(settings: DemoSettings, say: Callable[[str], None] = lambda _: None
         "settings": {"steps": settings.steps, "seed": settings.seed, "ff": settings.ff, "lr": settings.lr},
         "seconds": seconds,
     }
-    with atomic_file(out / "report.json", force=True) as fd, os.fdopen(os.dup(fd), "w", encoding="utf-8") as f:
-        f.write(json.dumps(report, indent=2) + "\n")
+    with atomic_file(out / "report.json", force=True) as fd:
+        write_all(fd, (json.dumps(report, indent=2) + "\n").encode("utf-8"))
     return report

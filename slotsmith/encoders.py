@@ -117,8 +117,8 @@ def load_vae(path, device="cpu", dtype: torch.dtype = torch.float32):
     from diffusers import AutoencoderKLWan
 
     path = Path(path)
-    folder = _vae_folder(path) if path.is_dir() else None
     if path.is_dir():
+        folder = _vae_folder(path)
         if folder is None:
             raise SlotsmithError(f"{path}: a VAE folder needs config.json (or vae/config.json)")
         try:

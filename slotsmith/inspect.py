@@ -11,11 +11,10 @@ from collections import Counter
 import yaml
 
 from slotsmith.checks import SPLICE_KEY, parse_splice_record
-from slotsmith.inventory import inventory_from_checkpoint
-from slotsmith.io.checkpoint import open_checkpoint
 from slotsmith.digest import canonical_json
-from slotsmith.manifest import METADATA_KEY, Manifest, manifest_from_json
-from slotsmith.slot import read_slot
+from slotsmith.inventory import inventory_of
+from slotsmith.io.checkpoint import open_checkpoint
+from slotsmith.manifest import METADATA_KEY, Manifest, manifest_from_header, manifest_from_json
 
 
 def describe(path: str | os.PathLike) -> dict:
@@ -32,8 +31,8 @@ def describe(path: str | os.PathLike) -> dict:
     """
     ckpt = open_checkpoint(path)
     if not ckpt.sharded and METADATA_KEY in ckpt.metadata:
-        return {"kind": "slot", "file": str(path), "manifest": read_slot(ckpt.path).manifest.to_json()}
-    inv = inventory_from_checkpoint(path)
+        return {"kind": "slot", "file": str(path), "manifest": manifest_from_header(ckpt.files[0]).to_json()}
+    inv = inventory_of(ckpt)
     raw = ckpt.index_metadata.get(SPLICE_KEY) if ckpt.sharded else None
     raw = raw or ckpt.metadata.get(SPLICE_KEY)
     record = parse_splice_record(raw, str(ckpt.path)).to_json() if raw else None

@@ -9,8 +9,8 @@ so the same base in any convention yields the same slot.
 from __future__ import annotations
 
 import os
-import re
 from dataclasses import dataclass, field
+from functools import cache
 from math import prod
 from pathlib import Path
 
@@ -22,18 +22,10 @@ from slotsmith.io.checkpoint import Checkpoint, open_checkpoint
 from slotsmith.io.header import DTYPE_SIZES
 from slotsmith.layout import KNOWN_MODELS, layouts_dir, wan_tensor_shapes
 from slotsmith.manifest import METADATA_KEY
-from slotsmith.names import detect_convention, to_canonical
+from slotsmith.names import block_of, detect_convention, to_canonical
 
 LAYOUT_CAP = 50_000_000
 """Largest layout YAML we parse, in bytes."""
-
-_BLOCK_RE = re.compile(r"^blocks\.(\d+)\.")
-
-
-def block_of(name: str) -> int | None:
-    """The block number of a ``blocks.<int>.`` name, else None."""
-    m = _BLOCK_RE.match(name)
-    return int(m.group(1)) if m else None
 
 
 @dataclass(frozen=True)
@@ -102,7 +94,9 @@ class Inventory:
         return models[0] if models else None
 
 
+@cache
 def _known_shapes() -> dict[str, dict[str, tuple[int, ...]]]:
+    # Built once per process: matching_models runs for every plan, slot and inspect.
     return {name: wan_tensor_shapes(m.config) for name, m in KNOWN_MODELS.items()}
 
 
@@ -113,7 +107,16 @@ def inventory_from_checkpoint(path: str | os.PathLike) -> Inventory:
         SlotsmithError: Malformed files, a slot file, mixed key conventions,
             unknown diffusers keys, or two keys that map to one canonical name.
     """
-    ckpt = open_checkpoint(path)
+    return inventory_of(open_checkpoint(path))
+
+
+def inventory_of(ckpt: Checkpoint) -> Inventory:
+    """Inventory a checkpoint already opened (its headers are not read again).
+
+    Raises:
+        SlotsmithError: A slot file, mixed key conventions, unknown diffusers
+            keys, or two keys that map to one canonical name.
+    """
     if any(METADATA_KEY in h.metadata for h in ckpt.files):
         raise SlotsmithError(f"{ckpt.path}: is a slot, not a base checkpoint")
     try:

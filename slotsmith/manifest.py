@@ -22,7 +22,7 @@ import yaml
 
 from slotsmith.digest import canonical_json, digest_json
 from slotsmith.errors import SlotsmithError
-from slotsmith.io.header import DTYPE_SIZES, SafetensorsHeader, parse_json_object
+from slotsmith.io.header import DTYPE_SIZES, SafetensorsHeader, is_int, parse_json_object
 
 FORMAT = "slotsmith-slot/1"
 """Manifest format version written into every slot."""
@@ -153,6 +153,7 @@ class Manifest:
         }
 
     def compute_digest(self) -> str:
+        """xxh3-128 of the canonical JSON of ``body()``: what ``digest`` must be."""
         return digest_json(self.body())
 
     def to_json(self) -> dict:
@@ -203,10 +204,6 @@ def build_manifest(
     return manifest_from_json(sealed.to_json(), "new manifest")
 
 
-def _is_int(v: object) -> bool:
-    return isinstance(v, int) and not isinstance(v, bool)
-
-
 def _want(cond: bool, what: str, problem: str) -> None:
     if not cond:
         raise SlotsmithError(f"{what}: manifest {problem}")
@@ -219,7 +216,7 @@ def _entry_from_json(obj: object, what: str, i: int) -> Entry:
     _want(isinstance(name, str) and name != "", what, f"entry {i}: name must be a non-empty string")
     where = f"tensor {name!r}"
     _want(
-        isinstance(shape, list) and all(_is_int(d) and d >= 0 for d in shape),
+        isinstance(shape, list) and all(is_int(d) and d >= 0 for d in shape),
         what,
         f"{where}: shape must be a list of non-negative integers",
     )
@@ -227,7 +224,7 @@ def _entry_from_json(obj: object, what: str, i: int) -> Entry:
     _want(isinstance(dig, str) and bool(_HEX128.match(dig)), what, f"{where}: digest must be 32 lowercase hex digits")
     if rows is not None:
         _want(
-            isinstance(rows, list) and len(rows) == 2 and all(_is_int(r) for r in rows),
+            isinstance(rows, list) and len(rows) == 2 and all(is_int(r) for r in rows),
             what,
             f"{where}: rows must be [start, stop] integers or null",
         )

@@ -64,6 +64,13 @@ _GLOBAL_PARAMS = {
 }
 
 _BLOCK_RE = re.compile(r"^(blocks\.\d+\.)(.+)$")
+_BLOCK_NUMBER_RE = re.compile(r"^blocks\.(\d+)\.")
+
+
+def block_of(name: str) -> int | None:
+    """The block number of a ``blocks.<int>.`` name, else None."""
+    m = _BLOCK_NUMBER_RE.match(name)
+    return int(m.group(1)) if m else None
 
 
 def _split_block(name: str) -> tuple[str, str]:

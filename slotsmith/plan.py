@@ -8,7 +8,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from slotsmith.inventory import Inventory, block_of
+from slotsmith.inventory import Inventory
+from slotsmith.names import block_of
 from slotsmith.select import Selection
 
 HIGH = 2.0

@@ -12,7 +12,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 
 from slotsmith.errors import SlotsmithError
-from slotsmith.inventory import block_of
+from slotsmith.names import block_of
 
 ALGORITHM = "v2"
 NUM_POOLS = 8
@@ -52,6 +52,10 @@ class Selection:
     def overshoot(self) -> float:
         """Selected parameters as a multiple of the target."""
         return self.selected_params / self.target_params
+
+    def record(self) -> dict:
+        """How the tensors were chosen, as a slot's manifest records it."""
+        return {"algorithm": self.algorithm, "ff": self.ff, "ffid": self.ffid, "num_pools": self.num_pools}
 
 
 def _local(name: str) -> str:

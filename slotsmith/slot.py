@@ -18,7 +18,7 @@ from slotsmith.digest import digest_bytes, digest_file_range
 from slotsmith.errors import SlotsmithError
 from slotsmith.inventory import Inventory
 from slotsmith.io.header import SafetensorsHeader, TensorInfo, read_header
-from slotsmith.io.writer import FileRange, TensorOut, write_safetensors
+from slotsmith.io.writer import FileRange, TensorOut, part_nbytes, write_safetensors
 from slotsmith.manifest import BaseFingerprint, Entry, Manifest, build_manifest, manifest_from_header, manifest_metadata
 
 SLOT_SUFFIX = ".slot"
@@ -32,6 +32,11 @@ class InputFiles:
         self._fds: dict[Path, int] = {}
 
     def fd(self, path: Path) -> int:
+        """The descriptor of ``path``, opened on first use.
+
+        Raises:
+            SlotsmithError: The file cannot be opened.
+        """
         if path not in self._fds:
             try:
                 fd = os.open(path, os.O_RDONLY)
@@ -71,10 +76,6 @@ def _digest(part: bytes | memoryview | FileRange) -> str:
     if isinstance(part, FileRange):
         return digest_file_range(part.fd, part.start, part.end)
     return digest_bytes(part)
-
-
-def _part_len(part: bytes | memoryview | FileRange) -> int:
-    return part.nbytes if isinstance(part, FileRange) else memoryview(part).nbytes
 
 
 def write_slot(
@@ -140,9 +141,9 @@ def write_slot(
                     raise SlotsmithError(f"{out}: tensor {name!r}: rows {r} out of range for {spec.shape[0]} rows")
             data = tensors[name]
             probe = Entry(name, spec.shape, spec.dtype, r, "0" * 32)
-            if _part_len(data) != probe.nbytes:
+            if part_nbytes(data) != probe.nbytes:
                 raise SlotsmithError(
-                    f"{out}: tensor {name!r}: {_part_len(data)} bytes given, "
+                    f"{out}: tensor {name!r}: {part_nbytes(data)} bytes given, "
                     f"{spec.dtype}{list(probe.stored_shape)} needs {probe.nbytes}"
                 )
             entry = Entry(name, spec.shape, spec.dtype, r, _digest(data))
@@ -239,6 +240,15 @@ def read_slot(path: str | os.PathLike) -> Slot:
         SlotsmithError: Not a safetensors file, no manifest, invalid manifest,
             digest mismatch, or tensors that disagree with the manifest.
     """
-    header = read_header(path)
-    return Slot(Path(path), header, manifest_from_header(header))
+    return slot_from_header(read_header(path))
+
+
+def slot_from_header(header: SafetensorsHeader) -> Slot:
+    """``read_slot`` for a file whose header has been read already.
+
+    Raises:
+        SlotsmithError: No manifest, invalid manifest, digest mismatch, or
+            tensors that disagree with the manifest.
+    """
+    return Slot(header.path, header, manifest_from_header(header))
 

@@ -17,7 +17,6 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
-from slotsmith import __version__
 from slotsmith.checks import (
     SPLICE_KEY,
     SpliceRecord,
@@ -26,7 +25,6 @@ from slotsmith.checks import (
     parse_splice_record,
     raise_problems,
     shape_problems,
-    slot_hash_problems,
 )
 from slotsmith.errors import SlotsmithError
 from slotsmith.inventory import Inventory, inventory_from_checkpoint
@@ -39,10 +37,12 @@ from slotsmith.io.writer import (
     atomic_file,
     new_file_in,
     refuse_existing,
+    write_all,
     write_tensors,
 )
 from slotsmith.manifest import Entry, Manifest
-from slotsmith.slot import InputFiles, Slot, read_slot, write_slot
+from slotsmith.select import select_v2
+from slotsmith.slot import SLOT_SUFFIX, InputFiles, Slot, read_slot, write_slot
 
 COMPARE_BLOCK = 8 * 1024 * 1024
 """Read size when comparing two checkpoints' bytes."""
@@ -104,7 +104,7 @@ def _label(path: Path) -> str:
     """A short name for output names: file stem, or the folder of an index."""
     if path.name.endswith(".index.json") or path.is_dir():
         return (path if path.is_dir() else path.parent).name
-    return path.name.removesuffix(".safetensors").removesuffix(".slot")
+    return path.name.removesuffix(".safetensors").removesuffix(SLOT_SUFFIX)
 
 
 def default_output(base_path: Path, slot_paths: Sequence[Path], sharded: bool) -> Path:
@@ -196,7 +196,7 @@ def plan_splice(
         raise_problems(shape_problems(s, base))
     raise_problems(overlap_problems(earlier + labelled))
     for s in slots:
-        raise_problems(slot_hash_problems(s))
+        raise_problems(s.hash_problems())
     for s in slots:
         raise_problems(fingerprint_problems(s, base, files))
 
@@ -221,9 +221,8 @@ def plan_splice(
 
     index = None
     if ckpt.sharded:
-        index_doc = json.loads(ckpt.index_path.read_text(encoding="utf-8"))
         index = {
-            **index_doc,
+            **ckpt.index,
             "metadata": {**ckpt.index_metadata, SPLICE_KEY: record_json},
             "weight_map": {k: h.path.name for k, (h, _) in ckpt.tensors.items()},
         }
@@ -275,7 +274,7 @@ def execute_splice(plan: SplicePlan, progress: Callable[[int], None] | None = No
             with new_file_in(tmp, f.name) as fd:
                 write_tensors(fd, f.tensors, f.metadata, data_mod=f.data_mod, progress=progress)
         with new_file_in(tmp, plan.index_name) as fd:
-            os.write(fd, (json.dumps(plan.index, indent=2) + "\n").encode("utf-8"))
+            write_all(fd, (json.dumps(plan.index, indent=2) + "\n").encode("utf-8"))
     return plan.out
 
 
@@ -362,8 +361,7 @@ def extract(
 
     with InputFiles() as files:
         changed: dict[str, FileRange] = {}
-        total = sum(info.nbytes for _, info in base.checkpoint.tensors.values())
-        with progress_bar(total, "compare", quiet) as update:
+        with progress_bar(base.checkpoint.nbytes, "compare", quiet) as update:
             for name in base.tensors:
                 bh, bi = base.checkpoint.tensors[base.keys[name]]
                 th, ti = tuned.checkpoint.tensors[tuned.keys[name]]
@@ -375,8 +373,6 @@ def extract(
 
         selection = None
         if ff is not None:
-            from slotsmith.select import select_v2
-
             sel = select_v2(base.numels(), ff, ffid)
             strays = sorted(set(changed) - set(sel.tensors))
             if strays:
@@ -384,12 +380,9 @@ def extract(
                 raise SlotsmithError(
                     f"{tuned.source}: {len(strays)} changed tensor(s) outside --ff {ff} --ffid {ffid}: {shown}"
                 )
-            selection = {"algorithm": sel.algorithm, "ff": sel.ff, "ffid": sel.ffid, "num_pools": sel.num_pools}
+            selection = sel.record()
 
-        provenance = {
-            "extracted_from": {"base": Path(base.source).name, "tuned": Path(tuned.source).name},
-            "slotsmith": __version__,
-        }
+        provenance = {"extracted_from": {"base": Path(base.source).name, "tuned": Path(tuned.source).name}}
         return write_slot(
             out, base, changed, selection=selection, provenance=provenance, expert=expert, force=force
         )

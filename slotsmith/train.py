@@ -39,20 +39,22 @@ from pathlib import Path
 
 import torch
 from torch import nn
+from tqdm import tqdm
 
 from slotsmith.cache import CachedDataset, load_index
 from slotsmith.caching import ensure_cache
 from slotsmith.digest import digest_json
 from slotsmith.errors import SlotsmithError
 from slotsmith.inventory import Inventory
+from slotsmith.io.header import read_header
 from slotsmith.io.writer import atomic_file
 from slotsmith.layout import KNOWN_MODELS, WanConfig
 from slotsmith.manifest import Manifest
 from slotsmith.names import native_to_diffusers
-from slotsmith.select import NUM_POOLS, Selection, select_v2
+from slotsmith.select import Selection, select_v2
 from slotsmith.slot import SLOT_SUFFIX, read_slot, write_slot
 from slotsmith.train_config import TrainSettings
-from slotsmith.wan import inspect_base, load_base
+from slotsmith.wan import TORCH_DTYPES, inspect_base, load_base
 
 STATE_FORMAT = "slotsmith-train-state/1"
 _SEED_MIX = 0x9E3779B97F4A7C15
@@ -249,6 +251,7 @@ class DataStream:
         self._perms: dict[int, list[int]] = {}
 
     def entry(self, position: int) -> int:
+        """The dataset index of the sample at ``position`` of the stream."""
         epoch, i = divmod(position, self.size)
         perm = self._perms.get(epoch)
         if perm is None:
@@ -454,8 +457,6 @@ def plan_run(settings: TrainSettings, num_processes: int = 1, base: BasePlan | N
 
 
 def _check_latent_shapes(cache_dir: Path, index: dict, cfg: WanConfig) -> None:
-    from slotsmith.io.header import read_header
-
     for item in index["items"]:
         shape = read_header(cache_dir / item["latents"]).tensors["latents"].shape
         if any(s % p for s, p in zip(shape[1:], cfg.patch_size, strict=True)):
@@ -609,8 +610,6 @@ def _graceful_interrupt() -> Iterator[list[bool]]:
 
 
 def _slot_bytes(slot: SlotParams, dtypes: dict[str, str]) -> dict[str, memoryview]:
-    from slotsmith.wan import TORCH_DTYPES
-
     return {
         n: memoryview(slot[n].detach().to(TORCH_DTYPES[dtypes[n]]).contiguous().cpu().view(torch.uint8).numpy())
         for n in slot.names
@@ -619,7 +618,6 @@ def _slot_bytes(slot: SlotParams, dtypes: dict[str, str]) -> dict[str, memoryvie
 
 def _write(path: Path, plan: RunPlan, settings: TrainSettings, slot: SlotParams, extra: dict) -> Manifest:
     dtypes = {n: plan.inventory.tensors[n].dtype for n in slot.names}
-    selection = {"algorithm": plan.selection.algorithm, "ff": settings.ff, "ffid": settings.ffid, "num_pools": NUM_POOLS}
     provenance = {
         "trainer": "slotsmith train",
         "settings": settings.to_json(),
@@ -630,7 +628,7 @@ def _write(path: Path, plan: RunPlan, settings: TrainSettings, slot: SlotParams,
         **extra,
     }
     return write_slot(
-        path, plan.inventory, _slot_bytes(slot, dtypes), selection=selection, provenance=provenance,
+        path, plan.inventory, _slot_bytes(slot, dtypes), selection=plan.selection.record(), provenance=provenance,
         expert=settings.expert, force=True,
     )
 
@@ -648,7 +646,7 @@ def train(settings: TrainSettings, progress: bool | None = None) -> TrainResult:
     Raises:
         SlotsmithError: Bad input (before any weights are loaded).
     """
-    from accelerate import Accelerator
+    from accelerate import Accelerator  # slow to import, and only a run needs it
 
     accelerator = Accelerator(cpu=not torch.cuda.is_available())
     show = progress if progress is not None else (not settings.quiet and sys.stderr.isatty())
@@ -713,15 +711,13 @@ def train(settings: TrainSettings, progress: bool | None = None) -> TrainResult:
         _set_rng_state(state["rng"])
         start_step, losses = state["step"], list(state["losses"])
 
-    dataset = CachedDataset(settings.cache)
+    dataset = CachedDataset(settings.cache, plan.cache_index)
     stream = DataStream(len(dataset), settings.seed)
     b, accum = settings.batch_size, settings.grad_accum
     micro_global = b * world
     end_step = plan.total_steps
     if settings.stop_after is not None:
         end_step = min(end_step, start_step + settings.stop_after)
-    from tqdm import tqdm
-
     bar = tqdm(
         total=plan.total_steps, initial=start_step, disable=not (show and accelerator.is_main_process),
         file=sys.stderr, unit="it", dynamic_ncols=True,

@@ -11,8 +11,6 @@ import math
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 
-import yaml
-
 from slotsmith.errors import SlotsmithError
 from slotsmith.select import check_ff_ffid
 
@@ -130,6 +128,10 @@ def _choice(option: str, value: str, allowed: tuple[str, ...]) -> None:
 
 
 def _yaml_settings(path: Path) -> dict:
+    # Imported here, not at the top: the CLI imports this module on every start
+    # (for its option defaults) and only --config needs a YAML parser.
+    import yaml
+
     try:
         doc = yaml.safe_load(path.read_text(encoding="utf-8"))
     except FileNotFoundError:

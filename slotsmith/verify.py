@@ -34,21 +34,17 @@ from slotsmith.checks import (
     record_problems,
     selection_problems,
     shape_problems,
-    slot_hash_problems,
     spliced_base_problems,
     spliced_problems,
 )
 from slotsmith.errors import SlotsmithError
-from slotsmith.inventory import Inventory, inventory_from_checkpoint, load_inventory
-from slotsmith.io.checkpoint import open_checkpoint
-from slotsmith.io.header import read_header
+from slotsmith.inventory import Inventory, inventory_from_checkpoint, inventory_of, load_inventory
+from slotsmith.io.checkpoint import INDEX_SUFFIX, Checkpoint, open_checkpoint
 from slotsmith.layout import KNOWN_MODELS
 from slotsmith.manifest import METADATA_KEY, Manifest
-from slotsmith.slot import SLOT_SUFFIX, InputFiles, Slot, read_slot
+from slotsmith.slot import SLOT_SUFFIX, InputFiles, Slot, read_slot, slot_from_header
 
 PASS, FAIL, SKIP = "pass", "fail", "skip"
-
-_INDEX_SUFFIX = ".safetensors.index.json"
 
 
 @dataclass(frozen=True)
@@ -110,16 +106,22 @@ class Report:
             self.checks.append(Check(file, check, PASS, passed))
 
     def skip(self, file: str, check: str, why: str) -> None:
+        """Record a check that could not run (not a failure), and why."""
         self.checks.append(Check(file, check, SKIP, why))
 
 
 @dataclass(frozen=True)
 class Target:
-    """A file to verify: ``kind`` is ``slot``, ``spliced`` or ``bad`` (with ``error``)."""
+    """A file to verify: ``kind`` is ``slot``, ``spliced`` or ``bad`` (with ``error``).
+
+    ``checkpoint`` holds the headers read to classify it (not ``bad`` ones),
+    so the checks do not read them again.
+    """
 
     kind: str
     path: Path
     error: str = ""
+    checkpoint: Checkpoint | None = None
 
 
 def _classify(path: Path, explicit: bool, shards: set[Path] | None = None) -> Target | None:
@@ -130,19 +132,16 @@ def _classify(path: Path, explicit: bool, shards: set[Path] | None = None) -> Ta
     if not path.is_file():  # a FIFO or a device would block or never end
         return Target("bad", path, f"{path}: not a regular file")
     try:
-        if path.name.endswith(".json"):
-            ckpt = open_checkpoint(path)
-            metas = [ckpt.index_metadata, *(h.metadata for h in ckpt.files)]
-            if shards is not None:
-                shards |= {h.path.resolve() for h in ckpt.files}
-        else:
-            metas = [read_header(path).metadata]
+        ckpt = open_checkpoint(path)  # an index JSON, or one file's header
     except SlotsmithError as e:
         return Target("bad", path, str(e))
+    metas = [ckpt.index_metadata, *(h.metadata for h in ckpt.files)] if ckpt.sharded else [ckpt.metadata]
+    if ckpt.sharded and shards is not None:
+        shards |= {h.path.resolve() for h in ckpt.files}
     if path.suffix == SLOT_SUFFIX or METADATA_KEY in metas[0]:
-        return Target("slot", path)
+        return Target("slot", path, checkpoint=ckpt)
     if any(SPLICE_KEY in m for m in metas):
-        return Target("spliced", path)
+        return Target("spliced", path, checkpoint=ckpt)
     if explicit:
         return Target("bad", path, f"{path}: neither a slot nor a spliced checkpoint (no manifest, no splice record)")
     return None
@@ -180,7 +179,7 @@ def find_targets(paths: Sequence[str | os.PathLike]) -> list[Target]:
             dirs[:] = sorted(d for d in dirs if not d.startswith("."))
             for name in sorted(names):
                 f = Path(folder) / name
-                if name.endswith(_INDEX_SUFFIX) and f.is_file():
+                if name.endswith(INDEX_SUFFIX) and f.is_file():
                     indexes.append(f)
                 elif name.endswith((SLOT_SUFFIX, ".safetensors")) and f.is_file():
                     files.append(f)
@@ -245,18 +244,19 @@ def _selection_check(report: Report, file: str, m: Manifest, layouts: _Layouts, 
 
 
 def _verify_slot(
-    report: Report, path: Path, base: Inventory | None, files: InputFiles, layouts: _Layouts
+    report: Report, target: Target, base: Inventory | None, files: InputFiles, layouts: _Layouts
 ) -> Slot | None:
-    file = str(path)
+    file, ckpt = str(target.path), target.checkpoint
     try:
-        slot = read_slot(path)
+        # An index JSON is no slot file: read_slot says why.
+        slot = read_slot(target.path) if ckpt.sharded else slot_from_header(ckpt.files[0])
     except SlotsmithError as e:
         report.add(file, "structure", [str(e)], "")
         return None
     m = slot.manifest
     report.add(file, "structure", [], f"{len(m.entries)} tensor(s), {m.nbytes:,} bytes, manifest {m.digest}")
     try:
-        problems = slot_hash_problems(slot)
+        problems = slot.hash_problems()
     except (OSError, SlotsmithError) as e:  # the file changed under us
         problems = [f"{file}: cannot read ({e})"]
     report.add(file, "hashes", problems, f"{len(m.entries)} tensor hash(es) match the manifest")
@@ -267,10 +267,9 @@ def _verify_slot(
     return slot
 
 
-def _read_record(path: Path) -> tuple[Inventory, SpliceRecord, list[str]]:
+def _read_record(ckpt: Checkpoint) -> tuple[Inventory, SpliceRecord, list[str]]:
     """The spliced checkpoint's inventory and record, and where its copies of the record differ."""
-    inv = inventory_from_checkpoint(path)
-    ckpt = inv.checkpoint
+    inv = inventory_of(ckpt)
     raw = ckpt.index_metadata.get(SPLICE_KEY) if ckpt.sharded else ckpt.metadata.get(SPLICE_KEY)
     if raw is None:
         raise SlotsmithError(f"{ckpt.path}: no splice record in its index metadata")
@@ -284,10 +283,12 @@ def _read_record(path: Path) -> tuple[Inventory, SpliceRecord, list[str]]:
     return inv, record, differ
 
 
-def _verify_spliced(report: Report, path: Path, base: Inventory | None, files: InputFiles, layouts: _Layouts) -> None:
-    file = str(path)
+def _verify_spliced(
+    report: Report, target: Target, base: Inventory | None, files: InputFiles, layouts: _Layouts
+) -> None:
+    file = str(target.path)
     try:
-        inv, record, differ = _read_record(path)
+        inv, record, differ = _read_record(target.checkpoint)
     except SlotsmithError as e:
         report.add(file, "structure", [str(e)], "")
         return
@@ -382,9 +383,9 @@ def verify(
             if t.kind == "bad":
                 report.add(str(t.path), "structure", [t.error], "")
             elif t.kind == "spliced":
-                _verify_spliced(report, t.path, base_inv, files, layouts)
+                _verify_spliced(report, t, base_inv, files, layouts)
             else:
-                slot = _verify_slot(report, t.path, base_inv, files, layouts)
+                slot = _verify_slot(report, t, base_inv, files, layouts)
                 if slot is not None:
                     slots.append(slot)
             bar.update(1)

@@ -93,6 +93,14 @@ def read_raw_safetensors(path: Path) -> tuple[dict, dict[str, bytes]]:
     return header, out
 
 
+def rewrite_metadata(src: Path, dst: Path, key: str, value: str) -> None:
+    """Write ``src`` to ``dst`` (may be ``src``) with one ``__metadata__`` value replaced, tensors kept."""
+    header, tensors = read_raw_safetensors(src)
+    meta = dict(header.pop("__metadata__"))
+    meta[key] = value
+    write_raw_safetensors(dst, {k: (v["dtype"], tuple(v["shape"]), tensors[k]) for k, v in header.items()}, meta)
+
+
 def mutate_bytes(data: bytes, mutations, span: int | None = None) -> bytes:
     """Apply byte-wise fuzzing mutations, in order, to a copy of ``data``.
 

@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 import xxhash
 from click.testing import CliRunner
-from helpers import make_checkpoint, mutate_bytes, random_bytes, read_raw_safetensors, write_raw_safetensors
+from helpers import make_checkpoint, mutate_bytes, random_bytes, read_raw_safetensors, rewrite_metadata
 from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 
@@ -91,13 +91,6 @@ def _holds_its_manifest(path) -> bool:
     manifest = json.loads(meta[METADATA_KEY])
     assert {e["name"] for e in manifest["entries"]} == set(tensors)
     return all(xxhash.xxh3_128_hexdigest(tensors[e["name"]][1]) == e["digest"] for e in manifest["entries"])
-
-
-def _rewrite(src, dst, key, value):
-    header, tensors = read_raw_safetensors(src)
-    meta = dict(header.pop("__metadata__"))
-    meta[key] = value
-    write_raw_safetensors(dst, {k: (v["dtype"], tuple(v["shape"]), tensors[k]) for k, v in header.items()}, meta)
 
 
 # --- byte-wise mutation of a whole slot file -----------------------------------------------
@@ -202,7 +195,7 @@ def test_mutated_manifest(seed, data, resealed, with_base, text_edit):
         pos = data.draw(st.integers(0, len(raw)), label="pos")
         raw = raw[:pos] + data.draw(st.sampled_from(TEXT_EDITS), label="token") + raw[pos:]
     path = seed["work"] / "manifest.slot"
-    _rewrite(seed["slot"], path, METADATA_KEY, raw)
+    rewrite_metadata(seed["slot"], path, METADATA_KEY, raw)
     doc = _verify(path, *(["--base", seed["base"]] if with_base else []))
     if doc["ok"]:
         assert _holds_its_manifest(path)
@@ -219,7 +212,7 @@ def test_mutated_splice_record(seed, data, resealed, with_base, in_manifest):
     else:
         record = mutate(data, record)
     path = seed["work"] / "spliced.safetensors"
-    _rewrite(seed["spliced"], path, SPLICE_KEY, json.dumps(record))
+    rewrite_metadata(seed["spliced"], path, SPLICE_KEY, json.dumps(record))
     doc = _verify(path, *(["--base", seed["base"]] if with_base else []))
     if doc["ok"]:
         # Independently: every recorded region of the output holds the recorded bytes.
@@ -241,7 +234,7 @@ def test_mutated_set_of_slots(seed, data):
     paths = []
     for i in range(2):
         path = seed["work"] / f"set{i}.slot"
-        _rewrite(seed["slot"], path, METADATA_KEY, json.dumps(reseal(mutate(data, manifest))))
+        rewrite_metadata(seed["slot"], path, METADATA_KEY, json.dumps(reseal(mutate(data, manifest))))
         paths.append(path)
     doc = _verify(*paths)
     assert not doc["ok"] or len(doc["groups"]) == 2  # in one group, copies always overlap

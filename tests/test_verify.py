@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import xxhash
 from click.testing import CliRunner
-from helpers import make_checkpoint, random_bytes, read_raw_safetensors, write_raw_safetensors
+from helpers import make_checkpoint, random_bytes, read_raw_safetensors, rewrite_metadata, write_raw_safetensors
 
 from slotsmith.checks import SPLICE_KEY
 from slotsmith.cli import main
@@ -83,16 +83,6 @@ def _flip(path, offset):
     data = bytearray(path.read_bytes())
     data[offset] ^= 0x40
     path.write_bytes(bytes(data))
-
-
-def _rewrite_metadata(path, key, new_value):
-    """Rewrite a safetensors file with one ``__metadata__`` value replaced, tensors kept."""
-    header, tensors = read_raw_safetensors(path)
-    meta = dict(header.pop("__metadata__"))
-    meta[key] = new_value
-    write_raw_safetensors(
-        path, {k: (v["dtype"], tuple(v["shape"]), tensors[k]) for k, v in header.items()}, metadata=meta
-    )
 
 
 def _reseal(manifest: dict) -> dict:
@@ -194,7 +184,7 @@ def test_slot_structure_and_manifest_digest_failures(tmp_path, base):
     slot = _slot(tmp_path / "s.slot", base.path, [FFN, Q], 5)
     m = _manifest(slot)
     m["provenance"]["steps"] = 999  # edited without resealing
-    _rewrite_metadata(slot, METADATA_KEY, json.dumps(m))
+    rewrite_metadata(slot, slot, METADATA_KEY, json.dumps(m))
     code, doc = _json("verify", slot)
     assert code == 1 and "digest mismatch" in _rows(doc, "fail")[0]["detail"]
 
@@ -388,7 +378,7 @@ def test_spliced_row_slots_and_sharded_sets(tmp_path):
     shard = sorted(out.glob("*.safetensors"))[1]
     record = json.loads(read_raw_safetensors(shard)[0]["__metadata__"][SPLICE_KEY])
     record["slots"] = record["slots"][:1]
-    _rewrite_metadata(shard, SPLICE_KEY, json.dumps(record))
+    rewrite_metadata(shard, shard, SPLICE_KEY, json.dumps(record))
     code, doc = _json("verify", out)
     assert code == 1 and _failed(doc) == {(str(index), "record")}
     assert shard.name in _rows(doc, "fail")[0]["detail"]
@@ -401,7 +391,7 @@ def test_tampered_splice_records(tmp_path, base, good_set):
     def verify_with(rec):
         copy = tmp_path / "t.safetensors"
         copy.write_bytes(out.read_bytes())
-        _rewrite_metadata(copy, SPLICE_KEY, rec if isinstance(rec, str) else json.dumps(rec))
+        rewrite_metadata(copy, copy, SPLICE_KEY, rec if isinstance(rec, str) else json.dumps(rec))
         code, doc = _json("verify", copy)
         assert code == 1 and "Traceback" not in json.dumps(doc)
         return _failed(doc), _rows(doc, "fail")[0]["detail"]
@@ -470,7 +460,7 @@ HOSTILE_MANIFESTS = {
 @pytest.mark.parametrize("case", sorted(HOSTILE_MANIFESTS))
 def test_hostile_manifests_fail_in_one_line(tmp_path, base, case):
     slot = _slot(tmp_path / "s.slot", base.path, [FFN, Q], 1)
-    _rewrite_metadata(slot, METADATA_KEY, json.dumps(HOSTILE_MANIFESTS[case](_manifest(slot))))
+    rewrite_metadata(slot, slot, METADATA_KEY, json.dumps(HOSTILE_MANIFESTS[case](_manifest(slot))))
     code, doc = _json("verify", slot)
     assert code == 1 and _failed(doc) == {(str(slot), "structure")}
     (row,) = _rows(doc, "fail")
@@ -497,7 +487,7 @@ def _with_provenance_text(m, text):
 )
 def test_hostile_manifest_text(tmp_path, base, edit):
     slot = _slot(tmp_path / "s.slot", base.path, [FFN], 1)
-    _rewrite_metadata(slot, METADATA_KEY, edit(_manifest(slot)))
+    rewrite_metadata(slot, slot, METADATA_KEY, edit(_manifest(slot)))
     code, doc = _json("verify", slot)
     assert code == 1 and _failed(doc) == {(str(slot), "structure")}
     assert "manifest" in _rows(doc, "fail")[0]["detail"]
@@ -542,7 +532,7 @@ def test_selection_fields_of_hostile_types_fail_cleanly(tmp_path, base):
     ):
         copy = tmp_path / "c.slot"
         copy.write_bytes(slot.read_bytes())
-        _rewrite_metadata(copy, METADATA_KEY, json.dumps(_reseal({**_manifest(copy), "selection": sel})))
+        rewrite_metadata(copy, copy, METADATA_KEY, json.dumps(_reseal({**_manifest(copy), "selection": sel})))
         t0 = time.perf_counter()
         code, doc = _json("verify", copy, "--base", base.path)
         assert time.perf_counter() - t0 < 10

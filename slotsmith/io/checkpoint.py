@@ -13,10 +13,13 @@ from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 
 from slotsmith.errors import SlotsmithError
-from slotsmith.io.header import SafetensorsHeader, TensorInfo, parse_json_object, read_header
+from slotsmith.io.header import HEADER_CAP, SafetensorsHeader, TensorInfo, parse_json_object, read_header
 
-INDEX_CAP = 100_000_000
+INDEX_CAP = HEADER_CAP
 """Largest index JSON we read, in bytes (as large as a header may be)."""
+
+INDEX_SUFFIX = ".safetensors.index.json"
+"""How the index JSON of a sharded set is named."""
 
 
 @dataclass
@@ -27,19 +30,24 @@ class Checkpoint:
         path: What the user named (file, index JSON or folder).
         files: Headers of the safetensors files, in shard order.
         index_path: The index JSON of a sharded set, else None.
-        index_metadata: The index's ``metadata`` object (sharded sets only).
+        index: The index JSON object, as validated (sharded sets only).
         tensors: File key -> (header of the file holding it, tensor info).
     """
 
     path: Path
     files: list[SafetensorsHeader]
     index_path: Path | None = None
-    index_metadata: dict = field(default_factory=dict)
+    index: dict = field(default_factory=dict)
     tensors: dict[str, tuple[SafetensorsHeader, TensorInfo]] = field(default_factory=dict)
 
     @property
     def sharded(self) -> bool:
         return self.index_path is not None
+
+    @property
+    def index_metadata(self) -> dict:
+        """The index's ``metadata`` object (sharded sets only)."""
+        return self.index.get("metadata", {})
 
     @property
     def metadata(self) -> dict[str, str]:
@@ -74,8 +82,7 @@ def _open_index(index_path: Path) -> Checkpoint:
     weight_map = obj.get("weight_map")
     if not isinstance(weight_map, dict) or not weight_map:
         raise SlotsmithError(f"{index_path}: needs a non-empty 'weight_map' object")
-    metadata = obj.get("metadata", {})
-    if not isinstance(metadata, dict):
+    if not isinstance(obj.get("metadata", {}), dict):
         raise SlotsmithError(f"{index_path}: 'metadata' must be an object")
 
     by_shard: dict[str, set[str]] = {}
@@ -83,7 +90,7 @@ def _open_index(index_path: Path) -> Checkpoint:
         _safe_shard_path(index_path, shard)
         by_shard.setdefault(shard, set()).add(key)
 
-    ckpt = Checkpoint(index_path, [], index_path, metadata)
+    ckpt = Checkpoint(index_path, [], index_path, obj)
     for shard in sorted(by_shard):
         header = read_header(_safe_shard_path(index_path, shard))
         keys = set(header.tensors)
@@ -99,7 +106,7 @@ def _open_index(index_path: Path) -> Checkpoint:
 
 
 def _resolve_folder(folder: Path) -> Path:
-    indexes = sorted(folder.glob("*.safetensors.index.json"))
+    indexes = sorted(folder.glob(f"*{INDEX_SUFFIX}"))
     if len(indexes) == 1:
         return indexes[0]
     if len(indexes) > 1:

@@ -138,7 +138,8 @@ def parse_json_object(raw: bytes, what: str) -> dict:
     return obj
 
 
-def _is_int(value: object) -> bool:
+def is_int(value: object) -> bool:
+    """Whether a decoded JSON value is an integer (``true``/``false`` are not)."""
     return isinstance(value, int) and not isinstance(value, bool)
 
 
@@ -151,9 +152,9 @@ def _parse_entry(path: Path, name: str, entry: object, data_start: int) -> Tenso
     dtype, shape, offsets = entry["dtype"], entry["shape"], entry["data_offsets"]
     if not isinstance(dtype, str) or dtype not in DTYPE_SIZES:  # a list would not even hash
         raise SlotsmithError(f"{where}: unknown dtype {dtype!r}")
-    if not isinstance(shape, list) or not all(_is_int(d) and d >= 0 for d in shape):
+    if not isinstance(shape, list) or not all(is_int(d) and d >= 0 for d in shape):
         raise SlotsmithError(f"{where}: shape must be a list of non-negative integers")
-    if not (isinstance(offsets, list) and len(offsets) == 2 and all(_is_int(o) for o in offsets)):
+    if not (isinstance(offsets, list) and len(offsets) == 2 and all(is_int(o) for o in offsets)):
         raise SlotsmithError(f"{where}: data_offsets must be [begin, end] integers")
     begin, end = offsets
     if not 0 <= begin <= end:

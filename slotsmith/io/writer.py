@@ -81,8 +81,9 @@ class TensorOut:
         return prod(self.shape) * DTYPE_SIZES[self.dtype]
 
 
-def _part_len(p: Part) -> int:
-    return p.nbytes if isinstance(p, FileRange) else len(p)
+def part_nbytes(p: Part) -> int:
+    """The number of bytes a part holds."""
+    return p.nbytes if isinstance(p, FileRange) else memoryview(p).nbytes
 
 
 def build_header(tensors: Sequence[TensorOut], metadata: dict[str, str] | None, data_mod: int | None) -> bytes:
@@ -105,7 +106,7 @@ def build_header(tensors: Sequence[TensorOut], metadata: dict[str, str] | None, 
         header["__metadata__"] = dict(metadata)
     offset = 0
     for t in tensors:
-        given = sum(_part_len(p) for p in t.parts)
+        given = sum(part_nbytes(p) for p in t.parts)
         if given != t.nbytes:
             raise SlotsmithError(f"tensor {t.key!r}: {given} bytes given but {t.dtype}{list(t.shape)} needs {t.nbytes}")
         header[t.key] = {"dtype": t.dtype, "shape": list(t.shape), "data_offsets": [offset, offset + t.nbytes]}
@@ -141,8 +142,9 @@ def _coalesce(tensors: Sequence[TensorOut]) -> Iterator[Part]:
         yield pending
 
 
-def _write_all(fd: int, data: bytes | memoryview, pos: int) -> None:
-    view = memoryview(data)
+def write_all(fd: int, data: bytes | memoryview, pos: int = 0) -> None:
+    """Write every byte of ``data`` at offset ``pos`` of ``fd`` (one ``pwrite`` may write less)."""
+    view = memoryview(data).cast("B")
     while view:
         n = os.pwrite(fd, view, pos)
         view, pos = view[n:], pos + n
@@ -156,7 +158,7 @@ def _buffered_copy(src: FileRange, dst: int, pos: int, progress: Callable[[int],
         n = os.preadv(src.fd, [view[: min(len(buf), src.end - at)]], at)
         if n == 0:
             raise OSError(errno.EIO, f"input ends at byte {at}, before byte {src.end}")
-        _write_all(dst, view[:n], pos)
+        write_all(dst, view[:n], pos)
         at, pos = at + n, pos + n
         progress(n)
 
@@ -206,16 +208,17 @@ def write_tensors(
     """
     progress = progress or (lambda n: None)
     head = build_header(tensors, metadata, data_mod)
-    _write_all(fd, head, 0)
+    write_all(fd, head)
     pos = len(head)
     for part in _coalesce(tensors):
         if isinstance(part, FileRange):
             _copy_range(part, fd, pos, progress)
             pos += part.nbytes
         else:
-            _write_all(fd, part, pos)
-            pos += len(part)
-            progress(len(part))
+            n = part_nbytes(part)
+            write_all(fd, part, pos)
+            pos += n
+            progress(n)
     os.ftruncate(fd, pos)
     return pos
 
