@@ -389,12 +389,15 @@ def missing_from_cache(config: DataConfig, skip_bad: bool = False) -> tuple[list
             bad.extend(unreadable)
             if not unreadable:
                 problems.append(f"{source.path}: not cached")
-        elif cached[0].get("source_digest") != _file_digest(source.path):
-            problems.append(f"{source.path}: changed since it was cached")
-        elif cached[0].get("pixel_settings") != pixel_settings(source, _align_of(cached[0])):
-            problems.append(f"{source.path}: dataset settings changed since it was cached")
-        elif cached[0].get("caption") != source.caption:
-            problems.append(f"{source.path}: caption changed since it was cached")
+        else:
+            # One file may be listed by several datasets (other settings or caption): any match counts.
+            same_pixels = [c for c in cached if c.get("pixel_settings") == pixel_settings(source, _align_of(c))]
+            if cached[0].get("source_digest") != _file_digest(source.path):
+                problems.append(f"{source.path}: changed since it was cached")
+            elif not same_pixels:
+                problems.append(f"{source.path}: dataset settings changed since it was cached")
+            elif all(c.get("caption") != source.caption for c in same_pixels):
+                problems.append(f"{source.path}: caption changed since it was cached")
     problems.extend(f"{s}: cached but no longer in {config.path.name}" for s in sorted(set(by_source) - wanted))
     return problems, bad
 

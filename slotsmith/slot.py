@@ -18,7 +18,7 @@ from slotsmith.digest import digest_bytes, digest_file_range
 from slotsmith.errors import SlotsmithError
 from slotsmith.inventory import Inventory
 from slotsmith.io.header import SafetensorsHeader, TensorInfo, read_header
-from slotsmith.io.writer import FileRange, TensorOut, part_nbytes, write_safetensors
+from slotsmith.io.writer import FileRange, TensorOut, part_nbytes, refuse_input_as_output, write_safetensors
 from slotsmith.manifest import BaseFingerprint, Entry, Manifest, build_manifest, manifest_from_header, manifest_metadata
 
 SLOT_SUFFIX = ".slot"
@@ -117,6 +117,8 @@ def write_slot(
     """
     out = Path(out_path)
     rows = dict(rows or {})
+    if base.checkpoint is not None:
+        refuse_input_as_output(out, base.checkpoint.paths)
     if not tensors:
         raise SlotsmithError(f"{out}: a slot needs at least one tensor")
     stray = sorted(set(rows) - set(tensors))

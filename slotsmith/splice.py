@@ -37,6 +37,7 @@ from slotsmith.io.writer import (
     atomic_file,
     new_file_in,
     refuse_existing,
+    refuse_input_as_output,
     write_all,
     write_tensors,
 )
@@ -113,22 +114,6 @@ def default_output(base_path: Path, slot_paths: Sequence[Path], sharded: bool) -
     return Path.cwd() / (name if sharded else f"{name}.safetensors")
 
 
-def _same_file(a: Path, b: Path) -> bool:
-    try:
-        return a.exists() and b.exists() and os.path.samefile(a, b)
-    except OSError:
-        return False
-
-
-def _refuse_input_as_output(out: Path, base: Inventory, slots: Sequence[Slot]) -> None:
-    inputs = [h.path for h in base.checkpoint.files] + [s.path for s in slots]
-    if base.checkpoint.index_path is not None:
-        inputs += [base.checkpoint.index_path, base.checkpoint.index_path.parent]
-    for p in inputs:
-        if _same_file(out, p):
-            raise SlotsmithError(f"{out}: is an input; choose another output name")
-
-
 def _tensor_parts(info_start: int, nbytes: int, base_fd: int, covers: list[tuple[Entry, FileRange]]) -> tuple:
     """Parts of one output tensor: slot bytes where slots cover it, base bytes elsewhere."""
     parts: list = []
@@ -187,7 +172,7 @@ def plan_splice(
     out = Path(out) if out is not None else default_output(Path(base_path), slot_paths, ckpt.sharded)
     refuse_existing(out, force)
     slots = tuple(read_slot(p) for p in slot_paths)
-    _refuse_input_as_output(out, base, slots)
+    refuse_input_as_output(out, [*base.checkpoint.paths, *(s.path for s in slots)])
 
     previous = _previous_record(base)
     labelled = [(str(s.path), s.manifest) for s in slots]
@@ -348,6 +333,7 @@ def extract(
     refuse_existing(out, force)
     base = inventory_from_checkpoint(base_path)
     tuned = inventory_from_checkpoint(tuned_path)
+    refuse_input_as_output(out, [*base.checkpoint.paths, *tuned.checkpoint.paths])
     for name, spec in base.tensors.items():
         other = tuned.tensors.get(name)
         if other is None or other.shape != spec.shape or other.dtype != spec.dtype:

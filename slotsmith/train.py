@@ -47,7 +47,7 @@ from slotsmith.digest import digest_json
 from slotsmith.errors import SlotsmithError
 from slotsmith.inventory import Inventory
 from slotsmith.io.header import read_header
-from slotsmith.io.writer import atomic_file
+from slotsmith.io.writer import atomic_file, refuse_input_as_output
 from slotsmith.layout import KNOWN_MODELS, WanConfig
 from slotsmith.manifest import Manifest
 from slotsmith.names import native_to_diffusers
@@ -367,9 +367,9 @@ def check_taken(out: Path, inventory: Inventory, selection: Selection, expert: s
             continue
         shared = sorted(e.name for e in manifest.entries if e.name in ours)
         if shared:
-            ffid = (manifest.selection or {}).get("ffid", "?")
+            origin = f"ffid {manifest.selection['ffid']}" if manifest.selection else "an extracted slot"
             raise SlotsmithError(
-                f"{other}: already holds tensor {shared[0]!r} of this base (ffid {ffid}); "
+                f"{other}: already holds tensor {shared[0]!r} of this base ({origin}); "
                 f"pick another --ffid or pass --force"
             )
 
@@ -411,6 +411,10 @@ def plan_base(settings: TrainSettings) -> BasePlan:
     out = Path(settings.out)
     if not out.parent.is_dir():
         raise SlotsmithError(f"{out.parent}: output folder does not exist")
+    if not os.access(out.parent, os.W_OK):
+        # Found now, not after hours of training when the slot is written.
+        raise SlotsmithError(f"{out.parent}: output folder is not writable")
+    refuse_input_as_output(out, inventory.checkpoint.paths)
     state_path = state_path_for(out)
     if settings.resume and not state_path.is_file():
         raise SlotsmithError(f"{state_path}: no training state to resume from")

@@ -249,3 +249,15 @@ def test_stale_cache_error_lists_the_first_problems_then_the_count(dataset):
     assert all(line.startswith(str(dataset)) and line.endswith(": not cached") for line in problems)
     assert last.startswith(f"the cache {dataset / 'cache'} does not match {dataset / 'data.yaml'}: ")
     assert f"{4 + 12} problem(s), the first {LISTED_PROBLEMS} listed above" in last
+
+
+def test_a_file_listed_by_two_datasets_is_complete_once_cached(models, tmp_path):
+    (tmp_path / "imgs").mkdir()
+    write_image(tmp_path / "imgs" / "a.png", 32, 32, seed=1)
+    (tmp_path / "imgs" / "a.txt").write_text("a red cat")
+    (tmp_path / "list.jsonl").write_text('{"path": "imgs/a.png", "caption": "a blue dog"}\n')
+    doc = {"datasets": [{"image_directory": "imgs", "resolution": [32, 32]},
+                        {"jsonl_file": "list.jsonl", "resolution": [32, 32]}]}
+    (tmp_path / "data.yaml").write_text(yaml.safe_dump(doc))
+    ensure_cache(tmp_path / "data.yaml", progress=False, **models)
+    assert ensure_cache(tmp_path / "data.yaml") == (tmp_path / "cache", [])

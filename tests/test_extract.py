@@ -109,3 +109,14 @@ def test_expert_must_be_high_or_low(tmp_path):
     r = _run("extract", base.path, tmp_path / "tuned.safetensors", "-o", out, "--expert", "low", "-q")
     assert r.exit_code == 0, r.output
     assert read_slot(out).manifest.expert == "low"
+
+
+@pytest.mark.parametrize("which", ["base", "tuned"])
+def test_output_that_is_an_input_is_refused_even_with_force(tmp_path, which):
+    base = make_checkpoint(tmp_path / "base.safetensors", seed=1)
+    tuned = make_checkpoint(tmp_path / "tuned.safetensors", seed=2)
+    target = tmp_path / f"{which}.safetensors"
+    before = target.read_bytes()
+    result = CliRunner().invoke(main, ["extract", str(base.path), str(tuned.path), "-o", str(target), "--force"])
+    assert result.exit_code == 1 and "is an input" in result.output
+    assert target.read_bytes() == before

@@ -418,3 +418,20 @@ def test_skip_bad_trains_on_what_cache_skip_bad_kept(world, tiny_models, tmp_pat
     assert [line.split(": ")[1] for line in skipped] == [str((imgs / n).resolve()) for n in ("nocap.png", "trunc.png")]
     assert "unreadable image" in skipped[1]
     assert read_slot(out).manifest.provenance["steps"] == 1
+
+
+def test_output_that_is_the_base_is_refused_even_with_force(world, tmp_path):
+    base = Path(world["base"])
+    before = base.read_bytes()
+    with pytest.raises(SlotsmithError, match="is an input"):
+        train(_settings(world, base, force=True))
+    assert base.read_bytes() == before
+
+
+def test_unwritable_output_folder_is_refused_before_training(world, tmp_path, monkeypatch):
+    folder = tmp_path / "ro"
+    folder.mkdir()
+    real_access = os.access
+    monkeypatch.setattr(os, "access", lambda p, mode: False if Path(p) == folder else real_access(p, mode))
+    with pytest.raises(SlotsmithError, match="not writable"):
+        train(_settings(world, folder / "a.slot"))

@@ -58,6 +58,14 @@ class Checkpoint:
     def nbytes(self) -> int:
         return sum(info.nbytes for _, info in self.tensors.values())
 
+    @property
+    def paths(self) -> list[Path]:
+        """Every path the checkpoint is made of: its files, and its index and folder if sharded."""
+        paths = [h.path for h in self.files]
+        if self.index_path is not None:
+            paths += [self.index_path, self.index_path.parent]
+        return paths
+
 
 def _safe_shard_path(index_path: Path, name: object) -> Path:
     if not isinstance(name, str) or not name:

@@ -22,7 +22,7 @@ import os
 import shutil
 import struct
 import tempfile
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from math import prod
@@ -246,6 +246,23 @@ def refuse_existing(out: Path, force: bool) -> None:
         raise SlotsmithError(f"{out}: already exists (use --force to overwrite)")
     if not out.parent.is_dir():
         raise SlotsmithError(f"{out.parent}: no such folder for the output")
+
+
+def refuse_input_as_output(out: Path, inputs: Iterable[Path]) -> None:
+    """Refuse an output that is one of the inputs, even with ``--force``.
+
+    Replacing an input would lose it: the rule is that inputs never change.
+
+    Raises:
+        SlotsmithError: ``out`` is the same file (or folder) as an input.
+    """
+    for path in inputs:
+        try:
+            same = out.exists() and path.exists() and os.path.samefile(out, path)
+        except OSError:
+            same = False
+        if same:
+            raise SlotsmithError(f"{out}: is an input; choose another output name")
 
 
 def _publish(tmp: Path, out: Path, force: bool) -> None:
