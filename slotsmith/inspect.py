@@ -5,6 +5,7 @@ Only headers are read, so inspecting any file takes milliseconds.
 
 from __future__ import annotations
 
+import json
 import os
 from collections import Counter
 
@@ -78,12 +79,24 @@ def _manifest_lines(m: Manifest, indent: str = "") -> list[str]:
     return lines
 
 
+def _tree_lines(obj: dict, indent: str) -> list[str]:
+    """Nested JSON facts (a manifest's provenance) as indented ``key: value`` lines."""
+    lines = []
+    for key, value in obj.items():
+        if isinstance(value, dict) and value:
+            lines.append(f"{indent}{key}:")
+            lines.extend(_tree_lines(value, indent + "  "))
+        else:
+            lines.append(f"{indent}{key}: {json.dumps(value)}")
+    return lines
+
+
 def render(doc: dict) -> str:
     """The human report of ``describe``'s result."""
     if doc["kind"] == "slot":
         m = manifest_from_json(doc["manifest"], doc["file"])
-        prov = ", ".join(f"{k}={v}" for k, v in m.provenance.items()) or "-"
-        return "\n".join([f"slot {doc['file']} ({m.format})", *_manifest_lines(m), f"provenance {prov}"])
+        prov = _tree_lines(m.provenance, "  ") if m.provenance else ["  -"]
+        return "\n".join([f"slot {doc['file']} ({m.format})", *_manifest_lines(m), "provenance", *prov])
     s = doc["summary"]
     dtypes = ", ".join(f"{k} x{v}" for k, v in s["dtypes"].items())
     lines = [

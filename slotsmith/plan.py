@@ -8,7 +8,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from slotsmith.errors import SlotsmithError
 from slotsmith.inventory import Inventory
+from slotsmith.layout import config_from_shapes
 from slotsmith.names import block_of
 from slotsmith.select import Selection
 
@@ -70,6 +72,11 @@ def block_shares(inventory: Inventory, selection: Selection) -> list[BlockShare]
 def warnings_for(inventory: Inventory, selection: Selection, shares: list[BlockShare]) -> list[str]:
     """The v2 weaknesses this selection shows, as sentences (spec: report, never hide)."""
     out = []
+    try:
+        config_from_shapes({n: t.shape for n, t in inventory.tensors.items()})
+    except SlotsmithError as e:
+        # v2 runs on any tensors, but a slot of something else cannot be trained or spliced into a Wan.
+        out.append(f"{inventory.source} is {e}; the selection is what v2 picks, not a slot slotsmith can train")
     if selection.overshoot > OVERSHOOT_WARN:
         out.append(
             f"budget overshot: the slot holds {selection.overshoot:.2f}x the target "

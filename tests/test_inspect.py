@@ -23,7 +23,7 @@ def _run(*args):
 def _slot(tmp_path, base):
     inv = inventory_from_checkpoint(base.path)
     data = random_bytes((64, 64), base.dtype, np.random.default_rng(1))
-    write_slot(tmp_path / "a.slot", inv, {Q: data}, selection={"algorithm": "v2", "ff": 0.01}, provenance={"steps": 5})
+    write_slot(tmp_path / "a.slot", inv, {Q: data}, selection={"algorithm": "v2", "ff": 0.01}, provenance={"steps": 5, "settings": {"lr": 0.001}})
     return tmp_path / "a.slot"
 
 
@@ -38,7 +38,9 @@ def test_inspect_slot(tmp_path):
     r = _run("inspect", path, "--yaml")
     assert yaml.safe_load(r.output) == doc
     r = _run("inspect", path)
-    assert manifest.digest in r.output and Q in r.output and "steps=5" in r.output
+    assert manifest.digest in r.output and Q in r.output
+    lines = r.output.splitlines()
+    assert "  steps: 5" in lines and "  settings:" in lines and "    lr: 0.001" in lines
 
 
 def test_inspect_plain_checkpoint(tmp_path):

@@ -3,9 +3,11 @@
 import json
 import math
 
+import numpy as np
 import pytest
 from click.testing import CliRunner
 from helpers import TINY, make_checkpoint
+from safetensors.numpy import save_file
 
 from slotsmith.cli import main
 from slotsmith.layout import wan_tensor_shapes
@@ -109,3 +111,14 @@ def test_a_slot_is_not_a_model(tmp_path):
     result = _plan("-m", str(slot), "--ff", "0.01", "--ffid", "1")
     assert result.exit_code == 1
     assert result.output == f"error: {slot}: is a slot, not a base checkpoint\n"
+
+
+def test_a_file_that_is_not_a_wan_dit_is_planned_with_a_warning(tmp_path):
+    path = tmp_path / "vae.safetensors"
+    save_file({"encoder.conv_in.weight": np.zeros((8, 3, 3, 3), np.float32),
+               "decoder.conv_out.bias": np.zeros(3, np.float32)}, str(path))
+    result = _plan("-m", str(path), "--ff", "0.001", "--ffid", "0")
+    assert result.exit_code == 0
+    assert f"warning: {path} is not a Wan DiT" in result.output
+    wan = _plan("-m", "wan2.1-t2v-1.3b", "--ff", "0.01", "--ffid", "0")
+    assert "is not a Wan DiT" not in wan.output
