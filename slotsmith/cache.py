@@ -148,9 +148,12 @@ def load_index(cache_dir) -> dict:
         The index document, items with ``repeats`` filled in.
 
     Raises:
-        SlotsmithError: Missing or malformed index, missing or mis-shaped files.
+        SlotsmithError: No such folder, missing or malformed index, missing
+            or mis-shaped files.
     """
     cache_dir = Path(cache_dir)
+    if not cache_dir.is_dir():
+        raise SlotsmithError(f"{cache_dir}: no such cache folder")
     path = cache_dir / INDEX_NAME
     if not path.is_file():
         raise SlotsmithError(f"{path}: no cache index (run `slotsmith cache` first)")

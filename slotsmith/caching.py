@@ -353,51 +353,58 @@ def run_cache(
 def missing_from_cache(config: DataConfig, skip_bad: bool = False) -> tuple[list[str], list[BadItem]]:
     """What a dataset YAML has that its cache does not (without loading encoders).
 
+    Bad items are the ones ``run_cache`` finds: files without a caption, and
+    files whose media cannot be read among those it would encode anew (not
+    cached, changed, or with changed dataset settings), read here as it would.
+
     Args:
         config: The dataset config.
-        skip_bad: Leave bad items out, as ``run_cache`` does with it: files
-            without a caption, and files that are not cached because their
-            media cannot be read (read here, as ``run_cache`` would).
+        skip_bad: Leave bad items out, as ``run_cache`` does with it.
 
     Returns:
         ``(problems, bad)``: one line per problem (none when the cache is
         complete and current), and the bad items left out.
 
     Raises:
-        BadItemsError: Files with a missing caption (without ``skip_bad``).
+        BadItemsError: Bad items, all of them, and not ``skip_bad``.
     """
     sources, bad = discover(config)
+    items: list[dict] = []
+    if (config.cache_dir / INDEX_NAME).exists():
+        try:
+            items = load_index(config.cache_dir)["items"]
+        except SlotsmithError as e:
+            if bad and not skip_bad:
+                raise BadItemsError(bad) from None
+            return [str(e)], bad
+    by_source: dict[str, list[dict]] = defaultdict(list)
+    for item in items:
+        by_source[item.get("source", "")].append(item)
+    align = _align_of(items[0]) if items else DEFAULT_ALIGN
+    problems = []
+    for source in sources:
+        cached = by_source.get(str(source.path), [])
+        # One file may be listed by several datasets (other settings or caption): any match counts.
+        same_pixels = [c for c in cached if c.get("pixel_settings") == pixel_settings(source, _align_of(c))]
+        if not cached:
+            problem = "not cached"
+        elif cached[0].get("source_digest") != _file_digest(source.path):
+            problem = "changed since it was cached"
+        elif not same_pixels:
+            problem = "dataset settings changed since it was cached"
+        else:
+            # Its media stand as cached: at most its caption is encoded anew.
+            if all(c.get("caption") != source.caption for c in same_pixels):
+                problems.append(f"{source.path}: caption changed since it was cached")
+            continue
+        # run_cache reads what it encodes anew, and an unreadable file is a bad item there: so here too.
+        unreadable = _media_problems([source], align)
+        bad.extend(unreadable)
+        if not unreadable:
+            problems.append(f"{source.path}: {problem}")
     if bad and not skip_bad:
         raise BadItemsError(bad)
-    if not (config.cache_dir / INDEX_NAME).exists():
-        return [f"{source.path}: not cached" for source in sources], bad
-    try:
-        index = load_index(config.cache_dir)
-    except SlotsmithError as e:
-        return [str(e)], bad
-    by_source: dict[str, list[dict]] = defaultdict(list)
-    for item in index["items"]:
-        by_source[item.get("source", "")].append(item)
-    align = _align_of(index["items"][0])
-    problems = []
-    wanted = set()
-    for source in sources:
-        wanted.add(str(source.path))
-        cached = by_source.get(str(source.path))
-        if not cached:
-            unreadable = _media_problems([source], align) if skip_bad else []
-            bad.extend(unreadable)
-            if not unreadable:
-                problems.append(f"{source.path}: not cached")
-        else:
-            # One file may be listed by several datasets (other settings or caption): any match counts.
-            same_pixels = [c for c in cached if c.get("pixel_settings") == pixel_settings(source, _align_of(c))]
-            if cached[0].get("source_digest") != _file_digest(source.path):
-                problems.append(f"{source.path}: changed since it was cached")
-            elif not same_pixels:
-                problems.append(f"{source.path}: dataset settings changed since it was cached")
-            elif all(c.get("caption") != source.caption for c in same_pixels):
-                problems.append(f"{source.path}: caption changed since it was cached")
+    wanted = {str(source.path) for source in sources}
     problems.extend(f"{s}: cached but no longer in {config.path.name}" for s in sorted(set(by_source) - wanted))
     return problems, bad
 
@@ -453,10 +460,9 @@ def ensure_cache(
     if problems:
         listed = problems[:LISTED_PROBLEMS]
         which = "listed above" if len(listed) == len(problems) else f"the first {len(listed)} listed above"
-        left_out = "" if skip_bad else " (and --skip-bad, if `slotsmith cache --skip-bad` left bad files out)"
         raise SlotsmithError(
             "\n".join(listed) + f"\nthe cache {config.cache_dir} does not match {config.path}: "
             f"{len(problems)} problem(s), {which}; pass --vae, --t5 and --tokenizer to cache what is missing, "
-            f"or run `slotsmith cache`{left_out}"
+            "or run `slotsmith cache`"
         )
     return config.cache_dir, bad

@@ -299,13 +299,15 @@ def _train_options(fn):
         click.option("--boundary", type=float, help="Expert boundary in (0, 1), instead of the layout's."),
         click.option("--head-dim", type=int, help="Attention head size (default: config.json, metadata, or 128)."),
         click.option("--save-every", type=int, default=d.save_every, show_default=True,
-                     help="Snapshot slot + resumable state every N steps (0: off)."),
+                     help="Every N steps (0: off), a resumable state and a snapshot slot as OUT-stepN.snapshot "
+                     "(`verify` and `splice` take it when named; folder walks skip it)."),
         click.option("--stop-after", type=int, help="Stop after N steps of this run, keeping a resumable state."),
         click.option("--resume/--no-resume", default=d.resume, help="Continue from OUT.state."),
         click.option("--log-dir", metavar="DIR", help="Write train_log.jsonl (and TensorBoard, when installed)."),
         click.option("--force/--no-force", default=d.force, help="Replace OUT; skip the taken-ffid check."),
         click.option("--quiet", "-q", is_flag=True, default=d.quiet, help="No progress bar."),
-        click.option("--config", "config", metavar="YAML", help="Options from a YAML file; the command line wins."),
+        click.option("--config", "config", metavar="YAML", help="Options from a YAML file; the command line wins. "
+                     "Relative paths in the file are relative to its folder."),
     ]
     for opt in reversed(opts):
         fn = opt(fn)
@@ -317,8 +319,11 @@ def _train_options(fn):
 @click.pass_context
 @user_errors
 def train(ctx: click.Context, config: str | None, **options) -> None:
-    """Fine-tune one slot of a Wan DiT on a cache folder; write only the slot.
+    """Fine-tune one slot of a Wan DiT; write only the slot.
 
+    Trains on a cache folder (--cache, made by `slotsmith cache`) or on a
+    dataset YAML (--data): with --vae, --t5 and --tokenizer, what its cache
+    is missing is encoded first; without them, its cache must be complete.
     Everything outside the slot stays frozen; the written .slot holds the
     trained tensors in the base's dtype, with a manifest. Runs unchanged under
     `accelerate launch` (data parallel; only the main process writes).
@@ -326,6 +331,8 @@ def train(ctx: click.Context, config: str | None, **options) -> None:
     \b
     Examples:
       slotsmith train -b dit.safetensors --cache cache/ --ff 0.01 --ffid 1 --steps 2000 -o char1.slot
+      slotsmith train -b dit.safetensors --data data.yaml --vae Wan2.1_VAE.pth \\
+        --t5 models_t5_umt5-xxl-enc-bf16.pth --tokenizer umt5-xxl/ --ff 0.01 --ffid 2 --epochs 10 -o char2.slot
       slotsmith train --config train.yaml --resume
     """
     with training_extra("train"):

@@ -9,7 +9,8 @@ Everything loads offline from what the user already has on disk:
 - Text encoder: Wan's native ``models_t5_umt5-xxl-enc-bf16.pth`` (loaded with
   ``weights_only=True``), a safetensors file with Wan's or transformers'
   keys, or a transformers folder.
-- Tokenizer: a local tokenizer folder (``google/umt5-xxl``'s files).
+- Tokenizer: a local tokenizer folder (``google/umt5-xxl``'s files:
+  ``tokenizer.json``, or ``spiece.model`` with ``tokenizer_config.json``).
 
 Latents are normalised as Wan does, ``(mu - mean) / std`` per channel with the
 VAE config's ``latents_mean``/``latents_std``; contexts are Wan's: at most 512
@@ -299,21 +300,58 @@ def load_text_encoder(path, device="cpu", dtype: torch.dtype = torch.float32):
     return model.to(device).eval().requires_grad_(False)
 
 
+def _sentencepiece_problem(spiece: Path) -> str | None:
+    """Why ``spiece.model`` cannot become a tokenizer here, or None when it can.
+
+    transformers converts it to a fast tokenizer with sentencepiece and
+    protobuf; without them, or with a damaged file, it falls back to tiktoken
+    and blames tiktoken, which is never the problem for Wan's tokenizer.
+    """
+    try:
+        import google.protobuf  # noqa: F401 - only its presence matters
+        import sentencepiece
+    except ImportError:
+        return (
+            "reading spiece.model (there is no tokenizer.json) needs sentencepiece and protobuf: "
+            "pip install 'slotsmith[train]'"
+        )
+    try:
+        sentencepiece.SentencePieceProcessor(model_file=str(spiece))
+    except (OSError, RuntimeError):  # its messages repeat the path and add nothing
+        return "spiece.model is not a readable sentencepiece model"
+    return None
+
+
 def load_tokenizer(path):
     """Load a tokenizer from a local folder (``google/umt5-xxl``'s files for Wan).
 
+    The folder holds ``tokenizer.json``, or ``spiece.model`` with
+    ``tokenizer_config.json`` (converted with sentencepiece and protobuf).
+
     Raises:
-        SlotsmithError: Not a folder, or no tokenizer in it.
+        SlotsmithError: Not a folder, no tokenizer files in it, an
+            ``spiece.model`` that cannot be read (or no sentencepiece or
+            protobuf to read it), or files transformers cannot load.
     """
     from transformers import AutoTokenizer
 
     path = Path(path)
     if not path.is_dir():
         raise SlotsmithError(f"{path}: the tokenizer must be a folder (e.g. google/umt5-xxl's files)")
+    if not (path / "tokenizer.json").is_file():
+        if not (path / "spiece.model").is_file():
+            raise SlotsmithError(
+                f"{path}: not a tokenizer folder: no tokenizer.json or spiece.model (google/umt5-xxl's files)"
+            )
+        if not (path / "tokenizer_config.json").is_file():
+            # Without it transformers cannot tell which tokenizer spiece.model is for.
+            raise SlotsmithError(f"{path}: spiece.model needs tokenizer_config.json beside it (google/umt5-xxl's)")
+        if problem := _sentencepiece_problem(path / "spiece.model"):
+            raise SlotsmithError(f"{path}: {problem}")
     try:
         return AutoTokenizer.from_pretrained(str(path), local_files_only=True)
-    except (OSError, ValueError, TypeError) as e:
-        # transformers spreads this message over several lines; all of them are needed to make sense.
+    except Exception as e:  # noqa: BLE001 - damaged files raise KeyError, AttributeError...: all mean "cannot load"
+        # transformers spreads some messages over several lines; all of them are needed to make sense.
         raise SlotsmithError(f"{path}: cannot load a tokenizer: {' '.join(str(e).split())}") from None
 
 

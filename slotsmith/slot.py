@@ -22,6 +22,10 @@ from slotsmith.io.writer import FileRange, TensorOut, part_nbytes, refuse_input_
 from slotsmith.manifest import BaseFingerprint, Entry, Manifest, build_manifest, manifest_from_header, manifest_metadata
 
 SLOT_SUFFIX = ".slot"
+SNAPSHOT_SUFFIX = ".snapshot"
+"""``--save-every`` snapshots: valid slot files, but earlier versions of the run's
+own slot, not slots to ship, so folder walks that pick ``.slot`` files (``verify``,
+the taken-ffid check) leave them alone."""
 
 
 class InputFiles:

@@ -43,7 +43,7 @@ from slotsmith.io.writer import (
 )
 from slotsmith.manifest import Entry, Manifest
 from slotsmith.select import select_v2
-from slotsmith.slot import SLOT_SUFFIX, InputFiles, Slot, read_slot, write_slot
+from slotsmith.slot import SLOT_SUFFIX, SNAPSHOT_SUFFIX, InputFiles, Slot, read_slot, write_slot
 
 COMPARE_BLOCK = 8 * 1024 * 1024
 """Read size when comparing two checkpoints' bytes."""
@@ -105,7 +105,7 @@ def _label(path: Path) -> str:
     """A short name for output names: file stem, or the folder of an index."""
     if path.name.endswith(".index.json") or path.is_dir():
         return (path if path.is_dir() else path.parent).name
-    return path.name.removesuffix(".safetensors").removesuffix(SLOT_SUFFIX)
+    return path.name.removesuffix(".safetensors").removesuffix(SLOT_SUFFIX).removesuffix(SNAPSHOT_SUFFIX)
 
 
 def default_output(base_path: Path, slot_paths: Sequence[Path], sharded: bool) -> Path:

@@ -52,7 +52,7 @@ from slotsmith.layout import KNOWN_MODELS, WanConfig
 from slotsmith.manifest import Manifest
 from slotsmith.names import native_to_diffusers
 from slotsmith.select import Selection, select_v2
-from slotsmith.slot import SLOT_SUFFIX, read_slot, write_slot
+from slotsmith.slot import SLOT_SUFFIX, SNAPSHOT_SUFFIX, read_slot, write_slot
 from slotsmith.train_config import TrainSettings
 from slotsmith.wan import TORCH_DTYPES, inspect_base, load_base
 
@@ -304,9 +304,8 @@ def state_path_for(out: Path) -> Path:
 
 
 def snapshot_path_for(out: Path, step: int) -> Path:
-    """The ``--save-every`` snapshot slot of ``step``."""
-    stem = out.name[: -len(SLOT_SUFFIX)] if out.name.endswith(SLOT_SUFFIX) else out.name
-    return out.with_name(f"{stem}-step{step:06d}{SLOT_SUFFIX}")
+    """The ``--save-every`` snapshot of ``step``: ``OUT-stepN.snapshot`` beside ``OUT`` (a slot file)."""
+    return out.with_name(f"{out.name.removesuffix(SLOT_SUFFIX)}-step{step:06d}{SNAPSHOT_SUFFIX}")
 
 
 def expert_range(
@@ -348,16 +347,16 @@ def expert_range(
 def check_taken(out: Path, inventory: Inventory, selection: Selection, expert: str | None) -> None:
     """Refuse when another slot of the same base in ``out``'s folder shares a tensor.
 
-    Our own output and its snapshots are not "another slot".
+    Our own output is not "another slot"; nor are snapshots, which are not
+    ``.slot`` files.
 
     Raises:
         SlotsmithError: Names the other slot, the tensor and its ffid.
     """
     ours = set(selection.tensors)
-    snapshot_prefix = snapshot_path_for(out, 0).name.rsplit("-step", 1)[0] + "-step"
     layout = inventory.layout_digest()
     for other in sorted(out.parent.glob(f"*{SLOT_SUFFIX}")):
-        if other.resolve() == out.resolve() or other.name.startswith(snapshot_prefix):
+        if other.resolve() == out.resolve():
             continue
         try:
             manifest = read_slot(other).manifest
@@ -392,9 +391,9 @@ def plan_base(settings: TrainSettings) -> BasePlan:
 
     Raises:
         SlotsmithError: Invalid settings, a missing file, a base that is not
-            a (supported) Wan DiT, an expert without a boundary, a taken
-            ffid, an existing output, a missing resume state, a missing
-            optimizer library.
+            a (supported) Wan DiT, an expert without a boundary, an output
+            that is not a ``.slot`` file, a taken ffid, an existing output,
+            a missing resume state, a missing optimizer library.
     """
     settings.validate()
     inventory, cfg, head_dim = inspect_base(settings.base, settings.head_dim)
@@ -415,6 +414,9 @@ def plan_base(settings: TrainSettings) -> BasePlan:
         # Found now, not after hours of training when the slot is written.
         raise SlotsmithError(f"{out.parent}: output folder is not writable")
     refuse_input_as_output(out, inventory.checkpoint.paths)
+    if out.suffix != SLOT_SUFFIX:
+        # Other runs look for taken tensors in .slot files only: a slot under another name would hide.
+        raise SlotsmithError(f"{out}: the output must be a {SLOT_SUFFIX} file (e.g. -o {out.stem}{SLOT_SUFFIX})")
     state_path = state_path_for(out)
     if settings.resume and not state_path.is_file():
         raise SlotsmithError(f"{state_path}: no training state to resume from")
@@ -621,6 +623,7 @@ def _slot_bytes(slot: SlotParams, dtypes: dict[str, str]) -> dict[str, memoryvie
 
 
 def _write(path: Path, plan: RunPlan, settings: TrainSettings, slot: SlotParams, extra: dict) -> Manifest:
+    """Write a slot (or snapshot) of the run; ``settings`` as the user gave them, for the provenance."""
     dtypes = {n: plan.inventory.tensors[n].dtype for n in slot.names}
     provenance = {
         "trainer": "slotsmith train",
@@ -657,6 +660,7 @@ def train(settings: TrainSettings, progress: bool | None = None) -> TrainResult:
     # The base and the output are checked first: encoding a dataset for a run that cannot start is waste.
     base_plan = plan_base(settings)
     skipped = []
+    given = settings  # what the provenance records: the user's --data and encoders, not the cache-only copy below
     if settings.data:
         # The main process encodes what is missing; the others then find a complete cache.
         with accelerator.main_process_first():
@@ -671,6 +675,16 @@ def train(settings: TrainSettings, progress: bool | None = None) -> TrainResult:
     plan = plan_run(settings, accelerator.num_processes, base_plan)
     device = accelerator.device
     world, rank = accelerator.num_processes, accelerator.process_index
+    identity = _state_identity(settings, plan, world)
+    # Read before the weights are loaded: a state this run cannot continue fails fast.
+    state = load_state(plan.state_path, identity) if settings.resume else None
+    if state is not None and state["step"] > plan.total_steps:
+        asked = f"--steps {settings.steps}" if settings.steps is not None else f"--epochs {settings.epochs:g}"
+        raise SlotsmithError(
+            f"{plan.state_path}: is at step {state['step']} already, beyond the {plan.total_steps} step(s) of this "
+            f"run ({asked}); cannot resume (ask for at least {state['step']} steps, or run without --resume to "
+            "start over)"
+        )
     torch.manual_seed(settings.seed)
     random.seed(settings.seed)
 
@@ -702,10 +716,8 @@ def train(settings: TrainSettings, progress: bool | None = None) -> TrainResult:
     optimizer = make_optimizer(settings.optimizer, params, settings.lr, settings.weight_decay)
     amp_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(settings.mixed_precision)
     scaler = torch.amp.GradScaler(device.type) if amp_dtype is torch.float16 else None
-    identity = _state_identity(settings, plan, world)
     start_step, losses = 0, []
-    if settings.resume:
-        state = load_state(plan.state_path, identity)
+    if state is not None:
         with torch.no_grad():
             for n in slot.names:
                 slot[n].copy_(state["masters"][n])
@@ -767,7 +779,7 @@ def train(settings: TrainSettings, progress: bool | None = None) -> TrainResult:
             if settings.save_every and step % settings.save_every == 0 and step < plan.total_steps:
                 if accelerator.is_main_process:
                     save_state(plan.state_path, identity, step, slot, optimizer, scaler, losses)
-                    _write(snapshot_path_for(plan.out, step), plan, settings, slot, {"steps": step, "final_loss": loss})
+                    _write(snapshot_path_for(plan.out, step), plan, given, slot, {"steps": step, "final_loss": loss})
             stop = torch.tensor(float(stop_flag[0]), device=device)
             if world > 1:
                 stop = accelerator.reduce(stop, reduction="sum")
@@ -782,7 +794,7 @@ def train(settings: TrainSettings, progress: bool | None = None) -> TrainResult:
         save_state(plan.state_path, identity, step, slot, optimizer, scaler, losses)
         if finished:
             tail = losses[-min(len(losses), 10):]
-            manifest = _write(plan.out, plan, settings, slot, {
+            manifest = _write(plan.out, plan, given, slot, {
                 "steps": step,
                 "final_loss": losses[-1] if losses else None,
                 "final_loss_avg10": sum(tail) / len(tail) if tail else None,
@@ -865,9 +877,17 @@ def summary(result: TrainResult) -> str:
     """A few lines on what a run did, for the end of ``slotsmith train``."""
     done = result.steps - result.start_step
     rate = done / result.seconds if result.seconds > 0 else 0.0
+    if done == 0 and result.manifest is not None:
+        # A resumed run that had already reached its total: the slot was rewritten from the saved state.
+        steps = f"steps: none to train, the saved run is at step {result.steps} of {result.total_steps} already"
+    else:
+        steps = (
+            f"steps: {result.start_step} -> {result.steps} of {result.total_steps} ({rate:.2f} it/s, "
+            f"{result.seconds:.1f} s)"
+        )
     lines = [f"skipped: {item}" for item in result.skipped]
     lines += [
-        f"steps: {result.start_step} -> {result.steps} of {result.total_steps} ({rate:.2f} it/s, {result.seconds:.1f} s)",
+        steps,
         f"trained parameters: {result.trained_params:,} (optimizer state {result.optimizer_bytes / 2**20:.1f} MiB)",
     ]
     if result.expert_note is not None:

@@ -2,7 +2,9 @@
 
 Every option of ``slotsmith train`` has a field here under the same name
 (dashes become underscores); ``--config train.yaml`` supplies any of them and
-the command line wins over the file.
+the command line wins over the file. Relative paths in the file are relative
+to the file's folder (as in a dataset YAML); on the command line, to the
+current folder.
 """
 
 from __future__ import annotations
@@ -19,6 +21,8 @@ LR_SCHEDULERS = ("constant", "linear", "cosine")
 OPTIMIZERS = ("adamw", "adamw8bit", "adafactor")
 MIXED_PRECISIONS = ("no", "bf16", "fp16")
 EXPERTS = ("high", "low")
+PATH_OPTIONS = ("base", "cache", "data", "vae", "t5", "tokenizer", "out", "log_dir")
+"""Options naming files or folders: relative ones in a config file are relative to its folder."""
 
 
 @dataclass
@@ -182,7 +186,8 @@ def load_settings(cli_values: dict, explicit: set[str], config: str | None) -> T
     Args:
         cli_values: Field name -> value as the CLI parsed it (defaults included).
         explicit: Field names the user gave on the command line.
-        config: Path of the YAML config, or None.
+        config: Path of the YAML config, or None. Relative paths in it
+            (``PATH_OPTIONS``) are taken relative to its folder.
 
     Returns:
         The validated settings.
@@ -194,6 +199,9 @@ def load_settings(cli_values: dict, explicit: set[str], config: str | None) -> T
     if config:
         path = Path(config)
         merged = {n: _coerce(n, v, path) for n, v in _yaml_settings(path).items()}
+        for name in PATH_OPTIONS:
+            if merged.get(name):  # None and "" mean "not given"; an absolute path stays as it is
+                merged[name] = str(path.parent / merged[name])
     for name, value in cli_values.items():
         if name in explicit or name not in merged:
             merged[name] = value

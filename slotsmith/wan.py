@@ -174,14 +174,15 @@ def inspect_base(path: str | os.PathLike, head_dim: int | None = None) -> tuple[
 
     Args:
         path: Checkpoint file, sharded index or folder.
-        head_dim: Attention head size; None to look it up (``find_head_dim``).
+        head_dim: Attention head size (``--head-dim``); None to look it up
+            (``find_head_dim``).
 
     Returns:
         (inventory, config, head dim).
 
     Raises:
         SlotsmithError: Missing or malformed file, not a Wan DiT, or a width
-            that is not a multiple of the head size.
+            that is not a multiple of the head size (given or looked up).
     """
     if not Path(path).exists():
         raise SlotsmithError(f"{path}: no such file")
@@ -190,10 +191,15 @@ def inspect_base(path: str | os.PathLike, head_dim: int | None = None) -> tuple[
         cfg = config_from_shapes({n: t.shape for n, t in inventory.tensors.items()})
     except SlotsmithError as e:
         raise SlotsmithError(f"{inventory.source}: {e}") from None
-    head_dim = head_dim or find_head_dim(inventory)
+    given = head_dim is not None
+    head_dim = head_dim if given else find_head_dim(inventory)
     try:
         diffusers_config(cfg, head_dim)
     except SlotsmithError as e:
+        if given:  # the user's own value is wrong: asking for it again would not help
+            raise SlotsmithError(
+                f"{inventory.source}: --head-dim {head_dim} does not divide the model width {cfg.dim}"
+            ) from None
         raise SlotsmithError(
             f"{inventory.source}: {e}; give --head-dim, or put a config.json with \"attention_head_dim\" "
             "beside the checkpoint"

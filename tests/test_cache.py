@@ -73,6 +73,9 @@ def test_load_index_refuses_bad_caches(tmp_path, edit, message):
 
 
 def test_missing_index_and_invalid_json(tmp_path):
+    with pytest.raises(SlotsmithError) as e:
+        cache.load_index(tmp_path / "nosuch")
+    assert str(e.value) == f"{tmp_path / 'nosuch'}: no such cache folder"
     with pytest.raises(SlotsmithError, match="no cache index"):
         cache.load_index(tmp_path)
     (tmp_path / "index.json").write_text("{nope")

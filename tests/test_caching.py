@@ -217,25 +217,35 @@ def test_skip_bad_without_encoders_leaves_out_what_cache_skip_bad_left_out(model
     with pytest.raises(SlotsmithError, match="new.png: not cached") as e:
         ensure_cache(data, skip_bad=True)
     assert "trunc.png" not in str(e.value)
-    # Without skip_bad, what the cache left out is missing, and the error says what to pass.
+    # Without skip_bad, what the cache left out is bad (read as `cache` reads it), and the error says so.
     for name in ("nocap.png", "new.png", "new.txt"):
         (bad_dataset / "imgs" / name).unlink()
-    with pytest.raises(SlotsmithError) as e:
+    with pytest.raises(BadItemsError) as e:
         ensure_cache(data)
-    lines = str(e.value).splitlines()
-    assert sorted(line.rsplit("/", 1)[1] for line in lines[:-1]) == [
-        "junk.mp4: not cached", "short.mp4: not cached", "trunc.png: not cached"
-    ]
-    assert lines[-1].endswith("(and --skip-bad, if `slotsmith cache --skip-bad` left bad files out)")
+    assert sorted(b.path.name for b in e.value.bad) == ["junk.mp4", "short.mp4", "trunc.png"]
 
 
 def test_bad_items_error_is_lines_that_stand_alone(bad_dataset):
     with pytest.raises(BadItemsError) as e:
         ensure_cache(bad_dataset / "data.yaml")
-    assert str(e.value).splitlines() == [
-        f"{bad_dataset / 'imgs' / 'nocap.png'}: missing caption (nocap.txt absent or empty)",
-        "1 bad item(s); fix them or pass --skip-bad to leave them out",
-    ]
+    *items, last = str(e.value).splitlines()
+    assert items[0] == f"{bad_dataset / 'imgs' / 'nocap.png'}: missing caption (nocap.txt absent or empty)"
+    assert all(line.startswith(f"{bad_dataset}/") for line in items)
+    assert last == f"{len(items)} bad item(s); fix them or pass --skip-bad to leave them out"
+
+
+def test_ensure_cache_reports_every_bad_item_at_once_as_cache_does(models, bad_dataset):
+    """Unreadable media as well as missing captions, cached before or not: one run shows them all."""
+    data = bad_dataset / "data.yaml"
+    with pytest.raises(BadItemsError) as by_cache:
+        _cache(models, data)
+    assert len(by_cache.value.bad) == 4
+    for cached in (False, True):
+        if cached:
+            _cache(models, data, skip_bad=True)  # the good items cached, the bad ones left out
+        with pytest.raises(BadItemsError) as e:
+            ensure_cache(data)
+        assert str(e.value) == str(by_cache.value)
 
 
 def test_stale_cache_error_lists_the_first_problems_then_the_count(dataset):

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import sys
+
 import pytest
 import torch
 from safetensors.torch import load_file, save_file
@@ -121,7 +123,7 @@ def test_wrong_files_give_clear_errors(tiny_models, tmp_path):
         load_vae(tmp_path / "absent.pth")
     with pytest.raises(SlotsmithError, match="needs config.json"):
         load_vae(tmp_path)
-    with pytest.raises(SlotsmithError, match="cannot load a tokenizer"):
+    with pytest.raises(SlotsmithError, match="not a tokenizer folder"):
         load_tokenizer(tmp_path)
     sd = tiny.vae_to_native(load_file(str(tiny_models["vae_dir"] / "diffusion_pytorch_model.safetensors")))
     sd.pop("decoder.head.2.bias")
@@ -133,10 +135,90 @@ def test_wrong_files_give_clear_errors(tiny_models, tmp_path):
 def test_tokenizer_error_is_the_whole_message_on_one_line(tmp_path):
     from transformers import AutoTokenizer
 
-    with pytest.raises(Exception) as original:  # what transformers itself says about an empty folder
-        AutoTokenizer.from_pretrained(str(tmp_path), local_files_only=True)
+    # spiece.model with a config that names no tokenizer class: transformers' message spans several lines.
+    _spiece_model(tmp_path / "sp")
+    folder = tmp_path / "tok"
+    folder.mkdir()
+    (tmp_path / "sp.model").rename(folder / "spiece.model")
+    (folder / "tokenizer_config.json").write_text("{}")
+    with pytest.raises(Exception) as original:
+        AutoTokenizer.from_pretrained(str(folder), local_files_only=True)
+    assert "\n" in str(original.value)
     with pytest.raises(SlotsmithError) as e:
-        load_tokenizer(tmp_path)
+        load_tokenizer(folder)
     message = str(e.value)
     assert "\n" not in message
-    assert message == f"{tmp_path}: cannot load a tokenizer: {' '.join(str(original.value).split())}"
+    assert message == f"{folder}: cannot load a tokenizer: {' '.join(str(original.value).split())}"
+
+
+_SPIECE_TEXT = """a red cat walks slowly in the dark forest
+the man rides a bicycle along the river at dawn
+two dogs play with a ball on the green grass
+"""
+
+
+def _spiece_model(prefix):
+    """Train a tiny sentencepiece model, T5's ids: pad 0, eos 1, unk 2; returns the ``.model`` path."""
+    import sentencepiece
+
+    text = prefix.with_suffix(".txt")
+    text.write_text(_SPIECE_TEXT * 20)
+    sentencepiece.SentencePieceTrainer.train(
+        input=str(text), model_prefix=str(prefix), vocab_size=64, hard_vocab_limit=False,
+        pad_id=0, eos_id=1, unk_id=2, bos_id=-1, minloglevel=2,
+    )
+    return prefix.with_suffix(".model")
+
+
+def _spiece_folder(tmp_path):
+    """google/umt5-xxl's layout without tokenizer.json: spiece.model + tokenizer_config.json."""
+    import shutil
+
+    from transformers import T5Tokenizer
+
+    model = _spiece_model(tmp_path / "sp")
+    folder = tmp_path / "umt5"
+    T5Tokenizer(vocab_file=str(model), extra_ids=0).save_pretrained(str(folder))
+    # Recent transformers saves tokenizer.json (and no spiece.model): make it the layout being tested.
+    (folder / "tokenizer.json").unlink(missing_ok=True)
+    shutil.copyfile(model, folder / "spiece.model")
+    assert sorted(f.name for f in folder.iterdir() if f.name != "special_tokens_map.json") == [
+        "spiece.model", "tokenizer_config.json"
+    ]
+    return folder, model
+
+
+def test_tokenizer_from_spiece_model_without_tokenizer_json(tmp_path):
+    import sentencepiece
+
+    folder, model = _spiece_folder(tmp_path)
+    tok = load_tokenizer(folder)
+    caption = "a red cat walks along the river"
+    expected = sentencepiece.SentencePieceProcessor(model_file=str(model)).encode(caption) + [1]  # + </s>
+    assert tok(caption).input_ids == expected
+
+
+def test_tokenizer_folder_errors_say_what_is_wrong(tmp_path, monkeypatch):
+    (tmp_path / "empty").mkdir()
+    cases = {tmp_path / "empty": "not a tokenizer folder: no tokenizer.json or spiece.model (google/umt5-xxl's files)"}
+    folder, _ = _spiece_folder(tmp_path)
+    no_config = tmp_path / "no_config"
+    no_config.mkdir()
+    (no_config / "spiece.model").write_bytes((folder / "spiece.model").read_bytes())
+    cases[no_config] = "spiece.model needs tokenizer_config.json beside it (google/umt5-xxl's)"
+    damaged = tmp_path / "damaged"
+    damaged.mkdir()
+    (damaged / "spiece.model").write_bytes(b"not a sentencepiece model")
+    (damaged / "tokenizer_config.json").write_bytes((folder / "tokenizer_config.json").read_bytes())
+    cases[damaged] = "spiece.model is not a readable sentencepiece model"
+    for path, problem in cases.items():
+        with pytest.raises(SlotsmithError) as e:
+            load_tokenizer(path)
+        assert str(e.value) == f"{path}: {problem}"
+    monkeypatch.setitem(sys.modules, "sentencepiece", None)  # as if not installed
+    with pytest.raises(SlotsmithError) as e:
+        load_tokenizer(folder)
+    assert str(e.value) == (
+        f"{folder}: reading spiece.model (there is no tokenizer.json) needs sentencepiece and protobuf: "
+        "pip install 'slotsmith[train]'"
+    )

@@ -128,6 +128,9 @@ def test_default_output_name_in_cwd(tmp_path, monkeypatch):
     assert [p.name for p in work.iterdir()] == ["base+char1.safetensors"]
     r = _run("splice", base.path, tmp_path / "char1.slot", "-q")
     assert r.exit_code == 1 and "already exists" in r.output
+    (tmp_path / "char1.slot").rename(tmp_path / "char1-step000010.snapshot")
+    assert _run("splice", base.path, tmp_path / "char1-step000010.snapshot", "-q").exit_code == 0
+    assert (work / "base+char1-step000010.safetensors").exists()
 
 
 def test_force_overwrites(tmp_path):

@@ -195,11 +195,30 @@ def test_fp8_base_and_bf16_run_and_keep_the_slot_dtype(world, tmp_path):
 
 def test_save_every_writes_slot_sized_snapshots(world, tmp_path):
     train(_settings(world, tmp_path / "a.slot", steps=4, save_every=2, log_dir=str(tmp_path / "logs")))
-    snap = tmp_path / "a-step000002.slot"
+    snap = tmp_path / "a-step000002.snapshot"
     assert read_slot(snap).manifest.provenance["steps"] == 2
     assert snap.stat().st_size < world["base"].stat().st_size / 5
     lines = (tmp_path / "logs" / "train_log.jsonl").read_text().splitlines()
     assert [json.loads(line)["step"] for line in lines] == [1, 2, 3, 4]
+
+
+def test_snapshots_are_left_out_of_folder_walks_but_usable_when_named(world, tmp_path, monkeypatch):
+    """A snapshot shares the run's ffid: the CI's plain `verify` and the taken-ffid check must not see it."""
+    train(_settings(world, tmp_path / "c1.slot", steps=4, save_every=2))
+    snap = tmp_path / "c1-step000002.snapshot"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["c1-step000002.snapshot", "c1.slot", "c1.slot.state"]
+    monkeypatch.chdir(tmp_path)
+    r = CliRunner().invoke(main, ["verify", "-q"])
+    assert r.exit_code == 0, r.output
+    r = CliRunner().invoke(main, ["verify", "-q", str(snap)])
+    assert r.exit_code == 0, r.output
+    out = tmp_path / "spliced.safetensors"
+    r = CliRunner().invoke(main, ["splice", str(world["base"]), str(snap), "-o", str(out), "-q"])
+    assert r.exit_code == 0, r.output
+    with safe_open(str(out), framework="pt") as f:
+        assert all(torch.equal(f.get_tensor(n), t) for n, t in _slot_tensors(snap).items())
+    (tmp_path / "c1.slot").unlink()
+    train(_settings(world, tmp_path / "c2.slot", steps=1))  # the snapshot's ffid is not taken
 
 
 def test_expert_range_is_recorded(world, tmp_path):
@@ -260,7 +279,19 @@ def test_bad_inputs_fail_before_loading(world, tmp_path):
         train(_settings(world, out, resume=True))
     with pytest.raises(SlotsmithError, match="exactly one of --steps and --epochs"):
         train(_settings(world, out, epochs=1))
+    with pytest.raises(SlotsmithError) as e:
+        train(_settings(world, out, cache=str(tmp_path / "nosuch")))
+    assert str(e.value) == f"{tmp_path / 'nosuch'}: no such cache folder"
     assert not list(tmp_path.glob("*.slot")) and not list(tmp_path.glob("*.state"))
+
+
+def test_output_must_be_a_slot_file(world, tmp_path):
+    """Other runs look for taken tensors in .slot files only."""
+    out = tmp_path / "c1.safetensors"
+    with pytest.raises(SlotsmithError) as e:
+        train(_settings(world, out))
+    assert str(e.value) == f"{out}: the output must be a .slot file (e.g. -o c1.slot)"
+    assert not list(tmp_path.iterdir())
 
 
 def test_missing_optimizer_library_is_a_clear_error(world, tmp_path):
@@ -408,10 +439,12 @@ def test_skip_bad_trains_on_what_cache_skip_bad_kept(world, tiny_models, tmp_pat
             "--steps", "1", "-o", str(out), "-q"]
     r = CliRunner().invoke(main, args)
     assert r.exit_code == 1
-    assert r.output.splitlines() == [
-        f"error: {(imgs / 'nocap.png').resolve()}: missing caption (nocap.txt absent or empty)",
-        "error: 1 bad item(s); fix them or pass --skip-bad to leave them out",
-    ]
+    # Every bad item at once: the unreadable one (which `cache --skip-bad` left out) too.
+    lines = r.output.splitlines()
+    assert len(lines) == 3
+    assert lines[0] == f"error: {(imgs / 'nocap.png').resolve()}: missing caption (nocap.txt absent or empty)"
+    assert lines[1].startswith(f"error: {(imgs / 'trunc.png').resolve()}: unreadable image")
+    assert lines[2] == "error: 2 bad item(s); fix them or pass --skip-bad to leave them out"
     r = CliRunner().invoke(main, [*args, "--skip-bad"])
     assert r.exit_code == 0, r.output
     skipped = [line for line in r.output.splitlines() if line.startswith("skipped: ")]
@@ -435,3 +468,88 @@ def test_unwritable_output_folder_is_refused_before_training(world, tmp_path, mo
     monkeypatch.setattr(os, "access", lambda p, mode: False if Path(p) == folder else real_access(p, mode))
     with pytest.raises(SlotsmithError, match="not writable"):
         train(_settings(world, folder / "a.slot"))
+
+
+def test_data_run_records_its_data_and_encoders_and_resumes_with_data(world, tiny_models, tmp_path):
+    imgs = tmp_path / "imgs"
+    imgs.mkdir()
+    for i, name in enumerate(("a", "b")):
+        write_image(imgs / f"{name}.png", 32, 32, seed=i)
+        (imgs / f"{name}.txt").write_text(f"a {name} cat")
+    data = tmp_path / "data.yaml"
+    data.write_text(yaml.safe_dump({"datasets": [{"image_directory": "imgs", "resolution": [32, 32]}]}))
+    given = dict(cache="", data=str(data), vae=str(tiny_models["vae_pth"]), t5=str(tiny_models["t5_pth"]),
+                 tokenizer=str(tiny_models["tok"]), skip_bad=True)
+    out = tmp_path / "a.slot"
+    assert train(_settings(world, out, steps=2, stop_after=1, save_every=1, **given)).manifest is None
+    resumed = train(_settings(world, out, steps=2, resume=True, **given))
+    assert (resumed.start_step, resumed.steps) == (1, 2)
+    for slot in (out, tmp_path / "a-step000001.snapshot"):
+        recorded = read_slot(slot).manifest.provenance["settings"]
+        assert {k: recorded[k] for k in given} == given
+
+
+def test_config_paths_are_relative_to_the_config_file(world, tmp_path, monkeypatch):
+    from slotsmith.train_config import load_settings
+
+    cfg, elsewhere = tmp_path / "cfg", tmp_path / "elsewhere"
+    cfg.mkdir()
+    elsewhere.mkdir()
+    config = cfg / "train.yaml"
+    config.write_text(yaml.safe_dump({
+        "base": os.path.relpath(world["base"], cfg), "cache": os.path.relpath(world["cache"], cfg),
+        "out": "c1.slot", "log_dir": "logs", "ff": FF, "ffid": FFID, "steps": 1,
+    }))
+    monkeypatch.chdir(elsewhere)
+    r = CliRunner().invoke(main, ["train", "--config", "../cfg/train.yaml", "-q"])
+    assert r.exit_code == 0, r.output
+    assert (cfg / "c1.slot").is_file() and (cfg / "logs" / "train_log.jsonl").is_file()
+    # On the command line, paths stay relative to the current folder.
+    r = CliRunner().invoke(main, ["train", "--config", "../cfg/train.yaml", "-o", "c2.slot", "-q"])
+    assert r.exit_code == 0, r.output
+    assert (elsewhere / "c2.slot").is_file()
+    # The dataset and encoder paths too; absolute ones stay as they are.
+    encoders = {"data": "data.yaml", "vae": "vae.pth", "t5": "sub/t5.pth", "tokenizer": str(tmp_path / "tok")}
+    config.write_text(yaml.safe_dump({"base": "dit.safetensors", "out": "c1.slot", "ff": FF, "ffid": FFID,
+                                      "steps": 1, **encoders}))
+    settings = load_settings({}, set(), "../cfg/train.yaml")
+    here = Path("../cfg")
+    assert (settings.base, settings.out) == (str(here / "dit.safetensors"), str(here / "c1.slot"))
+    assert (settings.data, settings.vae, settings.t5) == tuple(str(here / encoders[k]) for k in ("data", "vae", "t5"))
+    assert settings.tokenizer == str(tmp_path / "tok")
+
+
+def test_resume_beyond_the_total_is_refused_and_at_the_total_rewrites_the_slot(world, tmp_path, monkeypatch):
+    out = tmp_path / "a.slot"
+    train(_settings(world, out, steps=4))
+    trained, before = _slot_tensors(out), out.read_bytes()
+
+    def never(*args, **kwargs):
+        raise AssertionError("the weights were loaded before the saved step was checked")
+
+    with monkeypatch.context() as m:
+        m.setattr("slotsmith.train.load_base", never)
+        # --epochs 1: 4 cache items at batch 2 are 2 steps.
+        for options, asked in ((dict(steps=2), "--steps 2"), (dict(steps=None, epochs=1.0), "--epochs 1")):
+            with pytest.raises(SlotsmithError) as e:
+                train(_settings(world, out, resume=True, **options))
+            assert str(e.value) == (
+                f"{state_path_for(out)}: is at step 4 already, beyond the 2 step(s) of this run ({asked}); cannot "
+                "resume (ask for at least 4 steps, or run without --resume to start over)"
+            )
+    assert out.read_bytes() == before
+    out.unlink()
+    result = train(_settings(world, out, steps=4, resume=True))
+    assert (result.start_step, result.steps, result.total_steps) == (4, 4, 4)
+    assert "steps: none to train, the saved run is at step 4 of 4 already" in summary(result).splitlines()
+    again = _slot_tensors(out)
+    assert all(torch.equal(trained[n], again[n]) for n in trained)
+
+
+def test_train_help_shows_data_runs_as_well_as_cache_runs():
+    r = CliRunner().invoke(main, ["train", "--help"])
+    assert r.exit_code == 0
+    examples = [line.strip() for line in r.output.splitlines() if line.strip().startswith("slotsmith train ")]
+    assert any("--cache" in line for line in examples) and any("--data" in line for line in examples)
+    text = " ".join(r.output.split())  # as wrapped for any terminal width
+    assert "Trains on a cache folder (--cache, made by `slotsmith cache`) or on a dataset YAML (--data)" in text

@@ -114,6 +114,10 @@ def test_head_dim_sources(tmp_path):
         'or put a config.json with "attention_head_dim" beside the checkpoint'
     )
     assert wan.inspect_base(path, head_dim=16)[2] == 16
+    # A given head size that does not fit: say so, rather than ask for --head-dim.
+    with pytest.raises(SlotsmithError) as e:
+        wan.inspect_base(path, head_dim=7)
+    assert str(e.value) == f"{path}: --head-dim 7 does not divide the model width 64"
     tensors = {k: v.contiguous() for k, v in wan.native_state_dict(model).items()}
     save_file(tensors, path, metadata={"config": json.dumps({"dim": 64, "num_heads": 8})})
     assert wan.inspect_base(path)[2] == 8
