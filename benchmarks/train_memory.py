@@ -38,7 +38,9 @@ def run_case(case: str, args) -> dict:
 
     from slotsmith.layout import WanConfig
     from slotsmith.select import select_v2
-    from slotsmith.train import attach_slot, flow_loss, make_optimizer, optimizer_state_bytes
+    from slotsmith.flow import flow_loss
+    from slotsmith.optim import make_optimizer, optimizer_state_bytes
+    from slotsmith.slot_params import attach_slot
     from slotsmith.wan import build_model, native_state_dict
 
     torch.manual_seed(0)

@@ -22,7 +22,7 @@ import torch
 from tqdm import tqdm
 
 from slotsmith.cache import INDEX_NAME, load_index, write_index, write_latents, write_text
-from slotsmith.data import DEFAULT_ALIGN, BadItem, DataConfig, Source, discover, load_data_config, read_clips
+from slotsmith.data import DEFAULT_ALIGN, DataConfig, load_data_config
 from slotsmith.digest import digest_file_range, digest_json
 from slotsmith.encoders import (
     encode_pixels,
@@ -35,6 +35,7 @@ from slotsmith.encoders import (
 )
 from slotsmith.errors import SlotsmithError
 from slotsmith.io.header import read_header
+from slotsmith.media import BadItem, Source, discover, read_clips
 
 KEY_VERSION = 1
 """Bump when the encoding changes in a way the other key parts do not capture."""

@@ -39,13 +39,14 @@ import yaml
 from slotsmith import tiny
 from slotsmith.cache import CachedDataset
 from slotsmith.caching import run_cache
-from slotsmith.data import discover, load_data_config, read_clips
+from slotsmith.data import load_data_config
 from slotsmith.encoders import encode_pixels, load_vae
 from slotsmith.errors import SlotsmithError
+from slotsmith.flow import flow_loss
 from slotsmith.io.writer import TensorOut, atomic_file, write_all, write_safetensors
 from slotsmith.layout import WanConfig
+from slotsmith.media import discover, read_clips
 from slotsmith.splice import splice
-from slotsmith.train import flow_loss
 from slotsmith.wan import build_model, diffusers_config, load_base, native_state_dict
 
 DEMO_CONFIG = WanConfig(dim=96, ffn_dim=256, num_layers=4, text_dim=32, freq_dim=32)

@@ -7,15 +7,15 @@ import math
 import pytest
 import yaml
 
-from slotsmith.data import (
+from slotsmith.data import load_data_config
+from slotsmith.errors import SlotsmithError
+from slotsmith.media import (
     bucket_size,
     clip_ranges,
     discover,
-    load_data_config,
     read_clips,
     resample_indices,
 )
-from slotsmith.errors import SlotsmithError
 from media import write_audio_only, write_image, write_video
 
 

@@ -20,20 +20,15 @@ from slotsmith import cache, wan
 from slotsmith.cli import main
 from slotsmith.digest import digest_bytes
 from slotsmith.errors import SlotsmithError
+from slotsmith.flow import flow_loss, sample_t
 from slotsmith.inventory import inventory_from_checkpoint, load_inventory
 from slotsmith.select import select_v2
 from slotsmith.slot import read_slot
-from slotsmith.train import (
-    expert_range,
-    flow_loss,
-    load_state,
-    sample_generator,
-    sample_t,
-    state_path_for,
-    summary,
-    train,
-)
+from slotsmith.stream import sample_generator
+from slotsmith.train import summary, train
 from slotsmith.train_config import TrainSettings
+from slotsmith.train_plan import expert_range, state_path_for
+from slotsmith.train_state import load_state
 
 torch.set_num_threads(1)
 FF, FFID = 0.05, 1
@@ -351,7 +346,7 @@ def test_two_processes_match_one(world, tmp_path):
 
 def test_attach_slot_can_take_every_tensor():
     """Even whole modules (the time embedder, whose dtype diffusers reads off a parameter)."""
-    from slotsmith.train import attach_slot
+    from slotsmith.slot_params import attach_slot
 
     torch.manual_seed(0)
     model = wan.build_model(wan.TINY_CONFIG, wan.TINY_HEAD_DIM).requires_grad_(False)
