@@ -301,6 +301,29 @@ def write_error(out: str | os.PathLike, e: OSError) -> SlotsmithError:
     return SlotsmithError(f"{out}: writing failed ({e.strerror or e}); nothing was written")
 
 
+def _begin(out: str | os.PathLike, force: bool, make: Callable):
+    """Check that ``out`` may be written, then make its hidden temp file or folder beside it.
+
+    Args:
+        out: The final output path.
+        force: Replace an existing ``out``.
+        make: ``tempfile.mkstemp`` or ``tempfile.mkdtemp``.
+
+    Returns:
+        ``(out as a Path, what make returned)``.
+
+    Raises:
+        SlotsmithError: ``out`` exists and not ``force``, its folder is
+            missing, or the temp cannot be made.
+    """
+    out = Path(out)
+    refuse_existing(out, force)
+    try:
+        return out, make(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent)
+    except OSError as e:
+        raise write_error(out, e) from None
+
+
 @contextmanager
 def atomic_file(out: str | os.PathLike, *, force: bool = False) -> Iterator[int]:
     """Yield the fd of a temp file beside ``out``; publish it on success.
@@ -313,12 +336,7 @@ def atomic_file(out: str | os.PathLike, *, force: bool = False) -> Iterator[int]
         SlotsmithError: ``out`` exists and not ``force``, its folder is
             missing, or writing failed (naming ``out``).
     """
-    out = Path(out)
-    refuse_existing(out, force)
-    try:
-        fd, name = tempfile.mkstemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent)
-    except OSError as e:
-        raise write_error(out, e) from None
+    out, (fd, name) = _begin(out, force, tempfile.mkstemp)
     tmp = Path(name)
     try:
         yield fd
@@ -347,12 +365,8 @@ def atomic_dir(out: str | os.PathLike, *, force: bool = False) -> Iterator[Path]
         SlotsmithError: ``out`` exists and not ``force``, its folder is
             missing, or writing failed (naming ``out``).
     """
-    out = Path(out)
-    refuse_existing(out, force)
-    try:
-        tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent))
-    except OSError as e:
-        raise write_error(out, e) from None
+    out, name = _begin(out, force, tempfile.mkdtemp)
+    tmp = Path(name)
     try:
         yield tmp
         _fsync_dir(tmp)
