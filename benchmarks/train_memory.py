@@ -38,10 +38,10 @@ def run_case(case: str, args) -> dict:
 
     from slotsmith.layout import WanConfig
     from slotsmith.select import select_v2
-    from slotsmith.flow import flow_loss
-    from slotsmith.optim import make_optimizer, optimizer_state_bytes
-    from slotsmith.slot_params import attach_slot
-    from slotsmith.wan import build_model, native_state_dict
+    from slotsmith.training.flow import flow_loss
+    from slotsmith.training.optim import make_optimizer, optimizer_state_bytes
+    from slotsmith.training.slot_params import attach_slot
+    from slotsmith.training.wan import build_model, native_state_dict
 
     torch.manual_seed(0)
     torch.set_num_threads(args.threads)

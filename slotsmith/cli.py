@@ -23,7 +23,7 @@ from click.core import ParameterSource
 
 from slotsmith import __version__
 from slotsmith.errors import SlotsmithError
-from slotsmith.train_config import (
+from slotsmith.train import (
     EXPERTS,
     LR_SCHEDULERS,
     MIXED_PRECISIONS,
@@ -199,7 +199,7 @@ def inspect(file: str, as_json: bool, as_yaml: bool) -> None:
 
     FILE is a .slot, a .safetensors file, a sharded *.index.json, or a folder.
     """
-    from slotsmith.inspect import describe, render, to_yaml
+    from slotsmith.inspection import describe, render, to_yaml
 
     if as_json and as_yaml:
         raise click.UsageError("give --json or --yaml, not both")
@@ -239,7 +239,8 @@ def verify(paths: tuple[str, ...], base: str | None, as_json: bool, quiet: bool)
       slotsmith verify
       slotsmith verify slots/ --base wan2.2_low.safetensors --json
     """
-    from slotsmith.verify import render, verify as run_verify
+    from slotsmith.verify import render
+    from slotsmith.verify import verify as run_verify
 
     report = run_verify(paths, base, quiet=quiet)
     if as_json:
@@ -336,7 +337,8 @@ def train(ctx: click.Context, config: str | None, **options) -> None:
       slotsmith train --config train.yaml --resume
     """
     with training_extra("train"):
-        from slotsmith.train import summary, train as run_training
+        from slotsmith.training.run import summary
+        from slotsmith.training.run import train as run_training
 
     explicit = {
         name for name in options if ctx.get_parameter_source(name) in (ParameterSource.COMMANDLINE, ParameterSource.ENVIRONMENT)
@@ -373,7 +375,7 @@ def cache(data_yaml, vae, t5, tokenizer, device, batch_size, dtype, skip_bad, qu
         --t5 models_t5_umt5-xxl-enc-bf16.pth --tokenizer umt5-xxl/
     """
     with training_extra("cache"):
-        from slotsmith.caching import run_cache
+        from slotsmith.data.cache_builder import run_cache
 
     report = run_cache(
         data_yaml, vae, t5, tokenizer, device=device, dtype=dtype, batch_size=batch_size,
@@ -406,7 +408,7 @@ def demo(out: str, steps: int, seed: int, as_json: bool, quiet: bool) -> None:
       slotsmith demo --out demo-out
     """
     with training_extra("demo"):
-        from slotsmith.demo import DemoSettings, render_table, run_demo
+        from slotsmith.demo.run import DemoSettings, render_table, run_demo
 
     say = (lambda _: None) if quiet else (lambda msg: click.echo(msg, err=True))
     report = run_demo(DemoSettings(out=Path(out), steps=steps, seed=seed), say)

@@ -1,372 +1,210 @@
-"""``slotsmith train``: fully fine-tune one slot of a Wan DiT, write only the slot.
+"""Training settings: one dataclass, filled from the command line and a YAML file.
 
-The run: check everything that needs no weights (`slotsmith.train_plan`),
-load the base, move the slot's tensors out into fp32 masters
-(`slotsmith.slot_params`), then step through the sample stream
-(`slotsmith.stream`) on the flow-matching loss (`slotsmith.flow`), saving a
-resumable state (`slotsmith.train_state`) and writing only the slot.
-
-Data parallel: each process computes gradients on its share of the global
-batch and only the slot's gradients are averaged (no DDP wrapper, so the
-frozen base is never broadcast).
+Every option of ``slotsmith train`` has a field here under the same name
+(dashes become underscores); ``--config train.yaml`` supplies any of them and
+the command line wins over the file. Relative paths in the file are relative
+to the file's folder (as in a dataset YAML); on the command line, to the
+current folder.
 """
 
 from __future__ import annotations
 
-import dataclasses
-import json
-import random
-import signal
-import sys
-import time
-from collections.abc import Iterator
-from contextlib import contextmanager, nullcontext
-from dataclasses import dataclass
+import math
+from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 
-import torch
-from tqdm import tqdm
-
-from slotsmith.cache import CachedDataset
-from slotsmith.caching import ensure_cache
 from slotsmith.errors import SlotsmithError
-from slotsmith.flow import flow_loss, sample_t
-from slotsmith.manifest import Manifest
-from slotsmith.optim import lr_factor, make_optimizer, optimizer_state_bytes
-from slotsmith.slot import write_slot
-from slotsmith.slot_params import SlotParams, attach_slot
-from slotsmith.stream import DataStream, sample_generator
-from slotsmith.train_config import TrainSettings
-from slotsmith.train_plan import RunPlan, plan_base, plan_run, snapshot_path_for
-from slotsmith.train_state import load_state, save_state, set_rng_state, state_identity
-from slotsmith.wan import TORCH_DTYPES, load_base
+from slotsmith.select import check_ff_ffid
+
+TIMESTEP_SAMPLINGS = ("uniform", "sigmoid", "shift", "logit_normal")
+LR_SCHEDULERS = ("constant", "linear", "cosine")
+OPTIMIZERS = ("adamw", "adamw8bit", "adafactor")
+MIXED_PRECISIONS = ("no", "bf16", "fp16")
+EXPERTS = ("high", "low")
+PATH_OPTIONS = ("base", "cache", "data", "vae", "t5", "tokenizer", "out", "log_dir")
+"""Options naming files or folders: relative ones in a config file are relative to its folder."""
 
 
 @dataclass
-class TrainResult:
-    """What a run did."""
+class TrainSettings:
+    """Everything one training run needs (see ``slotsmith train --help``)."""
 
-    manifest: Manifest | None
-    out: Path | None
-    state_path: Path
-    start_step: int
-    steps: int
-    total_steps: int
-    first_loss: float | None
-    final_loss: float | None
-    seconds: float
-    trained_params: int
-    optimizer_bytes: int
-    interrupted: bool = False
-    is_main: bool = True
-    expert_note: str | None = None
-    skipped: tuple[str, ...] = ()
+    base: str = ""
+    cache: str = ""
+    data: str = ""
+    vae: str | None = None
+    t5: str | None = None
+    tokenizer: str | None = None
+    skip_bad: bool = False
+    out: str = ""
+    ff: float | None = None
+    ffid: int | None = None
+    steps: int | None = None
+    epochs: float | None = None
+    lr: float = 2e-5
+    lr_scheduler: str = "constant"
+    warmup_steps: int = 0
+    batch_size: int = 1
+    grad_accum: int = 1
+    optimizer: str = "adamw"
+    weight_decay: float = 0.0
+    max_grad_norm: float = 1.0
+    mixed_precision: str = "no"
+    gradient_checkpointing: bool = False
+    offload_blocks: bool = False
+    fp8_base: bool = False
+    seed: int = 42
+    timestep_sampling: str = "shift"
+    flow_shift: float = 3.0
+    sigmoid_scale: float = 1.0
+    logit_mean: float = 0.0
+    logit_std: float = 1.0
+    min_timestep: float = 0.0
+    max_timestep: float = 1000.0
+    expert: str | None = None
+    boundary: float | None = None
+    head_dim: int | None = None
+    save_every: int = 0
+    stop_after: int | None = None
+    resume: bool = False
+    log_dir: str | None = None
+    force: bool = False
+    quiet: bool = False
+
+    def to_json(self) -> dict:
+        """The settings as a JSON-able dict (for provenance and the resume check)."""
+        return asdict(self)
+
+    def validate(self) -> None:
+        """Refuse impossible combinations before anything is loaded.
+
+        Raises:
+            SlotsmithError: Names the offending option.
+        """
+        for name in ("base", "out", "ff", "ffid"):
+            if getattr(self, name) in ("", None):
+                raise SlotsmithError(f"--{name} is required")
+        for f in fields(self):
+            value = getattr(self, f.name)
+            # NaN passes every range check below (each comparison is false), so refuse it first.
+            if f.type.startswith("float") and value is not None and not math.isfinite(value):
+                raise SlotsmithError(f"--{f.name.replace('_', '-')} {value} must be a finite number")
+        if bool(self.cache) == bool(self.data):
+            raise SlotsmithError("give exactly one of --cache (a cache folder) and --data (a dataset YAML)")
+        if not self.data and (self.vae or self.t5 or self.tokenizer):
+            raise SlotsmithError("--vae, --t5 and --tokenizer go with --data (they encode what is not cached yet)")
+        if not self.data and self.skip_bad:
+            raise SlotsmithError("--skip-bad goes with --data (a --cache folder holds only the items it was made of)")
+        check_ff_ffid(self.ff, self.ffid)
+        if (self.steps is None) == (self.epochs is None):
+            raise SlotsmithError("give exactly one of --steps and --epochs")
+        if self.steps is not None and self.steps < 1 or self.epochs is not None and not self.epochs > 0:
+            raise SlotsmithError("--steps / --epochs must be positive")
+        _choice("timestep-sampling", self.timestep_sampling, TIMESTEP_SAMPLINGS)
+        _choice("lr-scheduler", self.lr_scheduler, LR_SCHEDULERS)
+        _choice("optimizer", self.optimizer, OPTIMIZERS)
+        _choice("mixed-precision", self.mixed_precision, MIXED_PRECISIONS)
+        if self.expert is not None:
+            _choice("expert", self.expert, EXPERTS)
+        for name in ("batch_size", "grad_accum"):
+            if getattr(self, name) < 1:
+                raise SlotsmithError(f"--{name.replace('_', '-')} must be at least 1")
+        for name in ("warmup_steps", "save_every"):
+            if getattr(self, name) < 0:
+                raise SlotsmithError(f"--{name.replace('_', '-')} must not be negative")
+        if not self.lr > 0:
+            raise SlotsmithError(f"--lr {self.lr} must be a positive number")
+        if not 0 <= self.min_timestep < self.max_timestep <= 1000:
+            raise SlotsmithError("need 0 <= --min-timestep < --max-timestep <= 1000")
+        if self.boundary is not None and not 0 < self.boundary < 1:
+            raise SlotsmithError(f"--boundary {self.boundary} must be in (0, 1)")
+        if self.flow_shift <= 0:
+            raise SlotsmithError("--flow-shift must be positive")
+        if self.stop_after is not None and self.stop_after < 1:
+            raise SlotsmithError("--stop-after must be at least 1")
+        if self.head_dim is not None and self.head_dim < 1:
+            raise SlotsmithError("--head-dim must be positive")
 
 
-@contextmanager
-def _graceful_interrupt() -> Iterator[list[bool]]:
-    """First Ctrl-C asks the loop to stop at the next step boundary; the second aborts."""
-    flag = [False]
+def _choice(option: str, value: str, allowed: tuple[str, ...]) -> None:
+    if value not in allowed:
+        raise SlotsmithError(f"--{option} {value!r} is not one of {', '.join(allowed)}")
 
-    def handler(signum, frame):
-        if flag[0]:
-            raise KeyboardInterrupt
-        flag[0] = True
+
+def _yaml_settings(path: Path) -> dict:
+    # Imported here, not at the top: the CLI imports this module on every start
+    # (for its option defaults) and only --config needs a YAML parser.
+    import yaml
 
     try:
-        previous = signal.signal(signal.SIGINT, handler)
-    except ValueError:  # not the main thread: keep the default behaviour
-        yield flag
-        return
-    try:
-        yield flag
-    finally:
-        signal.signal(signal.SIGINT, previous)
+        doc = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise SlotsmithError(f"{path}: no such file") from None
+    except OSError as e:  # a folder, no permission...
+        raise SlotsmithError(f"{path}: cannot read the training config ({e.strerror or e})") from None
+    except (UnicodeDecodeError, yaml.YAMLError) as e:
+        raise SlotsmithError(f"{path}: not valid YAML ({str(e).splitlines()[0]})") from None
+    if doc is None:
+        return {}
+    if not isinstance(doc, dict):
+        raise SlotsmithError(f"{path}: a training config must be a mapping of option: value")
+    known = {f.name: f for f in fields(TrainSettings)}
+    out = {}
+    for key, value in doc.items():
+        name = str(key).replace("-", "_")
+        if name not in known:
+            raise SlotsmithError(f"{path}: unknown option {key!r}")
+        out[name] = value
+    return out
 
 
-def _slot_bytes(slot: SlotParams, dtypes: dict[str, str]) -> dict[str, memoryview]:
-    return {
-        n: memoryview(slot[n].detach().to(TORCH_DTYPES[dtypes[n]]).contiguous().cpu().view(torch.uint8).numpy())
-        for n in slot.names
-    }
+def _coerce(name: str, value, path: Path):
+    """Check a YAML value against the field's type (YAML has no float/int subtleties for us)."""
+    kind = {f.name: f.type for f in fields(TrainSettings)}[name]
+    if value is None:
+        if "None" in kind:
+            return None
+        raise SlotsmithError(f"{path}: option {name!r} cannot be empty")
+    if kind.startswith("bool"):
+        ok = isinstance(value, bool)
+    elif kind.startswith("int"):
+        ok = isinstance(value, int) and not isinstance(value, bool)
+    elif kind.startswith("float"):
+        ok = isinstance(value, (int, float)) and not isinstance(value, bool)
+        value = float(value) if ok else value
+    else:
+        ok = isinstance(value, (str, int, float)) and not isinstance(value, bool)
+        value = str(value) if ok else value
+    if not ok:
+        raise SlotsmithError(f"{path}: option {name!r} has the wrong type ({type(value).__name__}, wants {kind})")
+    return value
 
 
-def _write(path: Path, plan: RunPlan, settings: TrainSettings, slot: SlotParams, extra: dict) -> Manifest:
-    """Write a slot (or snapshot) of the run; ``settings`` as the user gave them, for the provenance."""
-    dtypes = {n: plan.inventory.tensors[n].dtype for n in slot.names}
-    provenance = {
-        "trainer": "slotsmith train",
-        "settings": settings.to_json(),
-        "dataset_digest": plan.dataset_digest,
-        "seed": settings.seed,
-        "timestep_range": list(plan.t_range),
-        "expert_boundary": plan.boundary,
-        **extra,
-    }
-    return write_slot(
-        path, plan.inventory, _slot_bytes(slot, dtypes), selection=plan.selection.record(), provenance=provenance,
-        expert=settings.expert, force=True,
-    )
-
-
-def train(settings: TrainSettings, progress: bool | None = None) -> TrainResult:
-    """Run ``slotsmith train``: check, load, fine-tune the slot, write it.
+def load_settings(cli_values: dict, explicit: set[str], config: str | None) -> TrainSettings:
+    """Merge defaults, a YAML config and the command line (which wins).
 
     Args:
-        settings: The run's settings.
-        progress: Show a progress bar (None: when stderr is a terminal and not quiet).
+        cli_values: Field name -> value as the CLI parsed it (defaults included).
+        explicit: Field names the user gave on the command line.
+        config: Path of the YAML config, or None. Relative paths in it
+            (``PATH_OPTIONS``) are taken relative to its folder.
 
     Returns:
-        What the run did (``manifest`` None when stopped early).
+        The validated settings.
 
     Raises:
-        SlotsmithError: Bad input (before any weights are loaded).
+        SlotsmithError: Bad YAML, unknown or mistyped option, invalid settings.
     """
-    from accelerate import Accelerator  # slow to import, and only a run needs it
-
-    accelerator = Accelerator(cpu=not torch.cuda.is_available())
-    show = progress if progress is not None else (not settings.quiet and sys.stderr.isatty())
-    # The base and the output are checked first: encoding a dataset for a run that cannot start is waste.
-    base_plan = plan_base(settings)
-    skipped = []
-    given = settings  # what the provenance records: the user's --data and encoders, not the cache-only copy below
-    if settings.data:
-        # The main process encodes what is missing; the others then find a complete cache.
-        with accelerator.main_process_first():
-            cache_dir, skipped = ensure_cache(
-                settings.data, settings.vae, settings.t5, settings.tokenizer, skip_bad=settings.skip_bad,
-                progress=show and accelerator.is_main_process,
-            )
-        # From here on the run is a run on that cache folder (the same one --cache would name).
-        settings = dataclasses.replace(
-            settings, cache=str(cache_dir), data="", vae=None, t5=None, tokenizer=None, skip_bad=False
-        )
-    plan = plan_run(settings, accelerator.num_processes, base_plan)
-    device = accelerator.device
-    world, rank = accelerator.num_processes, accelerator.process_index
-    identity = state_identity(settings, plan, world)
-    # Read before the weights are loaded: a state this run cannot continue fails fast.
-    state = load_state(plan.state_path, identity) if settings.resume else None
-    if state is not None and state["step"] > plan.total_steps:
-        asked = f"--steps {settings.steps}" if settings.steps is not None else f"--epochs {settings.epochs:g}"
-        raise SlotsmithError(
-            f"{plan.state_path}: is at step {state['step']} already, beyond the {plan.total_steps} step(s) of this "
-            f"run ({asked}); cannot resume (ask for at least {state['step']} steps, or run without --resume to "
-            "start over)"
-        )
-    torch.manual_seed(settings.seed)
-    random.seed(settings.seed)
-
-    base = load_base(settings.base, plan.head_dim)
-    model = base.model
-    compute_dtype = torch.bfloat16 if settings.fp8_base else base.dtype
-    if settings.fp8_base and base.dtype != torch.bfloat16:
-        # Parameters only: buffers (RoPE tables) stay float32, as diffusers keeps them.
-        for p in model.parameters():
-            p.data = p.data.to(torch.bfloat16)
-    slot = attach_slot(model, list(plan.selection.tensors), device, compute_dtype)
-    if settings.gradient_checkpointing:
-        model.enable_gradient_checkpointing()
-    if settings.fp8_base:
-        model.enable_layerwise_casting(storage_dtype=torch.float8_e4m3fn, compute_dtype=torch.bfloat16)
-    if settings.offload_blocks:
-        model.enable_group_offload(
-            onload_device=device,
-            offload_device=torch.device("cpu"),
-            offload_type="block_level",
-            num_blocks_per_group=1,
-            use_stream=device.type == "cuda",
-        )
-    else:
-        model.to(device)
-    model.train()
-
-    params = slot.parameters_in_order()
-    optimizer = make_optimizer(settings.optimizer, params, settings.lr, settings.weight_decay)
-    amp_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(settings.mixed_precision)
-    scaler = torch.amp.GradScaler(device.type) if amp_dtype is torch.float16 else None
-    start_step, losses = 0, []
-    if state is not None:
-        with torch.no_grad():
-            for n in slot.names:
-                slot[n].copy_(state["masters"][n])
-        optimizer.load_state_dict(state["optimizer"])
-        if scaler is not None and state["scaler"]:
-            scaler.load_state_dict(state["scaler"])
-        set_rng_state(state["rng"])
-        start_step, losses = state["step"], list(state["losses"])
-
-    dataset = CachedDataset(settings.cache, plan.cache_index)
-    stream = DataStream(len(dataset), settings.seed)
-    b, accum = settings.batch_size, settings.grad_accum
-    micro_global = b * world
-    end_step = plan.total_steps
-    if settings.stop_after is not None:
-        end_step = min(end_step, start_step + settings.stop_after)
-    bar = tqdm(
-        total=plan.total_steps, initial=start_step, disable=not (show and accelerator.is_main_process),
-        file=sys.stderr, unit="it", dynamic_ncols=True,
-    )
-    log = _Logger(settings.log_dir, accelerator.is_main_process)
-    autocast = (lambda: torch.autocast(device.type, dtype=amp_dtype)) if amp_dtype else nullcontext
-    started = time.perf_counter()
-    step = start_step
-    interrupted = False
-    with _graceful_interrupt() as stop_flag:
-        while step < end_step:
-            lr = settings.lr * lr_factor(settings, step, plan.total_steps)
-            for group in optimizer.param_groups:
-                group["lr"] = lr
-            step_loss = torch.zeros((), dtype=torch.float64)
-            for micro in range(accum):
-                first = (step * accum + micro) * micro_global + rank * b
-                step_loss += _micro_step(
-                    model, slot, dataset, stream, settings, plan, range(first, first + b), device,
-                    compute_dtype if amp_dtype is None else torch.float32, autocast, scaler, b * accum,
-                )
-            if world > 1:
-                for p in params:
-                    if p.grad is not None:
-                        p.grad = accelerator.reduce(p.grad, reduction="mean")
-                step_loss = accelerator.reduce(step_loss.to(device), reduction="mean").cpu()
-            if scaler is not None:
-                scaler.unscale_(optimizer)
-            if settings.max_grad_norm > 0:
-                torch.nn.utils.clip_grad_norm_(params, settings.max_grad_norm)
-            if scaler is not None:
-                scaler.step(optimizer)
-                scaler.update()
-            else:
-                optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
-            step += 1
-            loss = float(step_loss / (b * accum))
-            losses.append(loss)
-            bar.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.2e}", refresh=False)
-            bar.update(1)
-            log.log(step, loss, lr)
-            if settings.save_every and step % settings.save_every == 0 and step < plan.total_steps:
-                if accelerator.is_main_process:
-                    save_state(plan.state_path, identity, step, slot, optimizer, scaler, losses)
-                    _write(snapshot_path_for(plan.out, step), plan, given, slot, {"steps": step, "final_loss": loss})
-            stop = torch.tensor(float(stop_flag[0]), device=device)
-            if world > 1:
-                stop = accelerator.reduce(stop, reduction="sum")
-            if stop.item() > 0:
-                interrupted = True
-                break
-    bar.close()
-    seconds = time.perf_counter() - started
-    finished = step >= plan.total_steps
-    manifest = None
-    if accelerator.is_main_process:
-        save_state(plan.state_path, identity, step, slot, optimizer, scaler, losses)
-        if finished:
-            tail = losses[-min(len(losses), 10):]
-            manifest = _write(plan.out, plan, given, slot, {
-                "steps": step,
-                "final_loss": losses[-1] if losses else None,
-                "final_loss_avg10": sum(tail) / len(tail) if tail else None,
-            })
-    log.close()
-    accelerator.wait_for_everyone()
-    return TrainResult(
-        manifest, plan.out if finished else None, plan.state_path, start_step, step, plan.total_steps,
-        losses[0] if losses else None, losses[-1] if losses else None, seconds, slot.numel,
-        optimizer_state_bytes(optimizer), interrupted, accelerator.is_main_process, _expert_note(settings, plan),
-        tuple(str(item) for item in skipped),
-    )
-
-
-def _expert_note(settings: TrainSettings, plan: RunPlan) -> str | None:
-    """Which timesteps an expert run trained on, and where its boundary came from."""
-    if settings.expert is None:
-        return None
-    source = "--boundary" if plan.boundary_from == "--boundary" else f"{plan.boundary_from}, whose layout the base has"
-    low, high = plan.t_range
-    return f"expert: {settings.expert}, timesteps [{low:g}, {high:g}] (boundary {plan.boundary:g} from {source})"
-
-
-def _micro_step(model, slot, dataset, stream, settings, plan, positions, device, input_dtype, autocast, scaler, divisor):
-    """Forward and backward one micro-batch (grouped by latent shape); returns its summed loss."""
-    groups: dict[tuple, list] = {}
-    for pos in positions:
-        item = dataset[stream.entry(pos)]
-        g = sample_generator(settings.seed, pos)
-        t = sample_t(settings, g, plan.t_range)
-        noise = torch.randn(item["latents"].shape, generator=g)
-        groups.setdefault(tuple(item["latents"].shape), []).append((item, t, noise))
-    total = torch.zeros((), dtype=torch.float64)
-    for members in groups.values():
-        latents = torch.stack([m[0]["latents"] for m in members]).to(device)
-        context = torch.stack([m[0]["context"] for m in members]).to(device)
-        t = torch.tensor([m[1] for m in members], dtype=torch.float32, device=device)
-        noise = torch.stack([m[2] for m in members]).to(device)
-        with autocast():
-            per_sample = flow_loss(model, latents, context, t, noise, input_dtype)
-        loss = per_sample.sum() / divisor
-        (scaler.scale(loss) if scaler is not None else loss).backward()
-        total += per_sample.detach().sum().double().cpu()
-    return total
-
-
-class _Logger:
-    """Metrics to ``LOG_DIR/train_log.jsonl`` and, when installed, TensorBoard."""
-
-    def __init__(self, log_dir: str | None, main: bool):
-        self._file = self._tb = None
-        if not (log_dir and main):
-            return
-        folder = Path(log_dir)
-        folder.mkdir(parents=True, exist_ok=True)
-        self._file = open(folder / "train_log.jsonl", "a", encoding="utf-8")
-        try:
-            from torch.utils.tensorboard import SummaryWriter
-
-            self._tb = SummaryWriter(str(folder))
-        except ImportError:
-            self._tb = None
-
-    def log(self, step: int, loss: float, lr: float) -> None:
-        if self._file:
-            self._file.write(json.dumps({"step": step, "loss": loss, "lr": lr, "time": time.time()}) + "\n")
-            self._file.flush()
-        if self._tb:
-            self._tb.add_scalar("train/loss", loss, step)
-            self._tb.add_scalar("train/lr", lr, step)
-
-    def close(self) -> None:
-        if self._file:
-            self._file.close()
-        if self._tb:
-            self._tb.close()
-
-
-def summary(result: TrainResult) -> str:
-    """A few lines on what a run did, for the end of ``slotsmith train``."""
-    done = result.steps - result.start_step
-    rate = done / result.seconds if result.seconds > 0 else 0.0
-    if done == 0 and result.manifest is not None:
-        # A resumed run that had already reached its total: the slot was rewritten from the saved state.
-        steps = f"steps: none to train, the saved run is at step {result.steps} of {result.total_steps} already"
-    else:
-        steps = (
-            f"steps: {result.start_step} -> {result.steps} of {result.total_steps} ({rate:.2f} it/s, "
-            f"{result.seconds:.1f} s)"
-        )
-    lines = [f"skipped: {item}" for item in result.skipped]
-    lines += [
-        steps,
-        f"trained parameters: {result.trained_params:,} (optimizer state {result.optimizer_bytes / 2**20:.1f} MiB)",
-    ]
-    if result.expert_note is not None:
-        lines.append(result.expert_note)
-    if result.first_loss is not None:
-        lines.append(f"loss: first {result.first_loss:.5f}, last {result.final_loss:.5f}")
-    if result.manifest is not None:
-        lines.append(
-            f"wrote {result.out} ({len(result.manifest.entries)} tensors, {result.manifest.nbytes / 2**20:.1f} MiB)"
-        )
-    else:
-        lines.append(f"stopped early; state saved to {result.state_path} (rerun with --resume to continue)")
-    return "\n".join(lines)
+    merged = {}
+    if config:
+        path = Path(config)
+        merged = {n: _coerce(n, v, path) for n, v in _yaml_settings(path).items()}
+        for name in PATH_OPTIONS:
+            if merged.get(name):  # None and "" mean "not given"; an absolute path stays as it is
+                merged[name] = str(path.parent / merged[name])
+    for name, value in cli_values.items():
+        if name in explicit or name not in merged:
+            merged[name] = value
+    settings = TrainSettings(**merged)
+    settings.validate()
+    return settings

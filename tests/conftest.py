@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from slotsmith import tiny
+from slotsmith.demo import tiny
 
 
 @pytest.fixture(scope="session")

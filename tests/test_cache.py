@@ -6,7 +6,7 @@ import pytest
 import torch
 from helpers import disk_full
 
-from slotsmith import cache
+from slotsmith.data import cache
 from slotsmith.errors import SlotsmithError
 
 

@@ -8,9 +8,9 @@ from click.testing import CliRunner
 from media import count_frames, write_image, write_video
 from safetensors.torch import load_file
 
-from slotsmith.cache import CachedDataset, load_index
-from slotsmith.caching import LISTED_PROBLEMS, BadItemsError, ensure_cache, run_cache
 from slotsmith.cli import main
+from slotsmith.data.cache import CachedDataset, load_index
+from slotsmith.data.cache_builder import LISTED_PROBLEMS, BadItemsError, ensure_cache, run_cache
 from slotsmith.errors import SlotsmithError
 
 

@@ -6,17 +6,17 @@ import math
 
 import pytest
 import yaml
+from media import write_audio_only, write_image, write_video
 
-from slotsmith.data import load_data_config
-from slotsmith.errors import SlotsmithError
-from slotsmith.media import (
+from slotsmith.data.config import load_data_config
+from slotsmith.data.media import (
     bucket_size,
     clip_ranges,
     discover,
     read_clips,
     resample_indices,
 )
-from media import write_audio_only, write_image, write_video
+from slotsmith.errors import SlotsmithError
 
 
 def _yaml(tmp_path, doc: dict):

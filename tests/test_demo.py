@@ -100,7 +100,7 @@ def test_demo_refuses_a_foreign_folder(tmp_path):
 
 
 def test_cli_defaults_match_the_demo_settings():
-    from slotsmith.demo import DemoSettings
+    from slotsmith.demo.run import DemoSettings
 
     params = {p.name: p.default for p in main.commands["demo"].params}
     defaults = DemoSettings(out=None)

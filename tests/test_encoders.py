@@ -8,8 +8,7 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from slotsmith import tiny
-from slotsmith.encoders import (
+from slotsmith.data.encoders import (
     encode_pixels,
     encode_texts,
     load_state_dict,
@@ -17,6 +16,7 @@ from slotsmith.encoders import (
     load_tokenizer,
     load_vae,
 )
+from slotsmith.demo import tiny
 from slotsmith.errors import SlotsmithError
 
 

@@ -10,8 +10,9 @@ from media import write_image
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from slotsmith import wan
 from slotsmith.cli import main
+from slotsmith.demo import tiny
+from slotsmith.training import wan
 
 torch.set_num_threads(1)
 
@@ -27,9 +28,9 @@ def world(tmp_path_factory, tiny_models):
     torch.manual_seed(0)
     base = root / "base" / "dit.safetensors"
     base.parent.mkdir()
-    model = wan.build_model(wan.TINY_CONFIG, wan.TINY_HEAD_DIM)
+    model = wan.build_model(tiny.TINY_CONFIG, tiny.TINY_HEAD_DIM)
     save_file({k: v.contiguous() for k, v in wan.native_state_dict(model).items()}, base)
-    (base.parent / "config.json").write_text(json.dumps({"attention_head_dim": wan.TINY_HEAD_DIM}))
+    (base.parent / "config.json").write_text(json.dumps({"attention_head_dim": tiny.TINY_HEAD_DIM}))
     data = root / "data"
     (data / "imgs").mkdir(parents=True)
     for i in range(3):

@@ -18,7 +18,7 @@ LIGHT_MODULES = [
     "slotsmith.checks",
     "slotsmith.splice",
     "slotsmith.io.writer",
-    "slotsmith.inspect",
+    "slotsmith.inspection",
     "slotsmith.verify",
 ]
 HEAVY = ("torch", "diffusers", "transformers", "accelerate")

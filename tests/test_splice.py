@@ -360,7 +360,7 @@ def test_splicing_onto_a_spliced_checkpoint(tmp_path):
 
 def test_splice_modules_do_not_import_torch():
     code = (
-        "import sys, slotsmith.splice, slotsmith.inspect, slotsmith.checks, slotsmith.manifest, "
+        "import sys, slotsmith.splice, slotsmith.inspection, slotsmith.checks, slotsmith.manifest, "
         "slotsmith.slot, slotsmith.io.writer; print('torch' in sys.modules)"
     )
     assert subprocess.run([sys.executable, "-c", code], capture_output=True, text=True).stdout.strip() == "False"

@@ -16,19 +16,21 @@ from media import write_image
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from slotsmith import cache, wan
 from slotsmith.cli import main
+from slotsmith.data import cache
+from slotsmith.demo import tiny
 from slotsmith.digest import digest_bytes
 from slotsmith.errors import SlotsmithError
-from slotsmith.flow import flow_loss, sample_t
 from slotsmith.inventory import inventory_from_checkpoint, load_inventory
 from slotsmith.select import select_v2
 from slotsmith.slot import read_slot
-from slotsmith.stream import sample_generator
-from slotsmith.train import summary, train
-from slotsmith.train_config import TrainSettings
-from slotsmith.train_plan import expert_range, state_path_for
-from slotsmith.train_state import load_state
+from slotsmith.train import TrainSettings
+from slotsmith.training import wan
+from slotsmith.training.flow import flow_loss, sample_t
+from slotsmith.training.preflight import expert_range, state_path_for
+from slotsmith.training.run import summary, train
+from slotsmith.training.state import load_state
+from slotsmith.training.stream import sample_generator
 
 torch.set_num_threads(1)
 FF, FFID = 0.05, 1
@@ -39,11 +41,11 @@ def world(tmp_path_factory):
     """A tiny random Wan DiT (with config.json for its head size) and a 4-item cache."""
     root = tmp_path_factory.mktemp("train")
     torch.manual_seed(0)
-    model = wan.build_model(wan.TINY_CONFIG, wan.TINY_HEAD_DIM)
+    model = wan.build_model(tiny.TINY_CONFIG, tiny.TINY_HEAD_DIM)
     base = root / "base" / "dit.safetensors"
     base.parent.mkdir()
     save_file({k: v.contiguous() for k, v in wan.native_state_dict(model).items()}, base)
-    (base.parent / "config.json").write_text(json.dumps({"attention_head_dim": wan.TINY_HEAD_DIM}))
+    (base.parent / "config.json").write_text(json.dumps({"attention_head_dim": tiny.TINY_HEAD_DIM}))
     cache_dir = root / "cache"
     items = []
     for i in range(4):
@@ -346,10 +348,10 @@ def test_two_processes_match_one(world, tmp_path):
 
 def test_attach_slot_can_take_every_tensor():
     """Even whole modules (the time embedder, whose dtype diffusers reads off a parameter)."""
-    from slotsmith.slot_params import attach_slot
+    from slotsmith.training.slot_params import attach_slot
 
     torch.manual_seed(0)
-    model = wan.build_model(wan.TINY_CONFIG, wan.TINY_HEAD_DIM).requires_grad_(False)
+    model = wan.build_model(tiny.TINY_CONFIG, tiny.TINY_HEAD_DIM).requires_grad_(False)
     names = list(wan.native_state_dict(model))
     slot = attach_slot(model, names, torch.device("cpu"), torch.float32)
     assert not any(p.numel() for p in model.parameters())
@@ -404,7 +406,7 @@ def test_data_runs_check_the_base_and_output_before_encoding(world, tmp_path, mo
     def never(*args, **kwargs):
         raise AssertionError("the dataset was encoded before the base and output were checked")
 
-    monkeypatch.setattr("slotsmith.train.ensure_cache", never)
+    monkeypatch.setattr("slotsmith.training.run.ensure_cache", never)
     data = dict(cache="", data=str(tmp_path / "data.yaml"), vae="vae.pth", t5="t5.pth", tokenizer="tok")
     with pytest.raises(SlotsmithError, match="missing.safetensors: no such file"):
         train(_settings(world, tmp_path / "a.slot", base=str(tmp_path / "missing.safetensors"), **data))
@@ -485,7 +487,7 @@ def test_data_run_records_its_data_and_encoders_and_resumes_with_data(world, tin
 
 
 def test_config_paths_are_relative_to_the_config_file(world, tmp_path, monkeypatch):
-    from slotsmith.train_config import load_settings
+    from slotsmith.train import load_settings
 
     cfg, elsewhere = tmp_path / "cfg", tmp_path / "elsewhere"
     cfg.mkdir()
@@ -523,7 +525,7 @@ def test_resume_beyond_the_total_is_refused_and_at_the_total_rewrites_the_slot(w
         raise AssertionError("the weights were loaded before the saved step was checked")
 
     with monkeypatch.context() as m:
-        m.setattr("slotsmith.train.load_base", never)
+        m.setattr("slotsmith.training.run.load_base", never)
         # --epochs 1: 4 cache items at batch 2 are 2 steps.
         for options, asked in ((dict(steps=2), "--steps 2"), (dict(steps=None, epochs=1.0), "--epochs 1")):
             with pytest.raises(SlotsmithError) as e:

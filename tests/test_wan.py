@@ -8,10 +8,11 @@ from diffusers import WanTransformer3DModel
 from diffusers.loaders.single_file_utils import convert_wan_transformer_to_diffusers
 from safetensors.torch import save_file
 
-from slotsmith import wan
+from slotsmith.demo import tiny
 from slotsmith.errors import SlotsmithError
 from slotsmith.layout import WanConfig, config_from_shapes, wan_tensor_shapes
 from slotsmith.names import diffusers_to_native, from_canonical, native_to_diffusers
+from slotsmith.training import wan
 
 torch.set_num_threads(1)
 
@@ -19,7 +20,7 @@ I2V = WanConfig(dim=64, ffn_dim=128, num_layers=2, in_dim=36, text_dim=32, freq_
 
 
 def _diffusers_model(cfg: WanConfig) -> WanTransformer3DModel:
-    """Made with diffusers' own arguments, not with slotsmith.wan.diffusers_config."""
+    """Made with diffusers' own arguments, not with slotsmith.training.wan.diffusers_config."""
     torch.manual_seed(0)
     return WanTransformer3DModel(
         patch_size=(1, 2, 2),
@@ -36,7 +37,7 @@ def _diffusers_model(cfg: WanConfig) -> WanTransformer3DModel:
     )
 
 
-@pytest.mark.parametrize("cfg", [wan.TINY_CONFIG, I2V], ids=["t2v", "i2v"])
+@pytest.mark.parametrize("cfg", [tiny.TINY_CONFIG, I2V], ids=["t2v", "i2v"])
 def test_diffusers_state_dict_matches_layout(cfg):
     model = _diffusers_model(cfg)
     native = {diffusers_to_native(k): tuple(v.shape) for k, v in model.state_dict().items()}
@@ -44,7 +45,7 @@ def test_diffusers_state_dict_matches_layout(cfg):
     assert config_from_shapes(native) == cfg
 
 
-@pytest.mark.parametrize("cfg", [wan.TINY_CONFIG, I2V], ids=["t2v", "i2v"])
+@pytest.mark.parametrize("cfg", [tiny.TINY_CONFIG, I2V], ids=["t2v", "i2v"])
 def test_rename_agrees_with_diffusers_converter(cfg):
     model = _diffusers_model(cfg)
     native = {diffusers_to_native(k): v for k, v in model.state_dict().items()}
@@ -55,8 +56,8 @@ def test_rename_agrees_with_diffusers_converter(cfg):
 
 
 def test_diffusers_config_builds_the_same_model():
-    ours = wan.build_model(wan.TINY_CONFIG, wan.TINY_HEAD_DIM)
-    theirs = _diffusers_model(wan.TINY_CONFIG)
+    ours = wan.build_model(tiny.TINY_CONFIG, tiny.TINY_HEAD_DIM)
+    theirs = _diffusers_model(tiny.TINY_CONFIG)
     assert {k: v.shape for k, v in ours.state_dict().items()} == {k: v.shape for k, v in theirs.state_dict().items()}
     assert ours.config.num_attention_heads == theirs.config.num_attention_heads
 
@@ -83,10 +84,10 @@ def _save(tmp_path, model, convention, sharded=False):
     "convention, sharded", [("native", False), ("prefixed", False), ("diffusers", False), ("native", True)]
 )
 def test_load_base_from_every_layout(tmp_path, convention, sharded):
-    model = _diffusers_model(wan.TINY_CONFIG).eval()
+    model = _diffusers_model(tiny.TINY_CONFIG).eval()
     path = _save(tmp_path, model, convention, sharded)
     base = wan.load_base(path)
-    assert base.head_dim == 16 and base.config == wan.TINY_CONFIG and base.dtype == torch.float32
+    assert base.head_dim == 16 and base.config == tiny.TINY_CONFIG and base.dtype == torch.float32
     theirs = model.state_dict()
     for k, v in base.model.state_dict().items():
         assert torch.equal(v, theirs[k]), k
@@ -101,7 +102,7 @@ def test_load_base_from_every_layout(tmp_path, convention, sharded):
 
 
 def test_head_dim_sources(tmp_path):
-    model = _diffusers_model(wan.TINY_CONFIG)
+    model = _diffusers_model(tiny.TINY_CONFIG)
     path = _save(tmp_path, model, "native")
     (path.parent / "config.json").write_text(json.dumps({"attention_head_dim": 32, "num_attention_heads": 2}))
     assert wan.inspect_base(path)[2] == 32

@@ -34,10 +34,6 @@ TORCH_DTYPES = {
 }
 """safetensors dtype names -> torch dtypes (the float types a Wan DiT may use)."""
 
-TINY_CONFIG = WanConfig(dim=64, ffn_dim=128, num_layers=2, text_dim=32, freq_dim=32)
-"""A Wan DiT small enough for CPU tests (use with ``TINY_HEAD_DIM``)."""
-TINY_HEAD_DIM = 16
-
 
 def diffusers_config(cfg: WanConfig, head_dim: int = HEAD_DIM) -> dict:
     """The ``WanTransformer3DModel`` constructor arguments for a Wan layout.

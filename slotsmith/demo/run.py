@@ -36,18 +36,18 @@ from pathlib import Path
 import torch
 import yaml
 
-from slotsmith import tiny
-from slotsmith.cache import CachedDataset
-from slotsmith.caching import run_cache
-from slotsmith.data import load_data_config
-from slotsmith.encoders import encode_pixels, load_vae
+from slotsmith.data.cache import CachedDataset
+from slotsmith.data.cache_builder import run_cache
+from slotsmith.data.config import load_data_config
+from slotsmith.data.encoders import encode_pixels, load_vae
+from slotsmith.data.media import discover, read_clips
+from slotsmith.demo import tiny
 from slotsmith.errors import SlotsmithError
-from slotsmith.flow import flow_loss
 from slotsmith.io.writer import TensorOut, atomic_file, write_all, write_safetensors
 from slotsmith.layout import WanConfig
-from slotsmith.media import discover, read_clips
 from slotsmith.splice import splice
-from slotsmith.wan import build_model, diffusers_config, load_base, native_state_dict
+from slotsmith.training.flow import flow_loss
+from slotsmith.training.wan import build_model, diffusers_config, load_base, native_state_dict
 
 DEMO_CONFIG = WanConfig(dim=96, ffn_dim=256, num_layers=4, text_dim=32, freq_dim=32)
 """The demo's DiT: 4 blocks of width 96 (594k parameters); text_dim matches the tiny UMT5."""
@@ -332,7 +332,7 @@ def evaluate(models: dict[str, Path], data: dict[str, tuple[Path, Path]], seed: 
     """The loss of each model on each character's data.
 
     Args:
-        models: Label -> checkpoint (loaded with `slotsmith.wan.load_base`).
+        models: Label -> checkpoint (loaded with `slotsmith.training.wan.load_base`).
         data: Character -> (cache folder, its images folder).
         seed: Seed of the fixed noise.
 

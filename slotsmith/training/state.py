@@ -16,9 +16,9 @@ import torch
 
 from slotsmith.errors import SlotsmithError
 from slotsmith.io.writer import atomic_file
-from slotsmith.slot_params import SlotParams
-from slotsmith.train_config import TrainSettings
-from slotsmith.train_plan import RunPlan
+from slotsmith.train import TrainSettings
+from slotsmith.training.preflight import RunPlan
+from slotsmith.training.slot_params import SlotParams
 
 STATE_FORMAT = "slotsmith-train-state/1"
 

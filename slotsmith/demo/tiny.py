@@ -13,7 +13,12 @@ from pathlib import Path
 
 import torch
 
-from slotsmith.encoders import convert_t5_keys
+from slotsmith.data.encoders import convert_t5_keys
+from slotsmith.layout import WanConfig
+
+TINY_CONFIG = WanConfig(dim=64, ffn_dim=128, num_layers=2, text_dim=32, freq_dim=32)
+"""A Wan DiT small enough for CPU tests (use with ``TINY_HEAD_DIM``)."""
+TINY_HEAD_DIM = 16
 
 TINY_VOCAB = ["<pad>", "</s>", "<unk>"] + [
     w

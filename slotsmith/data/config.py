@@ -3,7 +3,7 @@
 A dataset YAML names one or more datasets (an image folder, a video folder or
 a JSONL list) and how to turn each file into training clips (resolution,
 aspect-ratio buckets, frame extraction). Everything is validated up front with
-errors that name the YAML file and the key. `slotsmith.media` finds and reads
+errors that name the YAML file and the key. `slotsmith.data.media` finds and reads
 the files it names.
 """
 

@@ -8,7 +8,7 @@ import torch
 from torch import nn
 
 from slotsmith.errors import SlotsmithError
-from slotsmith.train_config import TrainSettings
+from slotsmith.train import TrainSettings
 
 
 def lr_factor(settings: TrainSettings, step: int, total: int) -> float:

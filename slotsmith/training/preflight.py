@@ -14,18 +14,18 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from slotsmith.cache import load_index
+from slotsmith.data.cache import load_index
 from slotsmith.digest import digest_json
 from slotsmith.errors import SlotsmithError
 from slotsmith.inventory import Inventory
 from slotsmith.io.header import read_header
 from slotsmith.io.writer import refuse_input_as_output
 from slotsmith.layout import KNOWN_MODELS, WanConfig
-from slotsmith.optim import make_optimizer
 from slotsmith.select import Selection, select_v2
 from slotsmith.slot import SLOT_SUFFIX, SNAPSHOT_SUFFIX, read_slot
-from slotsmith.train_config import TrainSettings
-from slotsmith.wan import inspect_base
+from slotsmith.train import TrainSettings
+from slotsmith.training.optim import make_optimizer
+from slotsmith.training.wan import inspect_base
 
 
 @dataclass

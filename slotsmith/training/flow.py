@@ -11,7 +11,7 @@ import math
 import torch
 from torch import nn
 
-from slotsmith.train_config import TrainSettings
+from slotsmith.train import TrainSettings
 
 
 def sample_t(settings: TrainSettings, generator: torch.Generator, t_range: tuple[float, float]) -> float:

@@ -2,7 +2,7 @@
 
 Reading media is separate from encoding it: this module yields pixel tensors
 in ``[-1, 1]``, shaped ``[3, F, H, W]``, at each file's bucket size and with
-the dataset's frame extraction, and `slotsmith.caching` encodes them.
+the dataset's frame extraction, and `slotsmith.data.cache_builder` encodes them.
 """
 
 from __future__ import annotations
@@ -12,7 +12,7 @@ import math
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from slotsmith.data import DEFAULT_ALIGN, DataConfig, DatasetSpec
+from slotsmith.data.config import DEFAULT_ALIGN, DataConfig, DatasetSpec
 from slotsmith.errors import SlotsmithError
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp", ".bmp")

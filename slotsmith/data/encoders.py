@@ -26,7 +26,7 @@ from pathlib import Path
 
 import torch
 
-from slotsmith.cache import TEXT_LEN
+from slotsmith.data.cache import TEXT_LEN
 from slotsmith.errors import SlotsmithError
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}

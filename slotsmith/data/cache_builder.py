@@ -21,10 +21,9 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from slotsmith.cache import INDEX_NAME, load_index, write_index, write_latents, write_text
-from slotsmith.data import DEFAULT_ALIGN, DataConfig, load_data_config
-from slotsmith.digest import digest_file_range, digest_json
-from slotsmith.encoders import (
+from slotsmith.data.cache import INDEX_NAME, load_index, write_index, write_latents, write_text
+from slotsmith.data.config import DEFAULT_ALIGN, DataConfig, load_data_config
+from slotsmith.data.encoders import (
     encode_pixels,
     encode_texts,
     load_text_encoder,
@@ -33,9 +32,10 @@ from slotsmith.encoders import (
     parse_dtype,
     vae_spatial_factor,
 )
+from slotsmith.data.media import BadItem, Source, discover, read_clips
+from slotsmith.digest import digest_file_range, digest_json
 from slotsmith.errors import SlotsmithError
 from slotsmith.io.header import read_header
-from slotsmith.media import BadItem, Source, discover, read_clips
 
 KEY_VERSION = 1
 """Bump when the encoding changes in a way the other key parts do not capture."""
@@ -224,7 +224,7 @@ def run_cache(
 
     Args:
         data_yaml: The dataset YAML.
-        vae: Wan VAE file or folder (see `slotsmith.encoders.load_vae`).
+        vae: Wan VAE file or folder (see `slotsmith.data.encoders.load_vae`).
         t5: UMT5 encoder file or folder.
         tokenizer: Tokenizer folder.
         device: Torch device (default cuda when available, else cpu).
@@ -440,7 +440,7 @@ def ensure_cache(
             progress).
 
     Returns:
-        The cache folder, ready for `slotsmith.cache.CachedDataset`, and the
+        The cache folder, ready for `slotsmith.data.cache.CachedDataset`, and the
         bad items left out.
 
     Raises:

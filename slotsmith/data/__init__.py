@@ -1,0 +1,2 @@
+"""The torch side of ``slotsmith cache``: the dataset YAML, reading media,
+the VAE and text encoders, and the training cache with its builder."""

@@ -1,0 +1,1 @@
+"""``slotsmith demo`` and the tiny models it (and the tests) build in code."""

@@ -1,0 +1,372 @@
+"""``slotsmith train``: fully fine-tune one slot of a Wan DiT, write only the slot.
+
+The run: check everything that needs no weights (`slotsmith.training.preflight`),
+load the base, move the slot's tensors out into fp32 masters
+(`slotsmith.training.slot_params`), then step through the sample stream
+(`slotsmith.training.stream`) on the flow-matching loss (`slotsmith.training.flow`), saving a
+resumable state (`slotsmith.training.state`) and writing only the slot.
+
+Data parallel: each process computes gradients on its share of the global
+batch and only the slot's gradients are averaged (no DDP wrapper, so the
+frozen base is never broadcast).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import random
+import signal
+import sys
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager, nullcontext
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from tqdm import tqdm
+
+from slotsmith.data.cache import CachedDataset
+from slotsmith.data.cache_builder import ensure_cache
+from slotsmith.errors import SlotsmithError
+from slotsmith.manifest import Manifest
+from slotsmith.slot import write_slot
+from slotsmith.train import TrainSettings
+from slotsmith.training.flow import flow_loss, sample_t
+from slotsmith.training.optim import lr_factor, make_optimizer, optimizer_state_bytes
+from slotsmith.training.preflight import RunPlan, plan_base, plan_run, snapshot_path_for
+from slotsmith.training.slot_params import SlotParams, attach_slot
+from slotsmith.training.state import load_state, save_state, set_rng_state, state_identity
+from slotsmith.training.stream import DataStream, sample_generator
+from slotsmith.training.wan import TORCH_DTYPES, load_base
+
+
+@dataclass
+class TrainResult:
+    """What a run did."""
+
+    manifest: Manifest | None
+    out: Path | None
+    state_path: Path
+    start_step: int
+    steps: int
+    total_steps: int
+    first_loss: float | None
+    final_loss: float | None
+    seconds: float
+    trained_params: int
+    optimizer_bytes: int
+    interrupted: bool = False
+    is_main: bool = True
+    expert_note: str | None = None
+    skipped: tuple[str, ...] = ()
+
+
+@contextmanager
+def _graceful_interrupt() -> Iterator[list[bool]]:
+    """First Ctrl-C asks the loop to stop at the next step boundary; the second aborts."""
+    flag = [False]
+
+    def handler(signum, frame):
+        if flag[0]:
+            raise KeyboardInterrupt
+        flag[0] = True
+
+    try:
+        previous = signal.signal(signal.SIGINT, handler)
+    except ValueError:  # not the main thread: keep the default behaviour
+        yield flag
+        return
+    try:
+        yield flag
+    finally:
+        signal.signal(signal.SIGINT, previous)
+
+
+def _slot_bytes(slot: SlotParams, dtypes: dict[str, str]) -> dict[str, memoryview]:
+    return {
+        n: memoryview(slot[n].detach().to(TORCH_DTYPES[dtypes[n]]).contiguous().cpu().view(torch.uint8).numpy())
+        for n in slot.names
+    }
+
+
+def _write(path: Path, plan: RunPlan, settings: TrainSettings, slot: SlotParams, extra: dict) -> Manifest:
+    """Write a slot (or snapshot) of the run; ``settings`` as the user gave them, for the provenance."""
+    dtypes = {n: plan.inventory.tensors[n].dtype for n in slot.names}
+    provenance = {
+        "trainer": "slotsmith train",
+        "settings": settings.to_json(),
+        "dataset_digest": plan.dataset_digest,
+        "seed": settings.seed,
+        "timestep_range": list(plan.t_range),
+        "expert_boundary": plan.boundary,
+        **extra,
+    }
+    return write_slot(
+        path, plan.inventory, _slot_bytes(slot, dtypes), selection=plan.selection.record(), provenance=provenance,
+        expert=settings.expert, force=True,
+    )
+
+
+def train(settings: TrainSettings, progress: bool | None = None) -> TrainResult:
+    """Run ``slotsmith train``: check, load, fine-tune the slot, write it.
+
+    Args:
+        settings: The run's settings.
+        progress: Show a progress bar (None: when stderr is a terminal and not quiet).
+
+    Returns:
+        What the run did (``manifest`` None when stopped early).
+
+    Raises:
+        SlotsmithError: Bad input (before any weights are loaded).
+    """
+    from accelerate import Accelerator  # slow to import, and only a run needs it
+
+    accelerator = Accelerator(cpu=not torch.cuda.is_available())
+    show = progress if progress is not None else (not settings.quiet and sys.stderr.isatty())
+    # The base and the output are checked first: encoding a dataset for a run that cannot start is waste.
+    base_plan = plan_base(settings)
+    skipped = []
+    given = settings  # what the provenance records: the user's --data and encoders, not the cache-only copy below
+    if settings.data:
+        # The main process encodes what is missing; the others then find a complete cache.
+        with accelerator.main_process_first():
+            cache_dir, skipped = ensure_cache(
+                settings.data, settings.vae, settings.t5, settings.tokenizer, skip_bad=settings.skip_bad,
+                progress=show and accelerator.is_main_process,
+            )
+        # From here on the run is a run on that cache folder (the same one --cache would name).
+        settings = dataclasses.replace(
+            settings, cache=str(cache_dir), data="", vae=None, t5=None, tokenizer=None, skip_bad=False
+        )
+    plan = plan_run(settings, accelerator.num_processes, base_plan)
+    device = accelerator.device
+    world, rank = accelerator.num_processes, accelerator.process_index
+    identity = state_identity(settings, plan, world)
+    # Read before the weights are loaded: a state this run cannot continue fails fast.
+    state = load_state(plan.state_path, identity) if settings.resume else None
+    if state is not None and state["step"] > plan.total_steps:
+        asked = f"--steps {settings.steps}" if settings.steps is not None else f"--epochs {settings.epochs:g}"
+        raise SlotsmithError(
+            f"{plan.state_path}: is at step {state['step']} already, beyond the {plan.total_steps} step(s) of this "
+            f"run ({asked}); cannot resume (ask for at least {state['step']} steps, or run without --resume to "
+            "start over)"
+        )
+    torch.manual_seed(settings.seed)
+    random.seed(settings.seed)
+
+    base = load_base(settings.base, plan.head_dim)
+    model = base.model
+    compute_dtype = torch.bfloat16 if settings.fp8_base else base.dtype
+    if settings.fp8_base and base.dtype != torch.bfloat16:
+        # Parameters only: buffers (RoPE tables) stay float32, as diffusers keeps them.
+        for p in model.parameters():
+            p.data = p.data.to(torch.bfloat16)
+    slot = attach_slot(model, list(plan.selection.tensors), device, compute_dtype)
+    if settings.gradient_checkpointing:
+        model.enable_gradient_checkpointing()
+    if settings.fp8_base:
+        model.enable_layerwise_casting(storage_dtype=torch.float8_e4m3fn, compute_dtype=torch.bfloat16)
+    if settings.offload_blocks:
+        model.enable_group_offload(
+            onload_device=device,
+            offload_device=torch.device("cpu"),
+            offload_type="block_level",
+            num_blocks_per_group=1,
+            use_stream=device.type == "cuda",
+        )
+    else:
+        model.to(device)
+    model.train()
+
+    params = slot.parameters_in_order()
+    optimizer = make_optimizer(settings.optimizer, params, settings.lr, settings.weight_decay)
+    amp_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(settings.mixed_precision)
+    scaler = torch.amp.GradScaler(device.type) if amp_dtype is torch.float16 else None
+    start_step, losses = 0, []
+    if state is not None:
+        with torch.no_grad():
+            for n in slot.names:
+                slot[n].copy_(state["masters"][n])
+        optimizer.load_state_dict(state["optimizer"])
+        if scaler is not None and state["scaler"]:
+            scaler.load_state_dict(state["scaler"])
+        set_rng_state(state["rng"])
+        start_step, losses = state["step"], list(state["losses"])
+
+    dataset = CachedDataset(settings.cache, plan.cache_index)
+    stream = DataStream(len(dataset), settings.seed)
+    b, accum = settings.batch_size, settings.grad_accum
+    micro_global = b * world
+    end_step = plan.total_steps
+    if settings.stop_after is not None:
+        end_step = min(end_step, start_step + settings.stop_after)
+    bar = tqdm(
+        total=plan.total_steps, initial=start_step, disable=not (show and accelerator.is_main_process),
+        file=sys.stderr, unit="it", dynamic_ncols=True,
+    )
+    log = _Logger(settings.log_dir, accelerator.is_main_process)
+    autocast = (lambda: torch.autocast(device.type, dtype=amp_dtype)) if amp_dtype else nullcontext
+    started = time.perf_counter()
+    step = start_step
+    interrupted = False
+    with _graceful_interrupt() as stop_flag:
+        while step < end_step:
+            lr = settings.lr * lr_factor(settings, step, plan.total_steps)
+            for group in optimizer.param_groups:
+                group["lr"] = lr
+            step_loss = torch.zeros((), dtype=torch.float64)
+            for micro in range(accum):
+                first = (step * accum + micro) * micro_global + rank * b
+                step_loss += _micro_step(
+                    model, slot, dataset, stream, settings, plan, range(first, first + b), device,
+                    compute_dtype if amp_dtype is None else torch.float32, autocast, scaler, b * accum,
+                )
+            if world > 1:
+                for p in params:
+                    if p.grad is not None:
+                        p.grad = accelerator.reduce(p.grad, reduction="mean")
+                step_loss = accelerator.reduce(step_loss.to(device), reduction="mean").cpu()
+            if scaler is not None:
+                scaler.unscale_(optimizer)
+            if settings.max_grad_norm > 0:
+                torch.nn.utils.clip_grad_norm_(params, settings.max_grad_norm)
+            if scaler is not None:
+                scaler.step(optimizer)
+                scaler.update()
+            else:
+                optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            step += 1
+            loss = float(step_loss / (b * accum))
+            losses.append(loss)
+            bar.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.2e}", refresh=False)
+            bar.update(1)
+            log.log(step, loss, lr)
+            if settings.save_every and step % settings.save_every == 0 and step < plan.total_steps:
+                if accelerator.is_main_process:
+                    save_state(plan.state_path, identity, step, slot, optimizer, scaler, losses)
+                    _write(snapshot_path_for(plan.out, step), plan, given, slot, {"steps": step, "final_loss": loss})
+            stop = torch.tensor(float(stop_flag[0]), device=device)
+            if world > 1:
+                stop = accelerator.reduce(stop, reduction="sum")
+            if stop.item() > 0:
+                interrupted = True
+                break
+    bar.close()
+    seconds = time.perf_counter() - started
+    finished = step >= plan.total_steps
+    manifest = None
+    if accelerator.is_main_process:
+        save_state(plan.state_path, identity, step, slot, optimizer, scaler, losses)
+        if finished:
+            tail = losses[-min(len(losses), 10):]
+            manifest = _write(plan.out, plan, given, slot, {
+                "steps": step,
+                "final_loss": losses[-1] if losses else None,
+                "final_loss_avg10": sum(tail) / len(tail) if tail else None,
+            })
+    log.close()
+    accelerator.wait_for_everyone()
+    return TrainResult(
+        manifest, plan.out if finished else None, plan.state_path, start_step, step, plan.total_steps,
+        losses[0] if losses else None, losses[-1] if losses else None, seconds, slot.numel,
+        optimizer_state_bytes(optimizer), interrupted, accelerator.is_main_process, _expert_note(settings, plan),
+        tuple(str(item) for item in skipped),
+    )
+
+
+def _expert_note(settings: TrainSettings, plan: RunPlan) -> str | None:
+    """Which timesteps an expert run trained on, and where its boundary came from."""
+    if settings.expert is None:
+        return None
+    source = "--boundary" if plan.boundary_from == "--boundary" else f"{plan.boundary_from}, whose layout the base has"
+    low, high = plan.t_range
+    return f"expert: {settings.expert}, timesteps [{low:g}, {high:g}] (boundary {plan.boundary:g} from {source})"
+
+
+def _micro_step(model, slot, dataset, stream, settings, plan, positions, device, input_dtype, autocast, scaler, divisor):
+    """Forward and backward one micro-batch (grouped by latent shape); returns its summed loss."""
+    groups: dict[tuple, list] = {}
+    for pos in positions:
+        item = dataset[stream.entry(pos)]
+        g = sample_generator(settings.seed, pos)
+        t = sample_t(settings, g, plan.t_range)
+        noise = torch.randn(item["latents"].shape, generator=g)
+        groups.setdefault(tuple(item["latents"].shape), []).append((item, t, noise))
+    total = torch.zeros((), dtype=torch.float64)
+    for members in groups.values():
+        latents = torch.stack([m[0]["latents"] for m in members]).to(device)
+        context = torch.stack([m[0]["context"] for m in members]).to(device)
+        t = torch.tensor([m[1] for m in members], dtype=torch.float32, device=device)
+        noise = torch.stack([m[2] for m in members]).to(device)
+        with autocast():
+            per_sample = flow_loss(model, latents, context, t, noise, input_dtype)
+        loss = per_sample.sum() / divisor
+        (scaler.scale(loss) if scaler is not None else loss).backward()
+        total += per_sample.detach().sum().double().cpu()
+    return total
+
+
+class _Logger:
+    """Metrics to ``LOG_DIR/train_log.jsonl`` and, when installed, TensorBoard."""
+
+    def __init__(self, log_dir: str | None, main: bool):
+        self._file = self._tb = None
+        if not (log_dir and main):
+            return
+        folder = Path(log_dir)
+        folder.mkdir(parents=True, exist_ok=True)
+        self._file = open(folder / "train_log.jsonl", "a", encoding="utf-8")
+        try:
+            from torch.utils.tensorboard import SummaryWriter
+
+            self._tb = SummaryWriter(str(folder))
+        except ImportError:
+            self._tb = None
+
+    def log(self, step: int, loss: float, lr: float) -> None:
+        if self._file:
+            self._file.write(json.dumps({"step": step, "loss": loss, "lr": lr, "time": time.time()}) + "\n")
+            self._file.flush()
+        if self._tb:
+            self._tb.add_scalar("train/loss", loss, step)
+            self._tb.add_scalar("train/lr", lr, step)
+
+    def close(self) -> None:
+        if self._file:
+            self._file.close()
+        if self._tb:
+            self._tb.close()
+
+
+def summary(result: TrainResult) -> str:
+    """A few lines on what a run did, for the end of ``slotsmith train``."""
+    done = result.steps - result.start_step
+    rate = done / result.seconds if result.seconds > 0 else 0.0
+    if done == 0 and result.manifest is not None:
+        # A resumed run that had already reached its total: the slot was rewritten from the saved state.
+        steps = f"steps: none to train, the saved run is at step {result.steps} of {result.total_steps} already"
+    else:
+        steps = (
+            f"steps: {result.start_step} -> {result.steps} of {result.total_steps} ({rate:.2f} it/s, "
+            f"{result.seconds:.1f} s)"
+        )
+    lines = [f"skipped: {item}" for item in result.skipped]
+    lines += [
+        steps,
+        f"trained parameters: {result.trained_params:,} (optimizer state {result.optimizer_bytes / 2**20:.1f} MiB)",
+    ]
+    if result.expert_note is not None:
+        lines.append(result.expert_note)
+    if result.first_loss is not None:
+        lines.append(f"loss: first {result.first_loss:.5f}, last {result.final_loss:.5f}")
+    if result.manifest is not None:
+        lines.append(
+            f"wrote {result.out} ({len(result.manifest.entries)} tensors, {result.manifest.nbytes / 2**20:.1f} MiB)"
+        )
+    else:
+        lines.append(f"stopped early; state saved to {result.state_path} (rerun with --resume to continue)")
+    return "\n".join(lines)
