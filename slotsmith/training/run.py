@@ -39,7 +39,7 @@ from slotsmith.training.preflight import RunPlan, plan_base, plan_run, snapshot_
 from slotsmith.training.slot_params import SlotParams, attach_slot
 from slotsmith.training.state import load_state, save_state, set_rng_state, state_identity
 from slotsmith.training.stream import DataStream, sample_generator
-from slotsmith.training.wan import TORCH_DTYPES, load_base
+from slotsmith.training.wan import TORCH_DTYPES, load_inspected
 
 
 @dataclass
@@ -109,6 +109,33 @@ def _write(path: Path, plan: RunPlan, settings: TrainSettings, slot: SlotParams,
     )
 
 
+@dataclass
+class _Run:
+    """What the phases of one run share."""
+
+    settings: TrainSettings  # the settings the run uses (a --data run's point at its cache)
+    given: TrainSettings  # as the user gave them, for the provenance
+    plan: RunPlan
+    accelerator: object
+    identity: dict
+    state: dict | None
+    show: bool
+    skipped: tuple[str, ...]
+
+
+@dataclass
+class _Loop:
+    """The trained slot, its optimizer and where the step loop stands."""
+
+    model: torch.nn.Module
+    slot: SlotParams
+    compute_dtype: torch.dtype
+    optimizer: torch.optim.Optimizer
+    scaler: torch.amp.GradScaler | None
+    step: int
+    losses: list[float]
+
+
 def train(settings: TrainSettings, progress: bool | None = None) -> TrainResult:
     """Run ``slotsmith train``: check, load, fine-tune the slot, write it.
 
@@ -126,6 +153,17 @@ def train(settings: TrainSettings, progress: bool | None = None) -> TrainResult:
 
     accelerator = Accelerator(cpu=not torch.cuda.is_available())
     show = progress if progress is not None else (not settings.quiet and sys.stderr.isatty())
+    run = _prepare(settings, accelerator, show)
+    model, slot, compute_dtype = _load(run)
+    loop = _restore(run, model, slot, compute_dtype)
+    start_step = loop.step
+    started = time.perf_counter()
+    interrupted = _step_loop(run, loop)
+    return _finish(run, loop, start_step, time.perf_counter() - started, interrupted)
+
+
+def _prepare(settings: TrainSettings, accelerator, show: bool) -> _Run:
+    """Every check that needs no weights, the cache (``--data``) and the resume state: fail before loading."""
     # The base and the output are checked first: encoding a dataset for a run that cannot start is waste.
     base_plan = plan_base(settings)
     skipped = []
@@ -142,9 +180,7 @@ def train(settings: TrainSettings, progress: bool | None = None) -> TrainResult:
             settings, cache=str(cache_dir), data="", vae=None, t5=None, tokenizer=None, skip_bad=False
         )
     plan = plan_run(settings, accelerator.num_processes, base_plan)
-    device = accelerator.device
-    world, rank = accelerator.num_processes, accelerator.process_index
-    identity = state_identity(settings, plan, world)
+    identity = state_identity(settings, plan, accelerator.num_processes)
     # Read before the weights are loaded: a state this run cannot continue fails fast.
     state = load_state(plan.state_path, identity) if settings.resume else None
     if state is not None and state["step"] > plan.total_steps:
@@ -154,10 +190,15 @@ def train(settings: TrainSettings, progress: bool | None = None) -> TrainResult:
             f"run ({asked}); cannot resume (ask for at least {state['step']} steps, or run without --resume to "
             "start over)"
         )
+    return _Run(settings, given, plan, accelerator, identity, state, show, tuple(str(item) for item in skipped))
+
+
+def _load(run: _Run) -> tuple[torch.nn.Module, SlotParams, torch.dtype]:
+    """Load the base, move the slot out into fp32 masters and place the frozen rest (fp8, offload, device)."""
+    settings, plan, device = run.settings, run.plan, run.accelerator.device
     torch.manual_seed(settings.seed)
     random.seed(settings.seed)
-
-    base = load_base(settings.base, plan.head_dim)
+    base = load_inspected(plan.inventory, plan.config, plan.head_dim)
     model = base.model
     compute_dtype = torch.bfloat16 if settings.fp8_base else base.dtype
     if settings.fp8_base and base.dtype != torch.bfloat16:
@@ -180,12 +221,15 @@ def train(settings: TrainSettings, progress: bool | None = None) -> TrainResult:
     else:
         model.to(device)
     model.train()
+    return model, slot, compute_dtype
 
-    params = slot.parameters_in_order()
-    optimizer = make_optimizer(settings.optimizer, params, settings.lr, settings.weight_decay)
-    amp_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(settings.mixed_precision)
-    scaler = torch.amp.GradScaler(device.type) if amp_dtype is torch.float16 else None
-    start_step, losses = 0, []
+
+def _restore(run: _Run, model: torch.nn.Module, slot: SlotParams, compute_dtype: torch.dtype) -> _Loop:
+    """The optimizer (and fp16 scaler) over the slot, continued from the resume state when there is one."""
+    settings, state = run.settings, run.state
+    optimizer = make_optimizer(settings.optimizer, slot.parameters_in_order(), settings.lr, settings.weight_decay)
+    scaler = torch.amp.GradScaler(run.accelerator.device.type) if settings.mixed_precision == "fp16" else None
+    loop = _Loop(model, slot, compute_dtype, optimizer, scaler, 0, [])
     if state is not None:
         with torch.no_grad():
             for n in slot.names:
@@ -194,26 +238,35 @@ def train(settings: TrainSettings, progress: bool | None = None) -> TrainResult:
         if scaler is not None and state["scaler"]:
             scaler.load_state_dict(state["scaler"])
         set_rng_state(state["rng"])
-        start_step, losses = state["step"], list(state["losses"])
+        loop.step, loop.losses = state["step"], list(state["losses"])
+    return loop
 
+
+def _step_loop(run: _Run, loop: _Loop) -> bool:
+    """Train until the run's last step (or ``--stop-after``, or a Ctrl-C); returns whether it was interrupted."""
+    settings, plan, accelerator = run.settings, run.plan, run.accelerator
+    device, world, rank = accelerator.device, accelerator.num_processes, accelerator.process_index
+    model, slot, optimizer, scaler = loop.model, loop.slot, loop.optimizer, loop.scaler
+    params = slot.parameters_in_order()
+    amp_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(settings.mixed_precision)
     dataset = CachedDataset(settings.cache, plan.cache_index)
     stream = DataStream(len(dataset), settings.seed)
     b, accum = settings.batch_size, settings.grad_accum
     micro_global = b * world
     end_step = plan.total_steps
     if settings.stop_after is not None:
-        end_step = min(end_step, start_step + settings.stop_after)
+        end_step = min(end_step, loop.step + settings.stop_after)
     bar = tqdm(
-        total=plan.total_steps, initial=start_step, disable=not (show and accelerator.is_main_process),
+        total=plan.total_steps, initial=loop.step, disable=not (run.show and accelerator.is_main_process),
         file=sys.stderr, unit="it", dynamic_ncols=True,
     )
     log = _Logger(settings.log_dir, accelerator.is_main_process)
     autocast = (lambda: torch.autocast(device.type, dtype=amp_dtype)) if amp_dtype else nullcontext
-    started = time.perf_counter()
-    step = start_step
+    input_dtype = loop.compute_dtype if amp_dtype is None else torch.float32
     interrupted = False
     with _graceful_interrupt() as stop_flag:
-        while step < end_step:
+        while loop.step < end_step:
+            step = loop.step
             lr = settings.lr * lr_factor(settings, step, plan.total_steps)
             for group in optimizer.param_groups:
                 group["lr"] = lr
@@ -222,7 +275,7 @@ def train(settings: TrainSettings, progress: bool | None = None) -> TrainResult:
                 first = (step * accum + micro) * micro_global + rank * b
                 step_loss += _micro_step(
                     model, slot, dataset, stream, settings, plan, range(first, first + b), device,
-                    compute_dtype if amp_dtype is None else torch.float32, autocast, scaler, b * accum,
+                    input_dtype, autocast, scaler, b * accum,
                 )
             if world > 1:
                 for p in params:
@@ -239,16 +292,16 @@ def train(settings: TrainSettings, progress: bool | None = None) -> TrainResult:
             else:
                 optimizer.step()
             optimizer.zero_grad(set_to_none=True)
-            step += 1
+            loop.step = step = step + 1
             loss = float(step_loss / (b * accum))
-            losses.append(loss)
+            loop.losses.append(loss)
             bar.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.2e}", refresh=False)
             bar.update(1)
             log.log(step, loss, lr)
             if settings.save_every and step % settings.save_every == 0 and step < plan.total_steps:
                 if accelerator.is_main_process:
-                    save_state(plan.state_path, identity, step, slot, optimizer, scaler, losses)
-                    _write(snapshot_path_for(plan.out, step), plan, given, slot, {"steps": step, "final_loss": loss})
+                    save_state(plan.state_path, run.identity, step, slot, optimizer, scaler, loop.losses)
+                    _write(snapshot_path_for(plan.out, step), plan, run.given, slot, {"steps": step, "final_loss": loss})
             stop = torch.tensor(float(stop_flag[0]), device=device)
             if world > 1:
                 stop = accelerator.reduce(stop, reduction="sum")
@@ -256,25 +309,30 @@ def train(settings: TrainSettings, progress: bool | None = None) -> TrainResult:
                 interrupted = True
                 break
     bar.close()
-    seconds = time.perf_counter() - started
+    log.close()
+    return interrupted
+
+
+def _finish(run: _Run, loop: _Loop, start_step: int, seconds: float, interrupted: bool) -> TrainResult:
+    """Save the state and, when the run reached its last step, write the slot."""
+    plan, accelerator, losses, step = run.plan, run.accelerator, loop.losses, loop.step
     finished = step >= plan.total_steps
     manifest = None
     if accelerator.is_main_process:
-        save_state(plan.state_path, identity, step, slot, optimizer, scaler, losses)
+        save_state(plan.state_path, run.identity, step, loop.slot, loop.optimizer, loop.scaler, losses)
         if finished:
             tail = losses[-min(len(losses), 10):]
-            manifest = _write(plan.out, plan, given, slot, {
+            manifest = _write(plan.out, plan, run.given, loop.slot, {
                 "steps": step,
                 "final_loss": losses[-1] if losses else None,
                 "final_loss_avg10": sum(tail) / len(tail) if tail else None,
             })
-    log.close()
     accelerator.wait_for_everyone()
     return TrainResult(
         manifest, plan.out if finished else None, plan.state_path, start_step, step, plan.total_steps,
-        losses[0] if losses else None, losses[-1] if losses else None, seconds, slot.numel,
-        optimizer_state_bytes(optimizer), interrupted, accelerator.is_main_process, _expert_note(settings, plan),
-        tuple(str(item) for item in skipped),
+        losses[0] if losses else None, losses[-1] if losses else None, seconds, loop.slot.numel,
+        optimizer_state_bytes(loop.optimizer), interrupted, accelerator.is_main_process,
+        _expert_note(run.settings, plan), run.skipped,
     )
 
 

@@ -240,7 +240,20 @@ def load_base(path: str | os.PathLike, head_dim: int | None = None) -> WanBase:
     Raises:
         SlotsmithError: Missing or malformed file, or not a Wan DiT.
     """
-    inventory, cfg, head_dim = inspect_base(path, head_dim)
+    return load_inspected(*inspect_base(path, head_dim))
+
+
+def load_inspected(inventory: Inventory, cfg: WanConfig, head_dim: int) -> WanBase:
+    """``load_base`` for a base that ``inspect_base`` already checked (its headers are not read again).
+
+    Args:
+        inventory: The base's inventory.
+        cfg: Its sizes.
+        head_dim: Its attention head size.
+
+    Returns:
+        The loaded base, weights in the checkpoint's dtype, on the CPU.
+    """
     model = build_model(cfg, head_dim, empty=True)
     tensors = read_tensors(inventory, inventory.tensors)
     state = {native_to_diffusers(n): t for n, t in tensors.items()}
