@@ -2,7 +2,7 @@
 
 import pytest
 
-from slotsmith.inventory import load_inventory
+from slotsmith.inventory import inventory_from_layout_file, load_inventory
 from slotsmith.layout import KNOWN_MODELS, config_from_shapes, layout_yaml, layouts_dir, wan_tensor_shapes
 
 
@@ -38,3 +38,14 @@ def test_i2v_has_image_branch():
     assert shapes["img_emb.proj.1.weight"] == (1280, 1280)
     assert shapes["patch_embedding.weight"] == (5120, 36, 1, 2, 2)
     assert "img_emb.proj.0.weight" not in wan_tensor_shapes(KNOWN_MODELS["wan2.2-i2v-a14b"].config)
+
+
+@pytest.mark.parametrize("name", list(KNOWN_MODELS))
+def test_a_shipped_layout_name_gives_the_shipped_file_exactly(name):
+    """Shipped names are built from the generator's function, not parsed: the result must be the file's."""
+    built = load_inventory(name)
+    parsed = inventory_from_layout_file(layouts_dir() / f"{name}.yaml")
+    assert built.source == parsed.source == name
+    assert list(built.tensors.items()) == list(parsed.tensors.items())
+    assert built.experts == parsed.experts
+    assert built.layout_digest() == parsed.layout_digest()
