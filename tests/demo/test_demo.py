@@ -29,6 +29,7 @@ def demo(tmp_path_factory):
     return out, result.output
 
 
+@pytest.mark.slow  # they share one demo run (~15 s)
 def test_demo_writes_every_artifact(demo):
     out, _ = demo
     for rel in ("base.safetensors", "char1.slot", "char2.slot", "spliced.safetensors", "report.json",
@@ -46,6 +47,7 @@ def test_demo_writes_every_artifact(demo):
     assert one != two
 
 
+@pytest.mark.slow
 def test_slots_are_disjoint_and_only_they_differ_in_the_splice(demo):
     out, _ = demo
     base = _tensors(out / "base.safetensors")
@@ -63,6 +65,7 @@ def test_slots_are_disjoint_and_only_they_differ_in_the_splice(demo):
             assert data == base[key], f"{key}: changed outside the slots"
 
 
+@pytest.mark.slow
 def test_slots_record_their_ffids(demo):
     out, _ = demo
     for ffid, char in ((1, "char1"), (2, "char2")):
@@ -71,6 +74,7 @@ def test_slots_record_their_ffids(demo):
         assert manifest["selection"]["ffid"] == ffid
 
 
+@pytest.mark.slow
 def test_verify_passes_on_the_demo_outputs(demo):
     out, _ = demo
     cmd = [sys.executable, "-m", "slotsmith", "verify", "--base", str(out / "base.safetensors"),
@@ -79,6 +83,7 @@ def test_verify_passes_on_the_demo_outputs(demo):
     assert done.returncode == 0, done.stdout + done.stderr
 
 
+@pytest.mark.slow
 def test_report_each_slot_lowers_its_own_loss(demo):
     out, stdout = demo
     report = json.loads((out / "report.json").read_text())

@@ -323,6 +323,7 @@ def test_cli_reads_yaml_and_command_line_wins(world, tmp_path):
     assert r.exit_code == 1 and "unknown option 'bogus_option'" in r.output
 
 
+@pytest.mark.slow
 def test_two_processes_match_one(world, tmp_path):
     """Two gloo processes with batch 1 == one process with batch 2.
 
