@@ -8,8 +8,10 @@ tensor hashes are checked by its own ``Slot.hash_problems``.)
 
 from __future__ import annotations
 
+import re
 from collections.abc import Sequence
 from dataclasses import dataclass
+from pathlib import Path
 
 from slotsmith.digest import canonical_json, digest_file_range
 from slotsmith.errors import SlotsmithError
@@ -24,6 +26,8 @@ SPLICE_KEY = "slotsmith.splice"
 """The ``__metadata__`` key (and index ``metadata`` key) of a splice record."""
 
 SPLICE_FORMAT = "slotsmith-splice/1"
+
+_HEX128 = re.compile(r"^[0-9a-f]{32}$")
 
 
 def raise_problems(problems: Sequence[str]) -> None:
@@ -154,18 +158,24 @@ class SpliceRecord:
         base_layout_digest: Layout digest of the base (and so of the output).
         base_source: File name of the base.
         slots: ``(slot file name, manifest)`` per slot, in splice order.
+        seal: Canonical name -> xxh3-128 of every output tensor's bytes
+            (``splice --seal``), or None.
     """
 
     base_layout_digest: str
     base_source: str
     slots: tuple[tuple[str, Manifest], ...]
+    seal: dict[str, str] | None = None
 
     def to_json(self) -> dict:
-        return {
+        doc = {
             "format": SPLICE_FORMAT,
             "base": {"layout_digest": self.base_layout_digest, "source": self.base_source},
             "slots": [{"file": f, "manifest": m.to_json()} for f, m in self.slots],
         }
+        if self.seal is not None:
+            doc["seal"] = dict(self.seal)
+        return doc
 
     def to_canonical_json(self) -> str:
         return canonical_json(self.to_json())
@@ -183,9 +193,17 @@ def parse_splice_record(raw: str, what: str) -> SpliceRecord:
     obj = parse_json_object(raw.encode("utf-8"), f"{what}: splice record")
     base = obj.get("base")
     slots = obj.get("slots")
+    seal = obj.get("seal")
     if (
         obj.get("format") != SPLICE_FORMAT
-        or set(obj) != {"format", "base", "slots"}
+        or set(obj) - {"seal"} != {"format", "base", "slots"}
+        or (
+            "seal" in obj
+            and not (
+                isinstance(seal, dict)
+                and all(isinstance(k, str) and isinstance(v, str) and _HEX128.match(v) for k, v in seal.items())
+            )
+        )
         or not isinstance(base, dict)
         or not isinstance(base.get("layout_digest"), str)
         or not isinstance(base.get("source"), str)
@@ -196,7 +214,61 @@ def parse_splice_record(raw: str, what: str) -> SpliceRecord:
     parsed = tuple(
         (s["file"], manifest_from_json(s["manifest"], f"{what}: splice record slot {s['file']!r}")) for s in slots
     )
-    return SpliceRecord(base["layout_digest"], base["source"], parsed)
+    return SpliceRecord(base["layout_digest"], base["source"], parsed, seal)
+
+
+def seal_problems(spliced: Inventory, record: SpliceRecord, files: InputFiles) -> list[str]:
+    """Every tensor of a sealed spliced checkpoint must still hash to its recorded digest.
+
+    Args:
+        spliced: Inventory of the spliced checkpoint.
+        record: Its parsed splice record (with a ``seal``).
+        files: Where to open its files.
+
+    Returns:
+        Problem lines: tensors added, missing, or whose bytes changed.
+    """
+    seal = record.seal or {}
+    problems = [f"{spliced.source}: tensor {n!r} is not in the sealed record" for n in sorted(set(spliced.tensors) - set(seal))]
+    problems += [f"{spliced.source}: sealed tensor {n!r} is missing" for n in sorted(set(seal) - set(spliced.tensors))]
+    for name in sorted(set(seal) & set(spliced.tensors)):
+        header, info = spliced.checkpoint.tensors[spliced.keys[name]]
+        actual = digest_file_range(files.fd(header.path), info.start, info.end)
+        if actual != seal[name]:
+            problems.append(
+                f"{spliced.source}: tensor {name!r}: bytes changed since the splice "
+                f"(sealed {seal[name]}, now {actual})"
+            )
+    return problems
+
+
+def out_of_date_problems(label: str, record: SpliceRecord, slots: Sequence[tuple[Path, Manifest]]) -> tuple[list[str], int]:
+    """Slots a spliced checkpoint holds in an older (or other) version than the checked ones.
+
+    A record names each slot by its file name; a checked slot file of that
+    name whose manifest digest differs means the splice is out of date.
+
+    Args:
+        label: Names the spliced checkpoint.
+        record: Its splice record.
+        slots: ``(path, manifest)`` of the slots being checked alongside.
+
+    Returns:
+        ``(problem lines, how many recorded slots were found among slots)``.
+    """
+    by_name: dict[str, list[tuple[Path, Manifest]]] = {}
+    for path, m in slots:
+        by_name.setdefault(Path(path).name, []).append((path, m))
+    problems, found = [], 0
+    for file, m in record.slots:
+        for path, current in by_name.get(file, []):
+            found += 1
+            if current.digest != m.digest:
+                problems.append(
+                    f"{label}: out of date: it holds slot {file!r} with manifest {m.digest}, "
+                    f"but {path} has manifest {current.digest}"
+                )
+    return problems, found
 
 
 def spliced_problems(spliced: Inventory, record: SpliceRecord) -> list[str]:

@@ -83,29 +83,42 @@ def main() -> None:
 @click.option(
     "--model",
     "-m",
-    required=True,
     metavar="MODEL",
     help="A shipped layout name (e.g. wan2.2-t2v-a14b), a layout YAML, or a checkpoint "
     "(.safetensors, sharded *.index.json, or a folder).",
 )
-@click.option("--ff", type=float, required=True, help="Fraction of the model's parameters, in (0, 1].")
+@click.option("--ff", type=float, help="Fraction of the model's parameters, in (0, 1].")
 @click.option(
     "--ffid",
     type=int,
     multiple=True,
-    required=True,
     help="Pool id 0..7. Repeat to compare several slots and get an overlap table.",
 )
+@click.option("--cast", "cast_file", metavar="CAST.yaml", help="Plan a cast file's characters instead of --model/--ff/--ffid.")
 @click.option("--json", "as_json", is_flag=True, help="Print JSON instead of the report.")
 @user_errors
-def plan(model: str, ff: float, ffid: tuple[int, ...], as_json: bool) -> None:
+def plan(model: str | None, ff: float | None, ffid: tuple[int, ...], cast_file: str | None, as_json: bool) -> None:
     """Show exactly which tensors --ff/--ffid select on MODEL.
+
+    With --cast, the allocation table of a cast file: per character its ffid,
+    ff, parameters and blocks covered; the free ffids; overlaps; warnings.
 
     \b
     Examples:
       slotsmith plan -m wan2.2-t2v-a14b --ff 0.01 --ffid 2
       slotsmith plan -m dit.safetensors --ff 0.01 --ffid 1 --ffid 2 --json
+      slotsmith plan --cast manifests/cast.yaml
     """
+    if cast_file is not None:
+        if model or ff is not None or ffid:
+            raise click.UsageError("--cast takes the model, ff and ffids from the cast file: give none of them")
+        from slotsmith.cast import cast_plan_json, load_cast, render_cast_plan
+
+        doc = cast_plan_json(load_cast(cast_file))
+        click.echo(json.dumps(doc, indent=2) if as_json else render_cast_plan(doc), nl=as_json)
+        return
+    if not model or ff is None or not ffid:
+        raise click.UsageError("give --model, --ff and at least one --ffid (or --cast)")
     from slotsmith.inventory import load_inventory
     from slotsmith.plan import plan_json, render_plan
     from slotsmith.select import select_v2
@@ -121,20 +134,28 @@ def plan(model: str, ff: float, ffid: tuple[int, ...], as_json: bool) -> None:
 
 
 @main.command()
-@click.argument("base", type=click.Path(path_type=str))
-@click.argument("slots", nargs=-1, required=True, type=click.Path(path_type=str))
+@click.argument("base", required=False, type=click.Path(path_type=str))
+@click.argument("slots", nargs=-1, type=click.Path(path_type=str))
 @click.option(
     "--out",
     "--output",
     "-o",
     "out",
     metavar="OUT",
-    help="Output file (a folder for a sharded base). Default: BASE+SLOT1+... in the current folder.",
+    help="Output file (a folder for a sharded base). Default: BASE+SLOT1+... in the current folder "
+    "(with --cast: the cast's output).",
 )
+@click.option("--cast", "cast_file", metavar="CAST.yaml", help="Splice a cast file's pinned slots into its base "
+              "(instead of BASE and SLOTS).")
+@click.option("--seal", is_flag=True, help="Record every output tensor's digest, so `verify` detects a byte "
+              "changed anywhere without the base (reads the base once more).")
 @click.option("--force", is_flag=True, help="Overwrite an existing OUT.")
 @click.option("--quiet", "-q", is_flag=True, help="No progress bar.")
 @user_errors
-def splice(base: str, slots: tuple[str, ...], out: str | None, force: bool, quiet: bool) -> None:
+def splice(
+    base: str | None, slots: tuple[str, ...], out: str | None, cast_file: str | None, seal: bool, force: bool,
+    quiet: bool,
+) -> None:
     """Splice disjoint SLOTS into BASE, giving one ordinary checkpoint.
 
     Every check runs before a byte is written: slot structure and manifest
@@ -143,14 +164,26 @@ def splice(base: str, slots: tuple[str, ...], out: str | None, force: bool, quie
     shapes and dtypes. The output keeps BASE's key convention, dtypes, files
     and metadata, and records the splice in its metadata.
 
+    With --cast, the base, the slots and the output come from a cast file;
+    a slot whose manifest differs from its pin is refused.
+
     \b
     Examples:
       slotsmith splice wan2.2_low.safetensors char1.slot char2.slot -o spliced.safetensors
       slotsmith splice base_folder/ char1.slot -o spliced_folder
+      slotsmith splice --cast manifests/cast.yaml --seal
     """
     from slotsmith.splice import splice as run_splice
+    from slotsmith.splice import splice_cast
 
-    path = run_splice(base, slots, out, force=force, quiet=quiet)
+    if cast_file is not None:
+        if base is not None:
+            raise click.UsageError("--cast takes the base and the slots from the cast file: give neither")
+        path = splice_cast(cast_file, out, force=force, quiet=quiet, seal=seal)
+    else:
+        if base is None or not slots:
+            raise click.UsageError("give BASE and at least one SLOT (or --cast)")
+        path = run_splice(base, slots, out, force=force, quiet=quiet, seal=seal)
     if not quiet:
         click.echo(f"wrote {path}", err=True)
 
@@ -221,34 +254,77 @@ def inspect(file: str, as_json: bool, as_yaml: bool) -> None:
     help="The real base checkpoint: check every slot's base fingerprint and every spliced "
     "checkpoint's other bytes against it.",
 )
+@click.option("--cast", "cast_file", metavar="CAST.yaml", help="Verify what a cast file names: its slots against "
+              "their pins, its allocations, its output (instead of PATHs).")
 @click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
 @click.option("--quiet", "-q", is_flag=True, help="No progress bar; print only failed checks and the summary.")
 @user_errors
-def verify(paths: tuple[str, ...], base: str | None, as_json: bool, quiet: bool) -> None:
+def verify(paths: tuple[str, ...], base: str | None, cast_file: str | None, as_json: bool, quiet: bool) -> None:
     """Check slots and spliced checkpoints; exit 1 if any check fails (for CI).
 
     With no PATH, verifies every .slot file and every spliced checkpoint under
     the current folder (hidden folders skipped). Checks: each slot's structure,
     manifest digest and tensor hashes; that its selection recomputes to its
     tensors; that slots claiming one base are disjoint and agree on it; each
-    spliced checkpoint's record and slot bytes. With --base: every slot's
-    base fingerprint, and every spliced checkpoint byte outside its slots.
+    spliced checkpoint's record, slot bytes and (sealed) every tensor's bytes,
+    and that it holds the versions of the slots checked alongside. With
+    --base: every slot's base fingerprint, and every spliced checkpoint byte
+    outside its slots.
+
+    With --cast: every character's slot present and equal to its pin, its
+    selection the cast's, the allocations disjoint, the output (when built)
+    holding exactly the pinned slots; with --base, the base's fingerprint too.
 
     \b
     Examples:
       slotsmith verify
       slotsmith verify slots/ --base wan2.2_low.safetensors --json
+      slotsmith verify --cast manifests/cast.yaml
     """
-    from slotsmith.verify import render
+    from slotsmith.verify import render, verify_cast
     from slotsmith.verify import verify as run_verify
 
-    report = run_verify(paths, base, quiet=quiet)
+    if cast_file is not None and paths:
+        raise click.UsageError("--cast names the files to verify: give no PATH")
+    report = verify_cast(cast_file, base, quiet=quiet) if cast_file is not None else run_verify(paths, base, quiet=quiet)
     if as_json:
         click.echo(json.dumps(report.to_json(), indent=2))
     else:
         click.echo(render(report, failures_only=quiet))
     if not report.ok:
         sys.exit(1)
+
+
+@main.group()
+def cast() -> None:
+    """Work on a cast file: who holds which slot of which base (see docs/cast.md)."""
+
+
+@cast.command("pin")
+@click.argument("file", type=click.Path(path_type=str))
+@click.option("--base", metavar="BASE", type=click.Path(exists=True, path_type=str),
+              help="The base checkpoint, instead of the cast's base.path.")
+@click.option("--dry-run", is_flag=True, help="Show what would change; write nothing.")
+@user_errors
+def cast_pin(file: str, base: str | None, dry_run: bool) -> None:
+    """Pin every character of the cast FILE to its current slot's manifest digest.
+
+    Each slot must be present and be what the cast says (selection, layout,
+    expert). An empty base fingerprint is filled in (from the base when it
+    is present). FILE is replaced atomically, changed only where the values
+    are: comments and order are kept.
+
+    \b
+    Example:
+      slotsmith cast pin manifests/cast.yaml
+    """
+    from slotsmith.cast import pin_cast
+
+    changes = pin_cast(file, base=base, dry_run=dry_run)
+    for ch in changes:
+        click.echo(f"{'would set' if dry_run else 'set'} {ch.key}: {ch.old or 'null'} -> {ch.new}")
+    if not changes:
+        click.echo(f"{file}: every character is pinned to its current slot already")
 
 
 def _train_options(fn):
@@ -317,9 +393,12 @@ def _train_options(fn):
 
 @main.command()
 @_train_options
+@click.option("--cast", "cast_file", metavar="CAST.yaml", help="Take --base, --out, --ff, --ffid and --expert "
+              "from a cast file (with --character); contradicting them is refused.")
+@click.option("--character", metavar="NAME", help="The cast's character to train (with --cast).")
 @click.pass_context
 @user_errors
-def train(ctx: click.Context, config: str | None, **options) -> None:
+def train(ctx: click.Context, config: str | None, cast_file: str | None, character: str | None, **options) -> None:
     """Fine-tune one slot of a Wan DiT; write only the slot.
 
     Trains on a cache folder (--cache, made by `slotsmith cache`) or on a
@@ -335,7 +414,15 @@ def train(ctx: click.Context, config: str | None, **options) -> None:
       slotsmith train -b dit.safetensors --data data.yaml --vae Wan2.1_VAE.pth \\
         --t5 models_t5_umt5-xxl-enc-bf16.pth --tokenizer umt5-xxl/ --ff 0.01 --ffid 2 --epochs 10 -o char2.slot
       slotsmith train --config train.yaml --resume
+      slotsmith train --cast manifests/cast.yaml --character alice --cache cache/ --steps 2000
     """
+    fixed = None
+    if (cast_file is None) != (character is None):
+        raise click.UsageError("give --cast and --character together")
+    if cast_file is not None:
+        from slotsmith.cast import train_values
+
+        fixed = (f"the cast {cast_file} (character {character!r})", train_values(cast_file, character))
     with training_extra("train"):
         from slotsmith.training.run import summary
         from slotsmith.training.run import train as run_training
@@ -343,7 +430,7 @@ def train(ctx: click.Context, config: str | None, **options) -> None:
     explicit = {
         name for name in options if ctx.get_parameter_source(name) in (ParameterSource.COMMANDLINE, ParameterSource.ENVIRONMENT)
     }
-    settings = load_settings(options, explicit, config)
+    settings = load_settings(options, explicit, config, fixed=fixed)
     result = run_training(settings)
     if result.is_main:
         click.echo(summary(result), err=True)

@@ -41,6 +41,16 @@ def digest_file_range(fd: int, start: int, end: int) -> str:
         OSError: The file ends before ``end``.
     """
     h = xxhash.xxh3_128()
+    update_from_file(h, fd, start, end)
+    return h.hexdigest()
+
+
+def update_from_file(h: xxhash.xxh3_128, fd: int, start: int, end: int) -> None:
+    """Feed bytes ``[start, end)`` of an open file to a running hash, in large blocks.
+
+    Raises:
+        OSError: The file ends before ``end``.
+    """
     buf = bytearray(min(BLOCK, max(end - start, 1)))
     view = memoryview(buf)
     pos = start
@@ -50,4 +60,3 @@ def digest_file_range(fd: int, start: int, end: int) -> str:
             raise OSError(f"file ends at byte {pos}, before byte {end}")
         h.update(view[:n])
         pos += n
-    return h.hexdigest()

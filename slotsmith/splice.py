@@ -14,8 +14,10 @@ import os
 import sys
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
+
+import xxhash
 
 from slotsmith.checks import (
     SPLICE_KEY,
@@ -26,6 +28,7 @@ from slotsmith.checks import (
     raise_problems,
     shape_problems,
 )
+from slotsmith.digest import update_from_file
 from slotsmith.errors import SlotsmithError
 from slotsmith.inventory import Inventory, inventory_from_checkpoint
 from slotsmith.io.header import SafetensorsHeader
@@ -36,6 +39,7 @@ from slotsmith.io.writer import (
     atomic_dir,
     atomic_file,
     new_file_in,
+    part_nbytes,
     refuse_existing,
     refuse_input_as_output,
     write_all,
@@ -185,13 +189,6 @@ def plan_splice(
     for s in slots:
         raise_problems(fingerprint_problems(s, base, files))
 
-    record = SpliceRecord(
-        previous.base_layout_digest if previous else base.layout_digest(),
-        previous.base_source if previous else (ckpt.index_path.parent.name if ckpt.sharded else ckpt.path.name),
-        (*(previous.slots if previous else ()), *((s.path.name, s.manifest) for s in slots)),
-    )
-    record_json = record.to_canonical_json()
-
     covers: dict[str, list[tuple[Entry, FileRange]]] = {}
     for s in slots:
         fd = files.fd(s.path)
@@ -200,9 +197,22 @@ def plan_splice(
             covers.setdefault(e.name, []).append((e, FileRange(fd, info.start, info.end)))
 
     canonical = {key: name for name, key in base.keys.items()}
-    outputs = []
-    for header in ckpt.files:
-        outputs.append(_plan_file(header, canonical, covers, files, record_json, out, ckpt.sharded))
+    tensors = {h.path: _file_tensors(h, canonical, covers, files) for h in ckpt.files}
+    record = SpliceRecord(
+        previous.base_layout_digest if previous else base.layout_digest(),
+        previous.base_source if previous else (ckpt.index_path.parent.name if ckpt.sharded else ckpt.path.name),
+        (*(previous.slots if previous else ()), *((s.path.name, s.manifest) for s in slots)),
+    )
+    record_json = record.to_canonical_json()
+    outputs = [
+        OutputFile(
+            h.path.name if ckpt.sharded else out.name,
+            tensors[h.path],
+            {**h.metadata, SPLICE_KEY: record_json},
+            h.data_start % BLOCK,
+        )
+        for h in ckpt.files
+    ]
 
     index = None
     if ckpt.sharded:
@@ -216,24 +226,58 @@ def plan_splice(
     )
 
 
-def _plan_file(
+def _file_tensors(
     header: SafetensorsHeader,
     canonical: dict[str, str],
     covers: dict[str, list[tuple[Entry, FileRange]]],
     files: InputFiles,
-    record_json: str,
-    out: Path,
-    sharded: bool,
-) -> OutputFile:
+) -> tuple[TensorOut, ...]:
+    """One output file's tensors in data order: base bytes, slot bytes where slots cover them."""
     base_fd = files.fd(header.path)
     tensors = []
     for key, info in sorted(header.tensors.items(), key=lambda kv: kv[1].start):
         mine = covers.get(canonical[key], [])
         parts = _tensor_parts(info.start, info.nbytes, base_fd, mine)
         tensors.append(TensorOut(key, info.dtype, info.shape, parts))
-    metadata = {**header.metadata, SPLICE_KEY: record_json}
-    name = header.path.name if sharded else out.name
-    return OutputFile(name, tuple(tensors), metadata, header.data_start % BLOCK)
+    return tuple(tensors)
+
+
+def seal_plan(plan: SplicePlan, progress: Callable[[int], None] | None = None) -> SplicePlan:
+    """Add the digest of every output tensor to a planned splice's record.
+
+    The digests are hashed from the bytes the output will be written from
+    (base and slot ranges), so this reads every byte of the base once; with
+    them, ``verify`` detects a byte changed anywhere in the output without
+    the base.
+
+    Args:
+        plan: From ``plan_splice`` (its input files still open).
+        progress: Called with each count of bytes hashed.
+
+    Returns:
+        The plan with a sealed record (in every file's metadata and the index).
+
+    Raises:
+        OSError: An input cannot be read.
+    """
+    canonical = {key: name for name, key in plan.base.keys.items()}
+    seal = {}
+    for f in plan.files:
+        for t in f.tensors:
+            h = xxhash.xxh3_128()
+            for part in t.parts:
+                if isinstance(part, FileRange):
+                    update_from_file(h, part.fd, part.start, part.end)
+                else:
+                    h.update(part)
+                if progress is not None:
+                    progress(part_nbytes(part))
+            seal[canonical[t.key]] = h.hexdigest()
+    record = replace(plan.record, seal=seal)
+    record_json = record.to_canonical_json()
+    files = tuple(replace(f, metadata={**f.metadata, SPLICE_KEY: record_json}) for f in plan.files)
+    index = None if plan.index is None else {**plan.index, "metadata": {**plan.index["metadata"], SPLICE_KEY: record_json}}
+    return replace(plan, files=files, index=index, record=record)
 
 
 def execute_splice(plan: SplicePlan, progress: Callable[[int], None] | None = None) -> Path:
@@ -270,8 +314,20 @@ def splice(
     *,
     force: bool = False,
     quiet: bool = True,
+    seal: bool = False,
+    pins: Sequence[str] | None = None,
 ) -> Path:
     """Check, plan and write a splice (see ``plan_splice``).
+
+    Args:
+        base_path: Base checkpoint.
+        slot_paths: Slot files.
+        out: Output path (default from the names).
+        force: Replace an existing output.
+        quiet: No progress bar.
+        seal: Record every output tensor's digest (see ``plan_splice``).
+        pins: The manifest digest each slot must have (one per slot), as
+            a cast file pins them; checked on the slots the splice reads.
 
     Returns:
         The output path (a file, or a folder for a sharded base).
@@ -281,8 +337,49 @@ def splice(
     """
     with InputFiles() as files:
         plan = plan_splice(base_path, slot_paths, files, out, force=force)
+        for s, pin in zip(plan.slots, pins or (), strict=False):
+            if s.manifest.digest != pin:
+                raise SlotsmithError(f"{s.path}: manifest {s.manifest.digest} is not the pinned {pin}")
+        if seal:
+            with progress_bar(plan.nbytes, "seal", quiet) as update:
+                plan = seal_plan(plan, update)
         with progress_bar(plan.nbytes, "splice", quiet) as update:
             return execute_splice(plan, update)
+
+
+def splice_cast(
+    cast_path: str | os.PathLike,
+    out: str | os.PathLike | None = None,
+    *,
+    force: bool = False,
+    quiet: bool = True,
+    seal: bool = False,
+) -> Path:
+    """Splice a cast file's pinned slots into its base (see ``slotsmith.cast``).
+
+    Every character's slot must be present, equal to its pin and to what the
+    cast says (selection, layout, expert); the base must match the cast's
+    fingerprint. Then the usual splice runs, its output the cast's
+    ``output`` unless ``out`` is given.
+
+    Raises:
+        SlotsmithError: A missing, unpinned or differing slot (naming both
+            digests), a wrong base, no output path; nothing is written.
+    """
+    from slotsmith.cast import base_problems, load_cast, open_base, pinned_slots
+
+    cast = load_cast(cast_path)
+    target = Path(out) if out is not None else cast.output
+    if target is None:
+        raise cast.error("output", "no output path: give one here or pass -o")
+    slots = pinned_slots(cast)
+    base = open_base(cast)
+    with InputFiles() as files:
+        raise_problems(base_problems(cast, base, files))
+    return splice(
+        cast.base.path, [s.path for s in slots], target, force=force, quiet=quiet, seal=seal,
+        pins=[c.pin for c in cast.characters],
+    )
 
 
 def _differs(fa: int, a: tuple[int, int], fb: int, b: tuple[int, int], progress: Callable[[int], None]) -> bool:

@@ -180,7 +180,16 @@ def _coerce(name: str, value, path: Path):
     return value
 
 
-def load_settings(cli_values: dict, explicit: set[str], config: str | None) -> TrainSettings:
+def _same(name: str, a, b) -> bool:
+    """Whether two values of one setting agree (paths by the file they name)."""
+    if name in PATH_OPTIONS and a and b:
+        return Path(a).resolve() == Path(b).resolve()
+    return a == b
+
+
+def load_settings(
+    cli_values: dict, explicit: set[str], config: str | None, fixed: tuple[str, dict] | None = None
+) -> TrainSettings:
     """Merge defaults, a YAML config and the command line (which wins).
 
     Args:
@@ -188,12 +197,16 @@ def load_settings(cli_values: dict, explicit: set[str], config: str | None) -> T
         explicit: Field names the user gave on the command line.
         config: Path of the YAML config, or None. Relative paths in it
             (``PATH_OPTIONS``) are taken relative to its folder.
+        fixed: ``(source, values)``: settings that another file (a cast)
+            fixes; the config and the command line may repeat them, never
+            contradict them.
 
     Returns:
         The validated settings.
 
     Raises:
-        SlotsmithError: Bad YAML, unknown or mistyped option, invalid settings.
+        SlotsmithError: Bad YAML, unknown or mistyped option, a contradiction
+            of ``fixed``, invalid settings.
     """
     merged = {}
     if config:
@@ -202,8 +215,18 @@ def load_settings(cli_values: dict, explicit: set[str], config: str | None) -> T
         for name in PATH_OPTIONS:
             if merged.get(name):  # None and "" mean "not given"; an absolute path stays as it is
                 merged[name] = str(path.parent / merged[name])
+    from_config = set(merged)
     for name, value in cli_values.items():
         if name in explicit or name not in merged:
+            merged[name] = value
+    if fixed is not None:
+        source, values = fixed
+        given = {n: v for n, v in merged.items() if n in explicit or n in from_config}
+        for name, value in values.items():
+            if name in given and not _same(name, given[name], value):
+                raise SlotsmithError(
+                    f"--{name.replace('_', '-')} {given[name]} contradicts {source}, which says {'none' if value is None else value}"
+                )
             merged[name] = value
     settings = TrainSettings(**merged)
     settings.validate()

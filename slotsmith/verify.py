@@ -29,9 +29,11 @@ from slotsmith.checks import (
     base_agreement_problems,
     fingerprint_problems,
     is_extracted,
+    out_of_date_problems,
     overlap_problems,
     parse_splice_record,
     record_problems,
+    seal_problems,
     selection_problems,
     shape_problems,
     spliced_base_problems,
@@ -285,13 +287,13 @@ def _read_record(ckpt: Checkpoint) -> tuple[Inventory, SpliceRecord, list[str]]:
 
 def _verify_spliced(
     report: Report, target: Target, base: Inventory | None, files: InputFiles, layouts: _Layouts
-) -> None:
+) -> SpliceRecord | None:
     file = str(target.path)
     try:
         inv, record, differ = _read_record(target.checkpoint)
     except SlotsmithError as e:
         report.add(file, "structure", [str(e)], "")
-        return
+        return None
     layouts.add(inv)
     report.add(file, "structure", [], f"{len(inv.tensors)} tensor(s), {len(record.slots)} spliced slot(s)")
     report.add(
@@ -305,6 +307,14 @@ def _verify_spliced(
     except OSError as e:
         problems = [f"{file}: cannot read ({e})"]
     report.add(file, "slot bytes", problems, "every spliced region holds its slot's bytes")
+    if record.seal is not None:
+        try:
+            problems = seal_problems(inv, record, files)
+        except OSError as e:
+            problems = [f"{file}: cannot read ({e})"]
+        report.add(file, "seal", problems, f"all {len(record.seal)} tensors hold the bytes sealed at the splice")
+    else:
+        report.skip(file, "seal", "not sealed (splice --seal): bytes outside the slots are checked only with --base")
     for slot_file, m in record.slots:
         _selection_check(report, file, m, layouts, spliced=slot_file)
     if base is not None:
@@ -313,6 +323,7 @@ def _verify_spliced(
         except OSError as e:
             problems = [f"{file}: cannot read ({e})"]
         report.add(file, "base", problems, f"every byte outside the spliced slots equals {base.source}")
+    return record
 
 
 def _group_key(m: Manifest) -> tuple[str, str | None]:
@@ -375,6 +386,7 @@ def verify(
     report = Report()
     layouts = _Layouts(base_inv)
     slots: list[Slot] = []
+    records: list[tuple[str, SpliceRecord]] = []
     disable = quiet or not sys.stderr.isatty()
     bar = tqdm(total=len(targets), desc="verify", unit="file", file=sys.stderr, disable=disable)
     with bar, InputFiles() as files:
@@ -383,7 +395,9 @@ def verify(
             if t.kind == "bad":
                 report.add(str(t.path), "structure", [t.error], "")
             elif t.kind == "spliced":
-                _verify_spliced(report, t, base_inv, files, layouts)
+                record = _verify_spliced(report, t, base_inv, files, layouts)
+                if record is not None:
+                    records.append((str(t.path), record))
             else:
                 slot = _verify_slot(report, t, base_inv, files, layouts)
                 if slot is not None:
@@ -393,6 +407,11 @@ def verify(
     order = {str(t.path): i for i, t in enumerate(targets)}
     report.checks.sort(key=lambda c: order[c.file])
     _verify_set(report, slots, base_inv)
+    checked = [(s.path, s.manifest) for s in slots]
+    for file, record in records:
+        problems, found = out_of_date_problems(file, record, checked)
+        if found:
+            report.add(file, "up to date", problems, f"its {found} slot(s) found here are the versions it holds")
     return report
 
 
@@ -428,3 +447,104 @@ def render(report: Report, failures_only: bool = False) -> str:
         f"{n[PASS]} passed, {n[FAIL]} failed, {n[SKIP]} skipped"
     )
     return "\n".join(lines)
+
+
+def verify_cast(cast_path: str | os.PathLike, base: str | os.PathLike | None = None, *, quiet: bool = True) -> Report:
+    """Verify everything a cast file names: what CI runs.
+
+    The usual checks run on every character's slot and on the output when it
+    exists (see ``verify``); then, per character: its slot is present and
+    equal to its pin, and records the cast's selection, layout and expert;
+    for the cast: the characters' selections are disjoint, the output holds
+    exactly the pinned slots, and (with ``base``) the base matches the cast's
+    fingerprint.
+
+    Args:
+        cast_path: The cast file.
+        base: The real base checkpoint, if given (usually the cast's ``base.path``).
+        quiet: No progress bar.
+
+    Returns:
+        The report.
+
+    Raises:
+        SlotsmithError: The cast file is invalid, or ``base`` cannot be read.
+    """
+    from slotsmith.cast import base_problems, cast_layout, cast_selections, load_cast, pin_problems, slot_problems
+
+    cast = load_cast(cast_path)
+    label = str(cast.path)
+    present = [c for c in cast.characters if c.slot.is_file()]
+    output = cast.output if cast.output is not None and cast.output.exists() else None
+    paths = [c.slot for c in present] + ([output] if output is not None else [])
+    report = verify(paths, base, quiet=quiet) if paths else Report()
+
+    for c in cast.characters:
+        if c not in present:
+            report.add(str(c.slot), "present", [f"{label}: {c.where}.slot: character {c.name!r}: {c.slot} is missing"], "")
+            continue
+        try:
+            m = read_slot(c.slot).manifest
+        except SlotsmithError:
+            continue  # verify reported its structure already
+        report.add(str(c.slot), "pin", pin_problems(cast, c, m), f"character {c.name!r}: manifest {m.digest} is the pinned one")
+        report.add(
+            str(c.slot),
+            "cast",
+            slot_problems(cast, c, m),
+            f"character {c.name!r}: {cast.algorithm} --ff {c.ff:g} --ffid {c.ffid} on the cast's base",
+        )
+
+    try:
+        layout = cast_layout(cast)
+    except SlotsmithError as e:
+        report.skip(label, "allocations", f"no layout to recompute the selections on ({e})")
+    else:
+        try:
+            sels = cast_selections(cast, layout)
+        except SlotsmithError as e:
+            report.add(label, "allocations", [str(e)], "")
+        else:
+            problems = [
+                f"{label}: characters {a.name!r} and {b.name!r} share tensor {shared[0]!r}"
+                for i, a in enumerate(cast.characters)
+                for b in cast.characters[i + 1 :]
+                if (shared := sorted(set(sels[a.name].tensors) & set(sels[b.name].tensors)))
+            ]
+            report.add(label, "allocations", problems, f"{len(cast.characters)} character(s) on disjoint tensors of {layout.source}")
+
+    if base is not None:
+        inv = inventory_from_checkpoint(base)
+        with InputFiles() as files:
+            report.add(label, "fingerprint", base_problems(cast, inv, files), f"{base} is the cast's base")
+    elif cast.base.layout_digest is None:
+        report.skip(label, "fingerprint", "the cast records no fingerprint yet (run `slotsmith cast pin`)")
+    else:
+        report.skip(label, "fingerprint", "give --base to check the base itself (each slot's claimed base is in its "
+                    "'cast' check)")
+
+    if cast.output is None:
+        report.skip(label, "output", "the cast names no output")
+    elif output is None:
+        report.skip(label, "output", f"{cast.output} is not built yet")
+    else:
+        report.add(label, "output", _output_problems(cast, output), f"{output} holds exactly the pinned slots")
+    return report
+
+
+def _output_problems(cast, output: Path) -> list[str]:
+    """Whether a cast's spliced output holds exactly the characters' pinned slots."""
+    try:
+        _, record, _ = _read_record(open_checkpoint(output))
+    except SlotsmithError as e:
+        return [str(e)]
+    held = {m.digest: f for f, m in record.slots}
+    pins = {c.pin: c for c in cast.characters}
+    problems = [
+        f"{output}: lacks character {c.name!r}'s pinned slot {c.pin}"
+        + (f" (holds {held_name!r} in another version)" if (held_name := c.slot.name) in held.values() else "")
+        for c in cast.characters
+        if c.pin not in held
+    ]
+    problems += [f"{output}: holds slot {f!r} ({d}), which the cast does not pin" for d, f in held.items() if d not in pins]
+    return problems
