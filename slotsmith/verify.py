@@ -313,7 +313,7 @@ def _verify_spliced(
         except OSError as e:
             problems = [f"{file}: cannot read ({e})"]
         report.add(file, "seal", problems, f"all {len(record.seal)} tensors hold the bytes sealed at the splice")
-    else:
+    elif base is None:
         report.skip(file, "seal", "not sealed (splice --seal): bytes outside the slots are checked only with --base")
     for slot_file, m in record.slots:
         _selection_check(report, file, m, layouts, spliced=slot_file)

@@ -208,3 +208,25 @@ def disk_full(monkeypatch) -> None:
         return fd, name
 
     monkeypatch.setattr(tempfile, "mkstemp", mkstemp)
+
+
+SCHEMAS = Path(__file__).parent.parent / "manifests" / "schema"
+"""The JSON Schemas of slotsmith's file formats."""
+
+
+def schemas() -> dict[str, dict]:
+    """Every schema in ``SCHEMAS`` by name (``slot-manifest``, ``cast``...)."""
+    return {p.name.removesuffix(".schema.json"): json.loads(p.read_text()) for p in SCHEMAS.glob("*.schema.json")}
+
+
+def schema_validator(name: str):
+    """A validator of one schema that resolves the others by their ``$id``."""
+    import jsonschema
+    from referencing import Registry, Resource
+
+    docs = schemas()
+    registry = Registry().with_resources((s["$id"], Resource.from_contents(s)) for s in docs.values())
+    schema = docs[name]
+    cls = jsonschema.validators.validator_for(schema)
+    cls.check_schema(schema)
+    return cls(schema, registry=registry)

@@ -115,3 +115,9 @@ main(sys.argv[1:])
         assert r.returncode == 1, r.stderr
         assert r.stderr == f"error: slotsmith {name} needs the training extra: pip install 'slotsmith[train]'\n"
         assert not list(tmp_path.iterdir())
+
+
+def test_cast_commands_run_without_torch():
+    example = str(Path(__file__).parent.parent / "manifests" / "cast.example.yaml")
+    assert _heavy_imported(["plan", "--cast", example]) == "[]"
+    assert _heavy_imported(["verify", "--cast", example]) == "[]"

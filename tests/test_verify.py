@@ -597,3 +597,92 @@ def test_fifos_are_refused_not_waited_on(tmp_path, base, monkeypatch):
     assert code == 1 and "not a regular file" in doc["checks"][0]["detail"]
     r = _run("verify", "ok.slot", "--base", "pipe.slot")
     assert r.exit_code == 1 and "not a regular file" in r.output
+
+
+# --- sealed splices and out-of-date records ------------------------------------------------------
+
+
+def _uncovered_offset(out, slots):
+    """A data offset of ``out`` in a tensor no slot covers."""
+    covered = {e.name for s in slots for e in manifest_from_json(_manifest(s), str(s)).entries}
+    key = next(k for k in sorted(_data_ranges(out)) if k not in covered)
+    return _data_ranges(out)[key][0]
+
+
+@pytest.mark.parametrize("sealed", [True, False])
+def test_seal_detects_a_byte_changed_outside_the_slots_without_the_base(tmp_path, base, sealed):
+    a = _selected_slot(tmp_path / "a.slot", base, 0)
+    out = splice(base.path, [a], tmp_path / "out.safetensors", seal=sealed)
+    code, doc = _json("verify", out)
+    assert code == 0
+    seal_row = next(c for c in doc["checks"] if c["check"] == "seal")
+    assert seal_row["result"] == ("pass" if sealed else "skip")
+    _flip(out, _uncovered_offset(out, [a]))
+    code, doc = _json("verify", out)
+    if sealed:
+        assert code == 1 and _failed(doc) == {(str(out), "seal")}
+        assert "bytes changed since the splice" in _rows(doc, "fail")[0]["detail"]
+    else:  # the limit a seal lifts: only --base sees it
+        assert code == 0
+        code, doc = _json("verify", out, "--base", base.path)
+        assert code == 1 and (str(out), "base") in _failed(doc)
+
+
+def test_seal_digests_are_the_tensors_bytes(tmp_path, base):
+    a = _selected_slot(tmp_path / "a.slot", base, 0)
+    out = splice(base.path, [a], tmp_path / "out.safetensors", seal=True)
+    header, tensors = read_raw_safetensors(out)
+    seal = json.loads(header["__metadata__"][SPLICE_KEY])["seal"]
+    assert seal == {k: xxhash.xxh3_128_hexdigest(v) for k, v in tensors.items()}  # native keys: canonical names
+
+
+def test_sealed_sharded_splice_verifies_and_repeats_the_record(tmp_path):
+    b = make_checkpoint(tmp_path / "base", shards=3, convention="diffusers")
+    a = _selected_slot(tmp_path / "a.slot", b, 0)
+    out = splice(b.path, [a], tmp_path / "out", seal=True)
+    code, doc = _json("verify", out)
+    assert code == 0 and any(c["check"] == "seal" and c["result"] == "pass" for c in doc["checks"])
+    index = json.loads(next(out.glob("*.index.json")).read_text())
+    records = {read_raw_safetensors(f)[0]["__metadata__"][SPLICE_KEY] for f in out.glob("*.safetensors")}
+    assert records == {index["metadata"][SPLICE_KEY]}
+
+
+def test_resplice_drops_the_old_seal(tmp_path, base):
+    a = _selected_slot(tmp_path / "a.slot", base, 0)
+    b = _selected_slot(tmp_path / "b.slot", base, 1)
+    first = splice(base.path, [a], tmp_path / "first.safetensors", seal=True)
+    second = splice(first, [b], tmp_path / "second.safetensors")
+    record = json.loads(read_raw_safetensors(second)[0]["__metadata__"][SPLICE_KEY])
+    assert "seal" not in record and len(record["slots"]) == 2
+    assert _json("verify", second)[0] == 0
+
+
+def test_verify_flags_a_splice_of_an_older_slot(tmp_path, base):
+    a = _selected_slot(tmp_path / "a.slot", base, 0)
+    out = splice(base.path, [a], tmp_path / "out.safetensors")
+    old = manifest_from_json(_manifest(a), str(a)).digest
+    a.unlink()
+    _selected_slot(tmp_path / "a.slot", base, 0, seed=123)  # retrained under the same name
+    new = manifest_from_json(_manifest(a), str(a)).digest
+    code, doc = _json("verify", a, out)
+    assert code == 1 and _failed(doc) == {(str(out), "up to date")}
+    detail = _rows(doc, "fail")[0]["detail"]
+    assert "out of date" in detail and old in detail and new in detail and str(a) in detail
+    # Alone, the spliced file is self-consistent: nothing to compare it with.
+    assert _json("verify", out)[0] == 0
+
+
+def test_verify_passes_a_splice_of_the_current_slots(tmp_path, good_set):
+    code, doc = _json("verify", *good_set)
+    row = next(c for c in doc["checks"] if c["check"] == "up to date")
+    assert code == 0 and row["result"] == "pass" and "2 slot(s)" in row["detail"]
+
+
+def test_malformed_seal_is_refused(tmp_path, base):
+    a = _selected_slot(tmp_path / "a.slot", base, 0)
+    out = splice(base.path, [a], tmp_path / "out.safetensors", seal=True)
+    record = json.loads(read_raw_safetensors(out)[0]["__metadata__"][SPLICE_KEY])
+    record["seal"] = {"x": "not hex"}
+    rewrite_metadata(out, out, SPLICE_KEY, json.dumps(record))
+    code, doc = _json("verify", out)
+    assert code == 1 and "malformed splice record" in _rows(doc, "fail")[0]["detail"]

@@ -9,8 +9,9 @@
    preservation: without them a slot learns to draw its character for
    every caption, and the other character pays for it in the splice).
 3. ``char1.slot`` (ffid 1) and ``char2.slot`` (ffid 2) are trained by two
-   concurrent ``slotsmith train`` processes, spliced into
-   ``DIR/spliced.safetensors`` and checked with ``slotsmith verify``.
+   concurrent ``slotsmith train`` processes, pinned in ``DIR/cast.yaml``,
+   spliced (sealed) into ``DIR/spliced.safetensors`` and checked with
+   ``slotsmith verify --cast``.
 4. The flow-matching loss on each character's data, with fixed noise and
    timesteps, is measured for the base, base + each slot and the splice; a
    character's *retention* ``(base - both) / (base - own slot)`` says how
@@ -36,6 +37,7 @@ from pathlib import Path
 import torch
 import yaml
 
+from slotsmith.cast import new_cast_text, pin_cast, write_new_cast
 from slotsmith.data.cache import CachedDataset
 from slotsmith.data.cache_builder import run_cache
 from slotsmith.data.config import load_data_config
@@ -45,7 +47,7 @@ from slotsmith.demo import tiny
 from slotsmith.errors import SlotsmithError
 from slotsmith.io.writer import TensorOut, atomic_file, write_all, write_safetensors
 from slotsmith.layout import WanConfig
-from slotsmith.splice import splice
+from slotsmith.splice import splice, splice_cast
 from slotsmith.training.flow import flow_loss
 from slotsmith.training.wan import build_model, diffusers_config, load_base, native_state_dict
 
@@ -277,8 +279,24 @@ def train_concurrently(jobs: dict[str, list[str]], logs: Path) -> None:
         raise SlotsmithError(f"training {label} failed (see {logs / (label + '.log')}):\n  " + "\n  ".join(tail))
 
 
-def run_verify(paths: list[Path], base: Path) -> str:
-    """Run ``slotsmith verify -q --base BASE PATHS`` as a user would.
+def write_demo_cast(out: Path, ff: float) -> Path:
+    """Write ``OUT/cast.yaml`` naming the two characters' slots, and pin them.
+
+    Returns:
+        The cast file.
+    """
+    text = new_cast_text(
+        base="base.safetensors", layout=None, expert=None, ff=ff,
+        characters={char: (i + 1, f"{char}.slot") for i, char in enumerate(CHARACTERS)},
+        output="spliced.safetensors", comment="The demo's cast: `slotsmith plan/splice/verify --cast cast.yaml`.",
+    )
+    path = write_new_cast(out / "cast.yaml", text, force=True)
+    pin_cast(path)
+    return path
+
+
+def run_verify(args: list[str], base: Path) -> str:
+    """Run ``slotsmith verify -q --base BASE ARGS`` as a user would.
 
     Returns:
         Its output (failed checks and the summary line).
@@ -286,7 +304,7 @@ def run_verify(paths: list[Path], base: Path) -> str:
     Raises:
         SlotsmithError: Verification failed.
     """
-    cmd = slotsmith_command("verify", "-q", "--base", str(base), *map(str, paths))
+    cmd = slotsmith_command("verify", "-q", "--base", str(base), *args)
     done = subprocess.run(cmd, capture_output=True, text=True)
     output = (done.stdout + done.stderr).strip()
     if done.returncode != 0:
@@ -392,7 +410,7 @@ def _prepare_folder(out: Path) -> None:
     (out / MARKER).write_text("made by slotsmith demo; a re-run replaces the files here\n", encoding="utf-8")
     # A re-run starts clean: stale slots of another --ff would collide with the new ones.
     for name in (*(f"{c}.slot" for c in CHARACTERS), *(f"{c}.slot.state" for c in CHARACTERS),
-                 "spliced.safetensors", "report.json"):
+                 "spliced.safetensors", "report.json", "cast.yaml"):
         (out / name).unlink(missing_ok=True)
     for sub in ("data", "models", "logs"):
         shutil.rmtree(out / sub, ignore_errors=True)
@@ -459,9 +477,10 @@ def run_demo(settings: DemoSettings, say: Callable[[str], None] = lambda _: None
         (out / f"{char}.slot.state").unlink(missing_ok=True)  # resumable state: not needed once finished
     lap("train")
 
-    say("[4/5] splicing both slots into spliced.safetensors and verifying")
-    spliced = splice(base, list(slots.values()), out / "spliced.safetensors", force=True)
-    say("      slotsmith verify: " + run_verify([*slots.values(), spliced], base).splitlines()[-1])
+    say("[4/5] pinning both slots in cast.yaml, splicing it into spliced.safetensors and verifying")
+    cast = write_demo_cast(out, settings.ff)
+    spliced = splice_cast(cast, force=True, seal=True)
+    say("      slotsmith verify: " + run_verify(["--cast", str(cast)], base).splitlines()[-1])
     lap("splice_verify")
 
     say("[5/5] scoring base, base+char1, base+char2 and the splice on each character's data")

@@ -7,6 +7,7 @@ import subprocess
 import sys
 
 import pytest
+import yaml
 from click.testing import CliRunner
 from safetensors import safe_open
 
@@ -32,7 +33,7 @@ def demo(tmp_path_factory):
 @pytest.mark.slow  # they share one demo run (~15 s)
 def test_demo_writes_every_artifact(demo):
     out, _ = demo
-    for rel in ("base.safetensors", "char1.slot", "char2.slot", "spliced.safetensors", "report.json",
+    for rel in ("base.safetensors", "char1.slot", "char2.slot", "spliced.safetensors", "report.json", "cast.yaml",
                 "models/vae/config.json", "models/umt5/config.json", "models/tokenizer/tokenizer.json",
                 "data/char1/data.yaml", "data/char2/data.yaml", "data/char1/cache/index.json",
                 "data/char2/cache/index.json"):
@@ -81,6 +82,27 @@ def test_verify_passes_on_the_demo_outputs(demo):
            str(out / "char1.slot"), str(out / "char2.slot"), str(out / "spliced.safetensors")]
     done = subprocess.run(cmd, capture_output=True, text=True)
     assert done.returncode == 0, done.stdout + done.stderr
+
+
+@pytest.mark.slow
+def test_the_demo_cast_plans_splices_and_verifies(demo, tmp_path):
+    out, _ = demo
+    cast = out / "cast.yaml"
+    doc = yaml.safe_load(cast.read_text())
+    for char in ("char1", "char2"):
+        with safe_open(str(out / f"{char}.slot"), framework="numpy") as f:
+            assert doc["characters"][char]["pin"] == json.loads(f.metadata()["slotsmith.manifest"])["digest"]
+    runner = CliRunner()
+    plan = runner.invoke(main, ["plan", "--cast", str(cast), "--json"])
+    assert plan.exit_code == 0, plan.output
+    assert [c["ffid"] for c in json.loads(plan.output)["characters"]] == [1, 2]
+    verify = runner.invoke(main, ["verify", "--cast", str(cast), "--json"])
+    assert verify.exit_code == 0, verify.output
+    checks = {(c["check"], c["result"]) for c in json.loads(verify.output)["checks"]}
+    assert {("seal", "pass"), ("output", "pass"), ("pin", "pass")} <= checks
+    again = runner.invoke(main, ["splice", "--cast", str(cast), "-o", str(tmp_path / "again.safetensors"), "-q"])
+    assert again.exit_code == 0, again.output
+    assert _tensors(tmp_path / "again.safetensors") == _tensors(out / "spliced.safetensors")
 
 
 @pytest.mark.slow
