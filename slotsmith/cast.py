@@ -423,7 +423,8 @@ def slot_problems(cast: Cast, c: Character, m: Manifest) -> list[str]:
     want, have = cast.selection_record(c), m.selection or {}
     if {k: have.get(k) for k in want} != want:
         got = ", ".join(f"{k} {have.get(k)!r}" for k in want)
-        problems.append(f"{who} records selection {got}, the cast wants " + ", ".join(f"{k} {v!r}" for k, v in want.items()))
+        wanted = ", ".join(f"{k} {v!r}" for k, v in want.items())
+        problems.append(f"{who} records selection {got}, the cast wants {wanted}")
     fp = cast.base
     if fp.layout_digest is not None and m.base.layout_digest != fp.layout_digest:
         problems.append(f"{who} was made on layout {m.base.layout_digest}, the cast's base has {fp.layout_digest}")
@@ -531,7 +532,9 @@ class PinChange:
     new: str
 
 
-def pin_cast(path: str | os.PathLike, *, base: str | os.PathLike | None = None, dry_run: bool = False) -> list[PinChange]:
+def pin_cast(
+    path: str | os.PathLike, *, base: str | os.PathLike | None = None, dry_run: bool = False
+) -> list[PinChange]:
     """Pin every character to its current slot; fill in the base fingerprint.
 
     Each slot must be present and be what the cast says (its selection, base
@@ -714,7 +717,8 @@ def render_cast_plan(doc: dict) -> str:
     ]
     widths = [max(len(row[i]) for row in table) for i in range(len(table[0]))]
     for row in table:
-        lines.append("  ".join(v.rjust(w) if i in (1, 3, 4) else v.ljust(w) for i, (v, w) in enumerate(zip(row, widths))).rstrip())
+        cells = (v.rjust(w) if i in (1, 3, 4) else v.ljust(w) for i, (v, w) in enumerate(zip(row, widths)))
+        lines.append("  ".join(cells).rstrip())
     lines.append("")
     lines.append(f"free ffids: {', '.join(map(str, doc['free_ffids'])) or 'none'}")
     if doc["overlaps"]:

@@ -229,7 +229,9 @@ def seal_problems(spliced: Inventory, record: SpliceRecord, files: InputFiles) -
         Problem lines: tensors added, missing, or whose bytes changed.
     """
     seal = record.seal or {}
-    problems = [f"{spliced.source}: tensor {n!r} is not in the sealed record" for n in sorted(set(spliced.tensors) - set(seal))]
+    problems = [
+        f"{spliced.source}: tensor {n!r} is not in the sealed record" for n in sorted(set(spliced.tensors) - set(seal))
+    ]
     problems += [f"{spliced.source}: sealed tensor {n!r} is missing" for n in sorted(set(seal) - set(spliced.tensors))]
     for name in sorted(set(seal) & set(spliced.tensors)):
         header, info = spliced.checkpoint.tensors[spliced.keys[name]]
@@ -242,7 +244,9 @@ def seal_problems(spliced: Inventory, record: SpliceRecord, files: InputFiles) -
     return problems
 
 
-def out_of_date_problems(label: str, record: SpliceRecord, slots: Sequence[tuple[Path, Manifest]]) -> tuple[list[str], int]:
+def out_of_date_problems(
+    label: str, record: SpliceRecord, slots: Sequence[tuple[Path, Manifest]]
+) -> tuple[list[str], int]:
     """Slots a spliced checkpoint holds in an older (or other) version than the checked ones.
 
     A record names each slot by its file name; a checked slot file of that

@@ -94,7 +94,8 @@ def main() -> None:
     multiple=True,
     help="Pool id 0..7. Repeat to compare several slots and get an overlap table.",
 )
-@click.option("--cast", "cast_file", metavar="CAST.yaml", help="Plan a cast file's characters instead of --model/--ff/--ffid.")
+@click.option("--cast", "cast_file", metavar="CAST.yaml",
+              help="Plan a cast file's characters instead of --model/--ff/--ffid.")
 @click.option("--json", "as_json", is_flag=True, help="Print JSON instead of the report.")
 @user_errors
 def plan(model: str | None, ff: float | None, ffid: tuple[int, ...], cast_file: str | None, as_json: bool) -> None:
@@ -286,7 +287,10 @@ def verify(paths: tuple[str, ...], base: str | None, cast_file: str | None, as_j
 
     if cast_file is not None and paths:
         raise click.UsageError("--cast names the files to verify: give no PATH")
-    report = verify_cast(cast_file, base, quiet=quiet) if cast_file is not None else run_verify(paths, base, quiet=quiet)
+    if cast_file is not None:
+        report = verify_cast(cast_file, base, quiet=quiet)
+    else:
+        report = run_verify(paths, base, quiet=quiet)
     if as_json:
         click.echo(json.dumps(report.to_json(), indent=2))
     else:

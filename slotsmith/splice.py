@@ -276,7 +276,9 @@ def seal_plan(plan: SplicePlan, progress: Callable[[int], None] | None = None) -
     record = replace(plan.record, seal=seal)
     record_json = record.to_canonical_json()
     files = tuple(replace(f, metadata={**f.metadata, SPLICE_KEY: record_json}) for f in plan.files)
-    index = None if plan.index is None else {**plan.index, "metadata": {**plan.index["metadata"], SPLICE_KEY: record_json}}
+    index = plan.index
+    if index is not None:
+        index = {**index, "metadata": {**index["metadata"], SPLICE_KEY: record_json}}
     return replace(plan, files=files, index=index, record=record)
 
 

@@ -224,9 +224,9 @@ def load_settings(
         given = {n: v for n, v in merged.items() if n in explicit or n in from_config}
         for name, value in values.items():
             if name in given and not _same(name, given[name], value):
-                raise SlotsmithError(
-                    f"--{name.replace('_', '-')} {given[name]} contradicts {source}, which says {'none' if value is None else value}"
-                )
+                says = "none" if value is None else value
+                option = f"--{name.replace('_', '-')} {given[name]}"
+                raise SlotsmithError(f"{option} contradicts {source}, which says {says}")
             merged[name] = value
     settings = TrainSettings(**merged)
     settings.validate()

@@ -481,13 +481,15 @@ def verify_cast(cast_path: str | os.PathLike, base: str | os.PathLike | None = N
 
     for c in cast.characters:
         if c not in present:
-            report.add(str(c.slot), "present", [f"{label}: {c.where}.slot: character {c.name!r}: {c.slot} is missing"], "")
+            missing = f"{label}: {c.where}.slot: character {c.name!r}: {c.slot} is missing"
+            report.add(str(c.slot), "present", [missing], "")
             continue
         try:
             m = read_slot(c.slot).manifest
         except SlotsmithError:
             continue  # verify reported its structure already
-        report.add(str(c.slot), "pin", pin_problems(cast, c, m), f"character {c.name!r}: manifest {m.digest} is the pinned one")
+        pinned = f"character {c.name!r}: manifest {m.digest} is the pinned one"
+        report.add(str(c.slot), "pin", pin_problems(cast, c, m), pinned)
         report.add(
             str(c.slot),
             "cast",
@@ -511,7 +513,8 @@ def verify_cast(cast_path: str | os.PathLike, base: str | os.PathLike | None = N
                 for b in cast.characters[i + 1 :]
                 if (shared := sorted(set(sels[a.name].tensors) & set(sels[b.name].tensors)))
             ]
-            report.add(label, "allocations", problems, f"{len(cast.characters)} character(s) on disjoint tensors of {layout.source}")
+            disjoint = f"{len(cast.characters)} character(s) on disjoint tensors of {layout.source}"
+            report.add(label, "allocations", problems, disjoint)
 
     if base is not None:
         inv = inventory_from_checkpoint(base)
@@ -546,5 +549,7 @@ def _output_problems(cast, output: Path) -> list[str]:
         for c in cast.characters
         if c.pin not in held
     ]
-    problems += [f"{output}: holds slot {f!r} ({d}), which the cast does not pin" for d, f in held.items() if d not in pins]
+    problems += [
+        f"{output}: holds slot {f!r} ({d}), which the cast does not pin" for d, f in held.items() if d not in pins
+    ]
     return problems

@@ -119,8 +119,8 @@ def test_bad_cast_is_refused_naming_file_key_and_character(project, edit, key, w
     if who:
         assert f"character {who!r}" in msg
     # Every command that reads it refuses it too, and nothing is written.
-    for args in (("cast", "pin", path), ("splice", "--cast", path), ("verify", "--cast", path), ("plan", "--cast", path)):
-        r = _run(*args)
+    for args in (("splice", "--cast"), ("verify", "--cast"), ("plan", "--cast"), ("cast", "pin")):
+        r = _run(*args, path)
         assert r.exit_code == 1 and "Traceback" not in r.output and key in r.output
     assert path.read_text() == text
     assert not (project / "out" / "spliced.safetensors").exists()
