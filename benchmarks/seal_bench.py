@@ -32,7 +32,7 @@ SAMPLE = """
 import sys
 from slotsmith.cast import base_sample_digest
 from slotsmith.inventory import inventory_from_checkpoint
-from slotsmith.slot import InputFiles
+from slotsmith.io.files import InputFiles
 with InputFiles() as files:
     base_sample_digest(inventory_from_checkpoint(sys.argv[1]), files)
 """

@@ -39,11 +39,12 @@ from slotsmith.checks import fingerprint_problems, raise_problems, shape_problem
 from slotsmith.digest import digest_bytes, digest_file_range
 from slotsmith.errors import SlotsmithError
 from slotsmith.inventory import Inventory, inventory_from_checkpoint, load_inventory
+from slotsmith.io.files import InputFiles
 from slotsmith.io.writer import atomic_file, write_all
 from slotsmith.layout import KNOWN_MODELS
 from slotsmith.manifest import Manifest
 from slotsmith.select import ALGORITHMS, NUM_POOLS, Selection
-from slotsmith.slot import InputFiles, Slot, read_slot
+from slotsmith.slot import Slot, read_slot
 from slotsmith.train import EXPERTS
 
 CAST_FORMAT = "slotsmith-cast/1"

@@ -8,26 +8,19 @@ tensor hashes are checked by its own ``Slot.hash_problems``.)
 
 from __future__ import annotations
 
-import re
 from collections.abc import Sequence
-from dataclasses import dataclass
 from pathlib import Path
 
-from slotsmith.digest import canonical_json, digest_file_range
-from slotsmith.errors import SlotsmithError
+from slotsmith.digest import digest_file_range
+from slotsmith.errors import SlotsmithError, first_and_more
 from slotsmith.inventory import Inventory
-from slotsmith.io.header import is_int, parse_json_object
+from slotsmith.io.files import InputFiles
+from slotsmith.io.header import is_int
 from slotsmith.layout import KNOWN_MODELS, wan_tensor_shapes
-from slotsmith.manifest import Manifest, manifest_from_json
+from slotsmith.manifest import Manifest
 from slotsmith.select import ALGORITHMS, NUM_POOLS
-from slotsmith.slot import InputFiles, Slot, base_region
-
-SPLICE_KEY = "slotsmith.splice"
-"""The ``__metadata__`` key (and index ``metadata`` key) of a splice record."""
-
-SPLICE_FORMAT = "slotsmith-splice/1"
-
-_HEX128 = re.compile(r"^[0-9a-f]{32}$")
+from slotsmith.slot import Slot, base_region
+from slotsmith.splice_record import SpliceRecord
 
 
 def raise_problems(problems: Sequence[str]) -> None:
@@ -37,8 +30,7 @@ def raise_problems(problems: Sequence[str]) -> None:
         SlotsmithError: ``problems`` is not empty.
     """
     if problems:
-        more = f" (and {len(problems) - 1} more problem(s))" if len(problems) > 1 else ""
-        raise SlotsmithError(problems[0] + more)
+        raise SlotsmithError(first_and_more(problems))
 
 
 def shape_problems(slot: Slot, base: Inventory) -> list[str]:
@@ -148,73 +140,6 @@ def overlap_problems(slots: Sequence[tuple[str, Manifest]]) -> list[str]:
                     what = f"tensor {ea.name!r}" if whole else f"rows [{lo}, {hi}) of tensor {ea.name!r}"
                     problems.append(f"{a} and {b} overlap: both hold {what}")
     return problems
-
-
-@dataclass(frozen=True)
-class SpliceRecord:
-    """What a spliced checkpoint records about its making.
-
-    Attributes:
-        base_layout_digest: Layout digest of the base (and so of the output).
-        base_source: File name of the base.
-        slots: ``(slot file name, manifest)`` per slot, in splice order.
-        seal: Canonical name -> xxh3-128 of every output tensor's bytes
-            (``splice --seal``), or None.
-    """
-
-    base_layout_digest: str
-    base_source: str
-    slots: tuple[tuple[str, Manifest], ...]
-    seal: dict[str, str] | None = None
-
-    def to_json(self) -> dict:
-        doc = {
-            "format": SPLICE_FORMAT,
-            "base": {"layout_digest": self.base_layout_digest, "source": self.base_source},
-            "slots": [{"file": f, "manifest": m.to_json()} for f, m in self.slots],
-        }
-        if self.seal is not None:
-            doc["seal"] = dict(self.seal)
-        return doc
-
-    def to_canonical_json(self) -> str:
-        return canonical_json(self.to_json())
-
-
-def parse_splice_record(raw: str, what: str) -> SpliceRecord:
-    """Validate a splice record (the ``slotsmith.splice`` metadata value).
-
-    Raises:
-        SlotsmithError: Malformed record, or a slot manifest in it that fails
-            validation (digest included).
-    """
-    if not isinstance(raw, str):  # an index JSON's metadata may hold any JSON value
-        raise SlotsmithError(f"{what}: malformed splice record (must be a JSON string)")
-    obj = parse_json_object(raw.encode("utf-8"), f"{what}: splice record")
-    base = obj.get("base")
-    slots = obj.get("slots")
-    seal = obj.get("seal")
-    if (
-        obj.get("format") != SPLICE_FORMAT
-        or set(obj) - {"seal"} != {"format", "base", "slots"}
-        or (
-            "seal" in obj
-            and not (
-                isinstance(seal, dict)
-                and all(isinstance(k, str) and isinstance(v, str) and _HEX128.match(v) for k, v in seal.items())
-            )
-        )
-        or not isinstance(base, dict)
-        or not isinstance(base.get("layout_digest"), str)
-        or not isinstance(base.get("source"), str)
-        or not isinstance(slots, list)
-        or not all(isinstance(s, dict) and isinstance(s.get("file"), str) and "manifest" in s for s in slots)
-    ):
-        raise SlotsmithError(f"{what}: malformed splice record (expected format {SPLICE_FORMAT!r})")
-    parsed = tuple(
-        (s["file"], manifest_from_json(s["manifest"], f"{what}: splice record slot {s['file']!r}")) for s in slots
-    )
-    return SpliceRecord(base["layout_digest"], base["source"], parsed, seal)
 
 
 def seal_problems(spliced: Inventory, record: SpliceRecord, files: InputFiles) -> list[str]:

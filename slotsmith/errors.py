@@ -1,4 +1,8 @@
-"""The one exception type that reaches the user as a clean error line."""
+"""The one exception type that reaches the user as a clean error line, and its wording helpers."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
 
 
 class SlotsmithError(Exception):
@@ -10,3 +14,21 @@ class SlotsmithError(Exception):
     dataset) is printed with ``error: `` before each line, so every line must
     make sense on its own.
     """
+
+
+def first_and_more(items: Sequence[str], shown: int = 1, sep: str = ", ") -> str:
+    """The first ``shown`` items joined by ``sep``, then `` (and N more)`` for the rest.
+
+    The one wording for a list cut short in a message: the first problem of
+    many, or the first names of a long list.
+
+    Args:
+        items: At least one item.
+        shown: How many items to show.
+        sep: What joins the shown items.
+
+    Returns:
+        E.g. ``"a, b (and 3 more)"``.
+    """
+    rest = len(items) - shown
+    return sep.join(items[:shown]) + (f" (and {rest} more)" if rest > 0 else "")

@@ -11,11 +11,16 @@ from collections import Counter
 
 import yaml
 
-from slotsmith.checks import SPLICE_KEY, parse_splice_record
 from slotsmith.digest import canonical_json
 from slotsmith.inventory import inventory_of
 from slotsmith.io.checkpoint import open_checkpoint
-from slotsmith.manifest import METADATA_KEY, Manifest, manifest_from_header, manifest_from_json
+from slotsmith.manifest import (
+    METADATA_KEY,
+    Manifest,
+    manifest_from_header,
+    manifest_from_json,
+)
+from slotsmith.splice_record import SPLICE_KEY, parse_splice_record, read_splice_record
 
 
 def describe(path: str | os.PathLike) -> dict:
@@ -34,9 +39,8 @@ def describe(path: str | os.PathLike) -> dict:
     if not ckpt.sharded and METADATA_KEY in ckpt.metadata:
         return {"kind": "slot", "file": str(path), "manifest": manifest_from_header(ckpt.files[0]).to_json()}
     inv = inventory_of(ckpt)
-    raw = ckpt.index_metadata.get(SPLICE_KEY) if ckpt.sharded else None
-    raw = raw or ckpt.metadata.get(SPLICE_KEY)
-    record = parse_splice_record(raw, str(ckpt.path)).to_json() if raw else None
+    found, _ = read_splice_record(ckpt)
+    record = found.to_json() if found else None
     summary = {
         "files": [h.path.name for h in ckpt.files],
         "convention": inv.convention,

@@ -9,55 +9,36 @@ from __future__ import annotations
 
 import os
 from collections.abc import Mapping
-from contextlib import ExitStack
 from dataclasses import dataclass
 from pathlib import Path
 
 from slotsmith import __version__
 from slotsmith.digest import digest_bytes, digest_file_range
-from slotsmith.errors import SlotsmithError
+from slotsmith.errors import SlotsmithError, first_and_more
 from slotsmith.inventory import Inventory
+from slotsmith.io.files import InputFiles
 from slotsmith.io.header import SafetensorsHeader, TensorInfo, read_header
-from slotsmith.io.writer import FileRange, TensorOut, part_nbytes, refuse_input_as_output, write_safetensors
-from slotsmith.manifest import BaseFingerprint, Entry, Manifest, build_manifest, manifest_from_header, manifest_metadata
+from slotsmith.io.writer import (
+    FileRange,
+    TensorOut,
+    part_nbytes,
+    refuse_input_as_output,
+    write_safetensors,
+)
+from slotsmith.manifest import (
+    BaseFingerprint,
+    Entry,
+    Manifest,
+    build_manifest,
+    manifest_from_header,
+    manifest_metadata,
+)
 
 SLOT_SUFFIX = ".slot"
 SNAPSHOT_SUFFIX = ".snapshot"
 """``--save-every`` snapshots: valid slot files, but earlier versions of the run's
 own slot, not slots to ship, so folder walks that pick ``.slot`` files (``verify``,
 the taken-ffid check) leave them alone."""
-
-
-class InputFiles:
-    """Read-only file descriptors of input files, opened once, closed together."""
-
-    def __init__(self) -> None:
-        self._stack = ExitStack()
-        self._fds: dict[Path, int] = {}
-
-    def fd(self, path: Path) -> int:
-        """The descriptor of ``path``, opened on first use.
-
-        Raises:
-            SlotsmithError: The file cannot be opened.
-        """
-        if path not in self._fds:
-            try:
-                fd = os.open(path, os.O_RDONLY)
-            except OSError as e:
-                raise SlotsmithError(f"{path}: cannot open ({e.strerror})") from None
-            self._stack.callback(os.close, fd)
-            self._fds[path] = fd
-        return self._fds[path]
-
-    def close(self) -> None:
-        self._stack.close()
-
-    def __enter__(self) -> InputFiles:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
 
 
 def base_region(base: Inventory, files: InputFiles, entry: Entry) -> FileRange:
@@ -232,8 +213,7 @@ class Slot:
         """
         problems = self.hash_problems()
         if problems:
-            more = f" (and {len(problems) - 1} more)" if len(problems) > 1 else ""
-            raise SlotsmithError(problems[0] + more)
+            raise SlotsmithError(first_and_more(problems))
 
 
 def read_slot(path: str | os.PathLike) -> Slot:

@@ -20,17 +20,15 @@ from pathlib import Path
 import xxhash
 
 from slotsmith.checks import (
-    SPLICE_KEY,
-    SpliceRecord,
     fingerprint_problems,
     overlap_problems,
-    parse_splice_record,
     raise_problems,
     shape_problems,
 )
 from slotsmith.digest import update_from_file
-from slotsmith.errors import SlotsmithError
+from slotsmith.errors import SlotsmithError, first_and_more
 from slotsmith.inventory import Inventory, inventory_from_checkpoint
+from slotsmith.io.files import InputFiles
 from slotsmith.io.header import SafetensorsHeader
 from slotsmith.io.writer import (
     BLOCK,
@@ -47,7 +45,8 @@ from slotsmith.io.writer import (
 )
 from slotsmith.manifest import Entry, Manifest
 from slotsmith.select import select_v2
-from slotsmith.slot import SLOT_SUFFIX, SNAPSHOT_SUFFIX, InputFiles, Slot, read_slot, write_slot
+from slotsmith.slot import SLOT_SUFFIX, SNAPSHOT_SUFFIX, Slot, read_slot, write_slot
+from slotsmith.splice_record import SPLICE_KEY, SpliceRecord, read_splice_record
 
 COMPARE_BLOCK = 8 * 1024 * 1024
 """Read size when comparing two checkpoints' bytes."""
@@ -133,11 +132,6 @@ def _tensor_parts(info_start: int, nbytes: int, base_fd: int, covers: list[tuple
     return tuple(parts)
 
 
-def _previous_record(base: Inventory) -> SpliceRecord | None:
-    raw = base.checkpoint.metadata.get(SPLICE_KEY)
-    return None if raw is None else parse_splice_record(raw, str(base.source))
-
-
 def plan_splice(
     base_path: str | os.PathLike,
     slot_paths: Sequence[str | os.PathLike],
@@ -178,7 +172,7 @@ def plan_splice(
     slots = tuple(read_slot(p) for p in slot_paths)
     refuse_input_as_output(out, [*base.checkpoint.paths, *(s.path for s in slots)])
 
-    previous = _previous_record(base)
+    previous, _ = read_splice_record(ckpt)
     labelled = [(str(s.path), s.manifest) for s in slots]
     earlier = [(f"{base.source} (spliced slot {f})", m) for f, m in previous.slots] if previous else []
     for s in slots:
@@ -461,9 +455,9 @@ def extract(
             sel = select_v2(base.numels(), ff, ffid)
             strays = sorted(set(changed) - set(sel.tensors))
             if strays:
-                shown = ", ".join(strays[:5]) + (f" and {len(strays) - 5} more" if len(strays) > 5 else "")
                 raise SlotsmithError(
-                    f"{tuned.source}: {len(strays)} changed tensor(s) outside --ff {ff} --ffid {ffid}: {shown}"
+                    f"{tuned.source}: {len(strays)} changed tensor(s) outside --ff {ff} --ffid {ffid}: "
+                    f"{first_and_more(strays, shown=5)}"
                 )
             selection = sel.record()
 

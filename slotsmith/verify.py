@@ -24,14 +24,11 @@ from pathlib import Path
 from tqdm import tqdm
 
 from slotsmith.checks import (
-    SPLICE_KEY,
-    SpliceRecord,
     base_agreement_problems,
     fingerprint_problems,
     is_extracted,
     out_of_date_problems,
     overlap_problems,
-    parse_splice_record,
     record_problems,
     seal_problems,
     selection_problems,
@@ -39,12 +36,19 @@ from slotsmith.checks import (
     spliced_base_problems,
     spliced_problems,
 )
-from slotsmith.errors import SlotsmithError
-from slotsmith.inventory import Inventory, inventory_from_checkpoint, inventory_of, load_inventory
+from slotsmith.errors import SlotsmithError, first_and_more
+from slotsmith.inventory import (
+    Inventory,
+    inventory_from_checkpoint,
+    inventory_of,
+    load_inventory,
+)
 from slotsmith.io.checkpoint import INDEX_SUFFIX, Checkpoint, open_checkpoint
+from slotsmith.io.files import InputFiles
 from slotsmith.layout import KNOWN_MODELS
 from slotsmith.manifest import METADATA_KEY, Manifest
-from slotsmith.slot import SLOT_SUFFIX, InputFiles, Slot, read_slot, slot_from_header
+from slotsmith.slot import SLOT_SUFFIX, Slot, read_slot, slot_from_header
+from slotsmith.splice_record import SpliceRecord, has_splice_record, read_splice_record
 
 PASS, FAIL, SKIP = "pass", "fail", "skip"
 
@@ -102,8 +106,7 @@ class Report:
     def add(self, file: str, check: str, problems: Sequence[str], passed: str) -> None:
         """Record a check from its problem lines (``passed``: the detail when there are none)."""
         if problems:
-            more = f" (and {len(problems) - 1} more)" if len(problems) > 1 else ""
-            self.checks.append(Check(file, check, FAIL, problems[0] + more, tuple(problems)))
+            self.checks.append(Check(file, check, FAIL, first_and_more(problems), tuple(problems)))
         else:
             self.checks.append(Check(file, check, PASS, passed))
 
@@ -137,12 +140,12 @@ def _classify(path: Path, explicit: bool, shards: set[Path] | None = None) -> Ta
         ckpt = open_checkpoint(path)  # an index JSON, or one file's header
     except SlotsmithError as e:
         return Target("bad", path, str(e))
-    metas = [ckpt.index_metadata, *(h.metadata for h in ckpt.files)] if ckpt.sharded else [ckpt.metadata]
     if ckpt.sharded and shards is not None:
         shards |= {h.path.resolve() for h in ckpt.files}
-    if path.suffix == SLOT_SUFFIX or METADATA_KEY in metas[0]:
+    first = ckpt.index_metadata if ckpt.sharded else ckpt.metadata
+    if path.suffix == SLOT_SUFFIX or METADATA_KEY in first:
         return Target("slot", path, checkpoint=ckpt)
-    if any(SPLICE_KEY in m for m in metas):
+    if has_splice_record(ckpt):
         return Target("spliced", path, checkpoint=ckpt)
     if explicit:
         return Target("bad", path, f"{path}: neither a slot nor a spliced checkpoint (no manifest, no splice record)")
@@ -272,16 +275,9 @@ def _verify_slot(
 def _read_record(ckpt: Checkpoint) -> tuple[Inventory, SpliceRecord, list[str]]:
     """The spliced checkpoint's inventory and record, and where its copies of the record differ."""
     inv = inventory_of(ckpt)
-    raw = ckpt.index_metadata.get(SPLICE_KEY) if ckpt.sharded else ckpt.metadata.get(SPLICE_KEY)
-    if raw is None:
-        raise SlotsmithError(f"{ckpt.path}: no splice record in its index metadata")
-    record = parse_splice_record(raw, str(ckpt.path))
-    # A sharded output repeats the record in every shard.
-    differ = [
-        f"{h.path}: its splice record differs from the one in {ckpt.path.name}"
-        for h in ckpt.files
-        if ckpt.sharded and h.metadata.get(SPLICE_KEY) != raw
-    ]
+    record, differ = read_splice_record(ckpt)
+    if record is None:
+        raise SlotsmithError(f"{ckpt.path}: no splice record")
     return inv, record, differ
 
 

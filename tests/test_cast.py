@@ -10,14 +10,21 @@ from click.testing import CliRunner
 from helpers import make_checkpoint, random_bytes, read_raw_safetensors
 
 from slotsmith import cast as cast_mod
-from slotsmith.cast import base_sample_digest, load_cast, pin_cast, set_values, train_values
-from slotsmith.checks import SPLICE_KEY
+from slotsmith.cast import (
+    base_sample_digest,
+    load_cast,
+    pin_cast,
+    set_values,
+    train_values,
+)
 from slotsmith.cli import main
 from slotsmith.digest import digest_bytes
 from slotsmith.errors import SlotsmithError
 from slotsmith.inventory import inventory_from_checkpoint
+from slotsmith.io.files import InputFiles
 from slotsmith.select import Selection, select_v2
-from slotsmith.slot import InputFiles, read_slot, write_slot
+from slotsmith.slot import read_slot, write_slot
+from slotsmith.splice_record import SPLICE_KEY
 from slotsmith.train import TrainSettings, load_settings
 
 FF = 0.05

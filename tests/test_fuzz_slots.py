@@ -15,11 +15,16 @@ import numpy as np
 import pytest
 import xxhash
 from click.testing import CliRunner
-from helpers import make_checkpoint, mutate_bytes, random_bytes, read_raw_safetensors, rewrite_metadata
+from helpers import (
+    make_checkpoint,
+    mutate_bytes,
+    random_bytes,
+    read_raw_safetensors,
+    rewrite_metadata,
+)
 from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 
-from slotsmith.checks import SPLICE_KEY
 from slotsmith.cli import main
 from slotsmith.digest import digest_json
 from slotsmith.inventory import inventory_from_checkpoint
@@ -27,6 +32,7 @@ from slotsmith.manifest import METADATA_KEY
 from slotsmith.select import select_v2
 from slotsmith.slot import write_slot
 from slotsmith.splice import splice
+from slotsmith.splice_record import SPLICE_KEY
 
 FUZZ = settings(
     max_examples=300,

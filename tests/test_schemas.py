@@ -6,10 +6,16 @@ import jsonschema
 import numpy as np
 import pytest
 import yaml
-from helpers import SCHEMAS, make_checkpoint, random_bytes, read_raw_safetensors, schema_validator, schemas
+from helpers import (
+    SCHEMAS,
+    make_checkpoint,
+    random_bytes,
+    read_raw_safetensors,
+    schema_validator,
+    schemas,
+)
 
 from slotsmith.cast import load_cast, new_cast_text, pin_cast, write_new_cast
-from slotsmith.checks import SPLICE_KEY
 from slotsmith.inventory import inventory_from_checkpoint
 from slotsmith.io.header import DTYPE_SIZES
 from slotsmith.layout import KNOWN_MODELS
@@ -17,6 +23,7 @@ from slotsmith.manifest import METADATA_KEY
 from slotsmith.select import ALGORITHMS, select_v2
 from slotsmith.slot import write_slot
 from slotsmith.splice import splice
+from slotsmith.splice_record import SPLICE_KEY
 
 FF = 0.05
 

@@ -7,9 +7,14 @@ import numpy as np
 import pytest
 import xxhash
 from click.testing import CliRunner
-from helpers import make_checkpoint, random_bytes, read_raw_safetensors, rewrite_metadata, write_raw_safetensors
+from helpers import (
+    make_checkpoint,
+    random_bytes,
+    read_raw_safetensors,
+    rewrite_metadata,
+    write_raw_safetensors,
+)
 
-from slotsmith.checks import SPLICE_KEY
 from slotsmith.cli import main
 from slotsmith.digest import digest_json
 from slotsmith.errors import SlotsmithError
@@ -19,6 +24,7 @@ from slotsmith.manifest import METADATA_KEY, manifest_from_json
 from slotsmith.select import select_v2
 from slotsmith.slot import write_slot
 from slotsmith.splice import splice
+from slotsmith.splice_record import SPLICE_KEY
 
 FFN = "blocks.0.ffn.0.weight"  # (128, 64)
 Q = "blocks.1.self_attn.q.weight"  # (64, 64)
@@ -234,7 +240,12 @@ def test_extracted_slot_must_lie_within_its_selection(tmp_path, base):
 def test_selection_on_a_known_layout_needs_no_base(tmp_path):
     """A slot claiming a shipped layout is recomputed on it: no 1.3B base needed."""
     from slotsmith.inventory import load_inventory
-    from slotsmith.manifest import BaseFingerprint, Entry, build_manifest, manifest_metadata
+    from slotsmith.manifest import (
+        BaseFingerprint,
+        Entry,
+        build_manifest,
+        manifest_metadata,
+    )
 
     layout = load_inventory("wan2.1-t2v-1.3b")
     sel = select_v2(layout.numels(), 1e-9, 5)  # the pool's first, smallest tensor

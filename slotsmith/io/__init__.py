@@ -1,1 +1,7 @@
-"""The only code that reads or writes safetensors files."""
+"""Safetensors files without torch: the strict header reader, checkpoint sets, the one writer, input files.
+
+Every read of a safetensors *header* and every write of a safetensors file in
+slotsmith goes through here. The torch side loads tensor *data* with the
+safetensors library itself (the cache's latent files in ``data/cache.py``, a
+base's weights in ``training/wan.py``), after its header was validated here.
+"""

@@ -325,6 +325,25 @@ def _begin(out: str | os.PathLike, force: bool, make: Callable):
 
 
 @contextmanager
+def _publishing(out: Path, tmp: Path, force: bool, seal: Callable[[], None], discard: Callable[[], None]) -> Iterator[None]:
+    """The shared end of ``atomic_file`` and ``atomic_dir``.
+
+    After the body: ``seal`` (sync and close the temp), publish ``tmp`` as
+    ``out`` and sync the folder; whatever happens: ``discard`` (remove what
+    is left of the temp). An ``OSError`` becomes a ``SlotsmithError`` naming ``out``.
+    """
+    try:
+        yield
+        seal()
+        _publish(tmp, out, force)
+        _fsync_dir(out.parent)
+    except OSError as e:
+        raise write_error(out, e) from None
+    finally:
+        discard()
+
+
+@contextmanager
 def atomic_file(out: str | os.PathLike, *, force: bool = False) -> Iterator[int]:
     """Yield the fd of a temp file beside ``out``; publish it on success.
 
@@ -338,20 +357,20 @@ def atomic_file(out: str | os.PathLike, *, force: bool = False) -> Iterator[int]
     """
     out, (fd, name) = _begin(out, force, tempfile.mkstemp)
     tmp = Path(name)
-    try:
-        yield fd
+    open_fds = [fd]
+
+    def seal() -> None:
         os.fsync(fd)
-        os.close(fd)
-        fd = -1
+        os.close(open_fds.pop())
         os.chmod(tmp, 0o644)
-        _publish(tmp, out, force)
-        _fsync_dir(out.parent)
-    except OSError as e:
-        raise write_error(out, e) from None
-    finally:
-        if fd >= 0:
-            os.close(fd)
+
+    def discard() -> None:
+        if open_fds:
+            os.close(open_fds.pop())
         tmp.unlink(missing_ok=True)
+
+    with _publishing(out, tmp, force, seal, discard):
+        yield fd
 
 
 @contextmanager
@@ -367,17 +386,17 @@ def atomic_dir(out: str | os.PathLike, *, force: bool = False) -> Iterator[Path]
     """
     out, name = _begin(out, force, tempfile.mkdtemp)
     tmp = Path(name)
-    try:
-        yield tmp
+
+    def seal() -> None:
         _fsync_dir(tmp)
         os.chmod(tmp, 0o755)
-        _publish(tmp, out, force)
-        _fsync_dir(out.parent)
-    except OSError as e:
-        raise write_error(out, e) from None
-    finally:
+
+    def discard() -> None:
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
+
+    with _publishing(out, tmp, force, seal, discard):
+        yield tmp
 
 
 @contextmanager

@@ -181,7 +181,7 @@ def plan_base(settings: TrainSettings) -> BasePlan:
     if settings.resume and not state_path.is_file():
         raise SlotsmithError(f"{state_path}: no training state to resume from")
     if out.exists() and not (settings.force or settings.resume):
-        raise SlotsmithError(f"{out}: already exists (pass --force to replace it)")
+        raise SlotsmithError(f"{out}: already exists (use --force to overwrite)")
     if not settings.force:
         check_taken(out, inventory, selection, settings.expert)
     if settings.optimizer != "adamw":
