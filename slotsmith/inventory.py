@@ -14,17 +14,16 @@ from functools import cache
 from math import prod
 from pathlib import Path
 
-import yaml
-
 from slotsmith.digest import digest_json
 from slotsmith.errors import SlotsmithError
 from slotsmith.io.checkpoint import Checkpoint, open_checkpoint
-from slotsmith.io.header import DTYPE_SIZES
+from slotsmith.io.files import load_yaml, safe_repr
+from slotsmith.io.header import DTYPE_SIZES, MAX_DIMS, MAX_NUMEL, bounded_numel
 from slotsmith.layout import KNOWN_MODELS, wan_tensor_shapes
 from slotsmith.manifest import METADATA_KEY
 from slotsmith.names import block_of, detect_convention, to_canonical
 
-LAYOUT_CAP = 50_000_000
+LAYOUT_CAP = 8_000_000
 """Largest layout YAML we parse, in bytes."""
 
 
@@ -149,27 +148,20 @@ def inventory_from_layout_file(path: str | os.PathLike) -> Inventory:
             field of the wrong type.
     """
     path = Path(path)
-    try:
-        if path.stat().st_size > LAYOUT_CAP:
-            raise _layout_error(path, f"layout file is over the {LAYOUT_CAP}-byte cap")
-        doc = yaml.safe_load(path.read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise SlotsmithError(f"{path}: no such file") from None
-    except UnicodeDecodeError:
-        raise _layout_error(path, "not valid UTF-8") from None
-    except yaml.YAMLError as e:
-        raise _layout_error(path, f"invalid YAML ({str(e).splitlines()[0]})") from None
+    doc = load_yaml(path, LAYOUT_CAP, "layout file")
     if not isinstance(doc, dict) or not isinstance(doc.get("tensors"), dict) or not doc["tensors"]:
         raise _layout_error(path, "a layout needs a non-empty 'tensors' mapping")
     tensors: dict[str, TensorSpec] = {}
     for name, spec in doc["tensors"].items():
         if not isinstance(name, str) or not isinstance(spec, dict):
-            raise _layout_error(path, f"tensor {name!r}: needs a mapping with shape and dtype")
+            raise _layout_error(path, f"tensor {safe_repr(name)}: needs a mapping with shape and dtype")
         shape, dtype = spec.get("shape"), spec.get("dtype")
         if not isinstance(shape, list) or not all(type(d) is int and d >= 0 for d in shape):
             raise _layout_error(path, f"tensor {name!r}: shape must be a list of non-negative integers")
+        if len(shape) > MAX_DIMS or bounded_numel(shape, MAX_NUMEL) is None:
+            raise _layout_error(path, f"tensor {name!r}: shape has more than {MAX_DIMS} dimensions or {MAX_NUMEL} elements")
         if not isinstance(dtype, str) or dtype not in DTYPE_SIZES:
-            raise _layout_error(path, f"tensor {name!r}: unknown dtype {dtype!r}")
+            raise _layout_error(path, f"tensor {name!r}: unknown dtype {safe_repr(dtype)}")
         tensors[name] = TensorSpec(name, tuple(shape), dtype)
     experts = doc.get("experts") or {}
     if not isinstance(experts, dict) or not all(

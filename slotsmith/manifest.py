@@ -22,7 +22,15 @@ import yaml
 
 from slotsmith.digest import canonical_json, digest_json
 from slotsmith.errors import SlotsmithError
-from slotsmith.io.header import DTYPE_SIZES, SafetensorsHeader, is_int, parse_json_object
+from slotsmith.io.files import parse_json_object, safe_repr
+from slotsmith.io.header import (
+    DTYPE_SIZES,
+    MAX_DIMS,
+    MAX_NUMEL,
+    SafetensorsHeader,
+    bounded_numel,
+    is_int,
+)
 
 FORMAT = "slotsmith-slot/1"
 """Manifest format version written into every slot."""
@@ -220,7 +228,12 @@ def _entry_from_json(obj: object, what: str, i: int) -> Entry:
         what,
         f"{where}: shape must be a list of non-negative integers",
     )
-    _want(isinstance(dtype, str) and dtype in DTYPE_SIZES, what, f"{where}: unknown dtype {dtype!r}")
+    _want(
+        len(shape) <= MAX_DIMS and bounded_numel(shape, MAX_NUMEL) is not None,
+        what,
+        f"{where}: shape has more than {MAX_DIMS} dimensions or {MAX_NUMEL} elements",
+    )
+    _want(isinstance(dtype, str) and dtype in DTYPE_SIZES, what, f"{where}: unknown dtype {safe_repr(dtype)}")
     _want(isinstance(dig, str) and bool(_HEX128.match(dig)), what, f"{where}: digest must be 32 lowercase hex digits")
     if rows is not None:
         _want(
@@ -259,7 +272,7 @@ def manifest_from_json(obj: object, what: str) -> Manifest:
     missing, unknown = _FIELDS - set(obj), set(obj) - _FIELDS
     _want(not missing, what, f"lacks field(s) {sorted(missing)}")
     _want(not unknown, what, f"has unknown field(s) {sorted(unknown)}")
-    _want(obj["format"] == FORMAT, what, f"format {obj['format']!r} is not {FORMAT!r}")
+    _want(obj["format"] == FORMAT, what, f"format {safe_repr(obj['format'])} is not {FORMAT!r}")
     _want(obj["selection"] is None or isinstance(obj["selection"], dict), what, "selection must be an object or null")
     _want(isinstance(obj["provenance"], dict), what, "provenance must be an object")
     _want(obj["expert"] is None or isinstance(obj["expert"], str), what, "expert must be a string or null")

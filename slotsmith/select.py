@@ -127,7 +127,8 @@ def check_ff_ffid(ff: float, ffid: int, num_pools: int = NUM_POOLS) -> None:
         SlotsmithError: Names the option and its range.
     """
     if not 0 <= ffid < num_pools or isinstance(ffid, bool):
-        raise SlotsmithError(f"--ffid {ffid} is out of range: pools are numbered 0..{num_pools - 1}")
+        shown = ffid if abs(ffid) < 10**12 else "(a huge number)"
+        raise SlotsmithError(f"--ffid {shown} is out of range: pools are numbered 0..{num_pools - 1}")
     if not (isinstance(ff, (int, float)) and 0 < ff <= 1):
         raise SlotsmithError(f"--ff {ff} is out of range: it must be in (0, 1]")
 

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from slotsmith.digest import canonical_json
 from slotsmith.errors import SlotsmithError
 from slotsmith.io.checkpoint import Checkpoint
-from slotsmith.io.header import parse_json_object
+from slotsmith.io.files import parse_json_object
 from slotsmith.manifest import Manifest, manifest_from_json
 
 SPLICE_KEY = "slotsmith.splice"

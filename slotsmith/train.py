@@ -14,6 +14,7 @@ from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 
 from slotsmith.errors import SlotsmithError
+from slotsmith.io.files import int_digits, load_yaml, safe_repr
 from slotsmith.select import check_ff_ffid
 
 TIMESTEP_SAMPLINGS = ("uniform", "sigmoid", "shift", "logit_normal")
@@ -21,6 +22,24 @@ LR_SCHEDULERS = ("constant", "linear", "cosine")
 OPTIMIZERS = ("adamw", "adamw8bit", "adafactor")
 MIXED_PRECISIONS = ("no", "bf16", "fp16")
 EXPERTS = ("high", "low")
+CONFIG_CAP = 1_000_000
+"""Largest ``--config`` YAML read, in bytes."""
+
+INT_RANGES = {
+    "seed": (0, 2**64 - 1),  # what torch.manual_seed accepts
+    "steps": (1, 10**9),
+    "batch_size": (1, 4096),
+    "grad_accum": (1, 65536),
+    "warmup_steps": (0, 10**9),
+    "save_every": (0, 10**9),
+    "stop_after": (1, 10**9),
+    "head_dim": (1, 4096),
+}
+"""Integer options and their inclusive ranges: checked before anything uses them."""
+
+MAX_EPOCHS = 1e6
+"""Most ``--epochs``."""
+
 PATH_OPTIONS = ("base", "cache", "data", "vae", "t5", "tokenizer", "out", "log_dir")
 """Options naming files or folders: relative ones in a config file are relative to its folder."""
 
@@ -89,6 +108,13 @@ class TrainSettings:
             # NaN passes every range check below (each comparison is false), so refuse it first.
             if f.type.startswith("float") and value is not None and not math.isfinite(value):
                 raise SlotsmithError(f"--{f.name.replace('_', '-')} {value} must be a finite number")
+        for name, (low, high) in INT_RANGES.items():
+            value = getattr(self, name)
+            if value is not None and not low <= value <= high:
+                shown = value if int_digits(value) <= 30 else f"of about {int_digits(value)} digits"
+                raise SlotsmithError(f"--{name.replace('_', '-')} {shown} is out of range ({low}..{high})")
+        if self.epochs is not None and self.epochs > MAX_EPOCHS:
+            raise SlotsmithError(f"--epochs {self.epochs} is out of range (at most {MAX_EPOCHS:g})")
         if bool(self.cache) == bool(self.data):
             raise SlotsmithError("give exactly one of --cache (a cache folder) and --data (a dataset YAML)")
         if not self.data and (self.vae or self.t5 or self.tokenizer):
@@ -132,18 +158,7 @@ def _choice(option: str, value: str, allowed: tuple[str, ...]) -> None:
 
 
 def _yaml_settings(path: Path) -> dict:
-    # Imported here, not at the top: the CLI imports this module on every start
-    # (for its option defaults) and only --config needs a YAML parser.
-    import yaml
-
-    try:
-        doc = yaml.safe_load(path.read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise SlotsmithError(f"{path}: no such file") from None
-    except OSError as e:  # a folder, no permission...
-        raise SlotsmithError(f"{path}: cannot read the training config ({e.strerror or e})") from None
-    except (UnicodeDecodeError, yaml.YAMLError) as e:
-        raise SlotsmithError(f"{path}: not valid YAML ({str(e).splitlines()[0]})") from None
+    doc = load_yaml(path, CONFIG_CAP, "training config")
     if doc is None:
         return {}
     if not isinstance(doc, dict):
@@ -153,7 +168,7 @@ def _yaml_settings(path: Path) -> dict:
     for key, value in doc.items():
         name = str(key).replace("-", "_")
         if name not in known:
-            raise SlotsmithError(f"{path}: unknown option {key!r}")
+            raise SlotsmithError(f"{path}: unknown option {safe_repr(key)}")
         out[name] = value
     return out
 

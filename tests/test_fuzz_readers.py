@@ -102,6 +102,6 @@ def test_yaml_with_python_tags_is_refused(tmp_path):
     try:
         inventory_from_layout_file(path)
     except SlotsmithError as e:
-        assert "invalid YAML" in str(e)
+        assert "not valid YAML" in str(e)
     else:
         raise AssertionError("a python tag was accepted")

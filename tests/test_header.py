@@ -48,7 +48,7 @@ MALFORMED = {
     "trailing data": (_raw(GOOD, b"\0" * 20), "trailing"),
     "metadata not str": (_raw({"__metadata__": {"k": 1}, **GOOD}, b"\0" * 12), "__metadata__"),
     "extra field": (_raw({"a": {**_entry(), "x": 1}}, b"\0" * 8), "exactly the fields"),
-    "huge shape": (_raw({"a": _entry(shape=(2**62, 2**62))}, b"\0" * 8), "needs"),
+    "huge shape": (_raw({"a": _entry(shape=(2**62, 2**62))}, b"\0" * 8), "elements"),
 }
 
 

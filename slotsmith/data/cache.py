@@ -25,8 +25,10 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save
 
+from slotsmith.data.config import MAX_REPEATS
 from slotsmith.errors import SlotsmithError
-from slotsmith.io.header import is_int, parse_json_object, read_header
+from slotsmith.io.files import parse_json_object, read_input
+from slotsmith.io.header import is_int, read_header
 from slotsmith.io.writer import atomic_file, write_all, write_error
 
 CACHE_FORMAT = "slotsmith-cache/1"
@@ -34,6 +36,8 @@ TEXT_LEN = 512
 """Wan's UMT5 context length: contexts are zero-padded to this many tokens."""
 
 INDEX_NAME = "index.json"
+INDEX_CAP = 100_000_000
+"""Largest cache index read, in bytes."""
 _KEY_CHARS = set("0123456789abcdefABCDEF-_")
 
 
@@ -157,7 +161,7 @@ def load_index(cache_dir) -> dict:
     path = cache_dir / INDEX_NAME
     if not path.is_file():
         raise SlotsmithError(f"{path}: no cache index (run `slotsmith cache` first)")
-    doc = parse_json_object(path.read_bytes(), str(path))
+    doc = parse_json_object(read_input(path, INDEX_CAP, "cache index"), str(path))
     if doc.get("format") != CACHE_FORMAT:
         raise SlotsmithError(f"{path}: format {doc.get('format')!r} is not {CACHE_FORMAT!r}")
     channels, text_dim, items = doc.get("latent_channels"), doc.get("text_dim"), doc.get("items")
@@ -171,16 +175,22 @@ def load_index(cache_dir) -> dict:
         if not isinstance(item, dict):
             raise SlotsmithError(f"{path}: {where} is not an object")
         repeats = item.setdefault("repeats", 1)
-        if not is_int(repeats) or repeats < 1:
-            raise SlotsmithError(f"{path}: {where}: repeats must be a positive integer")
+        if not is_int(repeats) or not 1 <= repeats <= MAX_REPEATS:
+            raise SlotsmithError(f"{path}: {where}: repeats must be an integer in 1..{MAX_REPEATS}")
         _check_tensor(cache_dir, item.get("latents"), "latents", 4, 0, channels, where)
         _check_tensor(cache_dir, item.get("text"), "context", 2, 1, text_dim, where)
     return doc
 
 
 def _load_one(path: Path, name: str) -> torch.Tensor:
+    """One cached tensor, refused when it holds NaN or inf (it would poison every step it is in)."""
     with safe_open(str(path), framework="pt") as f:
-        return f.get_tensor(name)
+        tensor = f.get_tensor(name)
+    if not torch.isfinite(tensor).all():
+        raise SlotsmithError(
+            f"{path}: {name} hold non-finite values (NaN or inf); encode this item again or leave it out"
+        )
+    return tensor
 
 
 class CachedDataset(torch.utils.data.Dataset):

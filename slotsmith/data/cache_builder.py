@@ -11,7 +11,6 @@ ones out), so the trainer never sees a half-made dataset.
 
 from __future__ import annotations
 
-import json
 import os
 import sys
 from collections import defaultdict
@@ -21,7 +20,7 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from slotsmith.data.cache import INDEX_NAME, load_index, write_index, write_latents, write_text
+from slotsmith.data.cache import INDEX_CAP, INDEX_NAME, load_index, write_index, write_latents, write_text
 from slotsmith.data.config import DEFAULT_ALIGN, DataConfig, load_data_config
 from slotsmith.data.encoders import (
     encode_pixels,
@@ -35,6 +34,7 @@ from slotsmith.data.encoders import (
 from slotsmith.data.media import BadItem, Source, discover, read_clips
 from slotsmith.digest import digest_file_range, digest_json
 from slotsmith.errors import SlotsmithError
+from slotsmith.io.files import parse_json_object, read_input
 from slotsmith.io.header import read_header
 
 KEY_VERSION = 1
@@ -132,9 +132,9 @@ def pixel_settings(source: Source, align: int) -> str:
 def _previous_items(cache_dir: Path) -> dict[str, list[dict]]:
     """The last index's items by ``source_key``, read leniently (a bad index just means no reuse)."""
     try:
-        doc = json.loads((cache_dir / INDEX_NAME).read_text(encoding="utf-8"))
+        doc = parse_json_object(read_input(cache_dir / INDEX_NAME, INDEX_CAP, "cache index"), str(cache_dir))
         items = doc["items"]
-    except (OSError, ValueError, KeyError, TypeError):
+    except (SlotsmithError, KeyError):
         return {}
     by_key: dict[str, list[dict]] = defaultdict(list)
     for item in items if isinstance(items, list) else []:

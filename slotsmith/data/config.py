@@ -12,9 +12,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-import yaml
-
 from slotsmith.errors import SlotsmithError
+from slotsmith.io.files import load_yaml, safe_repr
 
 FRAME_EXTRACTIONS = ("head", "uniform", "chunk")
 DEFAULT_ALIGN = 16
@@ -34,6 +33,18 @@ _DATASET_KEYS = {
     "source_fps": None,
 }
 _TOP_KEYS = ("cache_dir", "general", "datasets")
+
+CONFIG_CAP = 1_000_000
+"""Largest dataset YAML read, in bytes."""
+
+MAX_REPEATS = 10_000
+"""Most ``repeats`` of a dataset (each repeat is an entry of the epoch held in memory)."""
+
+MAX_SIDE = 4096
+"""Largest width or height of a ``resolution``, in pixels."""
+
+MAX_AREA = 2048 * 2048
+"""Largest area of a ``resolution``, in pixels (Wan trains at up to 1280x720)."""
 
 
 @dataclass(frozen=True)
@@ -103,9 +114,11 @@ def _err(config_path: Path, where: str, message: str) -> SlotsmithError:
     return SlotsmithError(f"{config_path}: {where}: {message}")
 
 
-def _positive_int(value, config_path: Path, where: str) -> int:
+def _positive_int(value, config_path: Path, where: str, limit: int | None = None) -> int:
     if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-        raise _err(config_path, where, f"must be a positive integer, got {value!r}")
+        raise _err(config_path, where, f"must be a positive integer, got {safe_repr(value)}")
+    if limit is not None and value > limit:
+        raise _err(config_path, where, f"{value} is over the limit of {limit}")
     return value
 
 
@@ -121,10 +134,12 @@ def _resolution(value, config_path: Path, where: str, align: int) -> tuple[int, 
         or len(value) != 2
         or not all(isinstance(v, int) and not isinstance(v, bool) for v in value)
     ):
-        raise _err(config_path, where, f"must be [width, height] in pixels, got {value!r}")
+        raise _err(config_path, where, f"must be [width, height] in pixels, got {safe_repr(value)}")
     w, h = value
     if w < align or h < align or w % align or h % align:
         raise _err(config_path, where, f"{w}x{h}: width and height must be positive multiples of {align}")
+    if w > MAX_SIDE or h > MAX_SIDE or w * h > MAX_AREA:
+        raise _err(config_path, where, f"{w}x{h} is over the limit (sides up to {MAX_SIDE}, area up to {MAX_AREA} pixels)")
     return w, h
 
 
@@ -184,7 +199,7 @@ def _dataset(raw: dict, general: dict, index: int, config_path: Path, align: int
         resolution=_resolution(merged["resolution"], config_path, key("resolution"), align),
         enable_bucket=enable_bucket,
         bucket_no_upscale=no_upscale,
-        repeats=_positive_int(merged["repeats"], config_path, key("repeats")),
+        repeats=_positive_int(merged["repeats"], config_path, key("repeats"), MAX_REPEATS),
         batch_size=_positive_int(merged["batch_size"], config_path, key("batch_size")),
         target_frames=_target_frames(merged["target_frames"], config_path, key("target_frames")),
         frame_extraction=extraction,
@@ -212,12 +227,7 @@ def load_data_config(path, align: int = DEFAULT_ALIGN) -> DataConfig:
             the message names the file and the key.
     """
     config_path = Path(path).resolve()
-    try:
-        raw = yaml.safe_load(config_path.read_text(encoding="utf-8"))
-    except OSError as e:
-        raise SlotsmithError(f"{config_path}: cannot read dataset config: {e.strerror or e}") from None
-    except (yaml.YAMLError, UnicodeDecodeError) as e:
-        raise SlotsmithError(f"{config_path}: not valid YAML: {str(e).splitlines()[0]}") from None
+    raw = load_yaml(config_path, CONFIG_CAP, "dataset config")
     if not isinstance(raw, dict):
         raise SlotsmithError(f"{config_path}: must be a mapping with a 'datasets' list")
     unknown = sorted(set(raw) - set(_TOP_KEYS))

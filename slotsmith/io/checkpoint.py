@@ -13,7 +13,8 @@ from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 
 from slotsmith.errors import SlotsmithError
-from slotsmith.io.header import HEADER_CAP, SafetensorsHeader, TensorInfo, parse_json_object, read_header
+from slotsmith.io.files import is_folder, parse_json_object, read_input
+from slotsmith.io.header import HEADER_CAP, SafetensorsHeader, TensorInfo, read_header
 
 INDEX_CAP = HEADER_CAP
 """Largest index JSON we read, in bytes (as large as a header may be)."""
@@ -77,16 +78,7 @@ def _safe_shard_path(index_path: Path, name: object) -> Path:
 
 
 def _open_index(index_path: Path) -> Checkpoint:
-    try:
-        size = index_path.stat().st_size
-        if size > INDEX_CAP:
-            raise SlotsmithError(f"{index_path}: index is {size} bytes, over the {INDEX_CAP}-byte cap")
-        raw = index_path.read_bytes()
-    except FileNotFoundError:
-        raise SlotsmithError(f"{index_path}: no such file") from None
-    except OSError as e:
-        raise SlotsmithError(f"{index_path}: cannot read ({e.strerror})") from None
-    obj = parse_json_object(raw, str(index_path))
+    obj = parse_json_object(read_input(index_path, INDEX_CAP, "index"), str(index_path))
     weight_map = obj.get("weight_map")
     if not isinstance(weight_map, dict) or not weight_map:
         raise SlotsmithError(f"{index_path}: needs a non-empty 'weight_map' object")
@@ -142,7 +134,7 @@ def open_checkpoint(path: str | os.PathLike) -> Checkpoint:
             describe its shards exactly.
     """
     path = Path(path)
-    if path.is_dir():
+    if is_folder(path):
         path = _resolve_folder(path)
     if path.name.endswith(".json"):
         return _open_index(path)

@@ -10,16 +10,14 @@ offsets it is handed.
 
 from __future__ import annotations
 
-import json
 import os
-import re
-import stat
 import struct
 from dataclasses import dataclass
 from math import prod
 from pathlib import Path
 
 from slotsmith.errors import SlotsmithError
+from slotsmith.io.files import open_input, os_error, parse_json_object
 
 HEADER_CAP = 100_000_000
 """Largest header the official library accepts, in bytes."""
@@ -43,9 +41,13 @@ DTYPE_SIZES = {
     "F64": 8,
 }
 
-_ENTRY_FIELDS = {"dtype", "shape", "data_offsets"}
+MAX_DIMS = 64
+"""Most dimensions a tensor may have (torch allows 64)."""
 
-_SURROGATE_ESCAPE = re.compile(r"\\u[dD][89a-fA-F]")
+MAX_NUMEL = 2**62
+"""Most elements a tensor may have: bounds every size computed from a shape."""
+
+_ENTRY_FIELDS = {"dtype", "shape", "data_offsets"}
 
 
 @dataclass(frozen=True)
@@ -95,47 +97,24 @@ class SafetensorsHeader:
     tensors: dict[str, TensorInfo]
 
 
-def _reject_duplicates(pairs: list[tuple[str, object]]) -> dict:
-    seen: dict = {}
-    for key, value in pairs:
-        if key in seen:
-            raise ValueError(f"duplicate key {key!r}")
-        seen[key] = value
-    return seen
-
-
-def parse_json_object(raw: bytes, what: str) -> dict:
-    """Decode UTF-8 JSON that must be an object, refusing duplicate keys.
+def bounded_numel(shape, limit: int) -> int | None:
+    """The product of ``shape``, or None once it passes ``limit`` (so huge shapes are never multiplied out).
 
     Args:
-        raw: The bytes to decode.
-        what: Names the source in error messages (usually the file path).
+        shape: Non-negative integers.
+        limit: The largest product accepted.
 
     Returns:
-        The decoded object.
-
-    Raises:
-        SlotsmithError: Invalid UTF-8, invalid JSON, duplicate keys, or not an
-            object.
+        The product, or None when it exceeds ``limit``.
     """
-    try:
-        text = raw.decode("utf-8")
-    except UnicodeDecodeError as e:
-        raise SlotsmithError(f"{what}: not valid UTF-8 ({e.reason} at byte {e.start})") from None
-    try:
-        obj = json.loads(text, object_pairs_hook=_reject_duplicates)
-    except (ValueError, RecursionError) as e:
-        raise SlotsmithError(f"{what}: invalid JSON ({e})") from None
-    if _SURROGATE_ESCAPE.search(text):
-        # A lone surrogate escape (\ud800) decodes to a str that cannot be encoded
-        # back to UTF-8, which would crash digests and writers later: refuse it here.
-        try:
-            json.dumps(obj, ensure_ascii=False).encode("utf-8")
-        except UnicodeEncodeError:
-            raise SlotsmithError(f"{what}: invalid JSON (lone UTF-16 surrogate escape)") from None
-    if not isinstance(obj, dict):
-        raise SlotsmithError(f"{what}: JSON must be an object, got {type(obj).__name__}")
-    return obj
+    if 0 in shape:
+        return 0
+    n = 1
+    for d in shape:
+        n *= d
+        if n > limit:
+            return None
+    return n
 
 
 def is_int(value: object) -> bool:
@@ -151,7 +130,8 @@ def _parse_entry(path: Path, name: str, entry: object, data_start: int) -> Tenso
         raise SlotsmithError(f"{where}: header entry must have exactly the fields dtype, shape, data_offsets")
     dtype, shape, offsets = entry["dtype"], entry["shape"], entry["data_offsets"]
     if not isinstance(dtype, str) or dtype not in DTYPE_SIZES:  # a list would not even hash
-        raise SlotsmithError(f"{where}: unknown dtype {dtype!r}")
+        shown = repr(dtype[:40]) if isinstance(dtype, str) else f"of type {type(dtype).__name__}"
+        raise SlotsmithError(f"{where}: unknown dtype {shown}")
     if not isinstance(shape, list) or not all(is_int(d) and d >= 0 for d in shape):
         raise SlotsmithError(f"{where}: shape must be a list of non-negative integers")
     if not (isinstance(offsets, list) and len(offsets) == 2 and all(is_int(o) for o in offsets)):
@@ -159,12 +139,29 @@ def _parse_entry(path: Path, name: str, entry: object, data_start: int) -> Tenso
     begin, end = offsets
     if not 0 <= begin <= end:
         raise SlotsmithError(f"{where}: data_offsets [{begin}, {end}] are not 0 <= begin <= end")
-    expected = prod(shape) * DTYPE_SIZES[dtype]
+    if len(shape) > MAX_DIMS:
+        raise SlotsmithError(f"{where}: shape has {len(shape)} dimensions (at most {MAX_DIMS})")
+    expected = bounded_numel(shape, MAX_NUMEL)
+    if expected is None:
+        raise SlotsmithError(f"{where}: shape {shape} has more than {MAX_NUMEL} elements")
+    expected *= DTYPE_SIZES[dtype]
     if end - begin != expected:
         raise SlotsmithError(
             f"{where}: holds {end - begin} bytes but shape {shape} of {dtype} needs {expected}"
         )
     return TensorInfo(name, dtype, tuple(shape), data_start + begin, data_start + end)
+
+
+def _read_exactly(fd: int, n: int, pos: int) -> bytes:
+    """``n`` bytes at ``pos`` (one ``pread`` may return fewer); fewer only at end of file."""
+    chunks, got = [], 0
+    while got < n:
+        chunk = os.pread(fd, n - got, pos + got)
+        if not chunk:
+            break
+        chunks.append(chunk)
+        got += len(chunk)
+    return b"".join(chunks)
 
 
 def read_header(path: str | os.PathLike) -> SafetensorsHeader:
@@ -183,34 +180,28 @@ def read_header(path: str | os.PathLike) -> SafetensorsHeader:
             way; the message names the file and, where it applies, the tensor.
     """
     path = Path(path)
+    fd = open_input(path, "safetensors file")  # a FIFO or device would block or never end
     try:
-        mode = os.stat(path).st_mode
-        if stat.S_ISDIR(mode):
-            raise SlotsmithError(f"{path}: is a directory, not a safetensors file")
-        if not stat.S_ISREG(mode):
-            # A FIFO or device would block or never end; only regular files are checkpoints.
-            raise SlotsmithError(f"{path}: not a regular file")
-        with open(path, "rb") as f:
-            size = os.fstat(f.fileno()).st_size
-            prefix = f.read(8)
-            if len(prefix) < 8:
-                raise SlotsmithError(f"{path}: too short to be a safetensors file ({size} bytes)")
-            (header_len,) = struct.unpack("<Q", prefix)
-            if header_len > HEADER_CAP:
-                raise SlotsmithError(f"{path}: header length {header_len} exceeds the {HEADER_CAP}-byte cap")
-            if 8 + header_len > size:
-                raise SlotsmithError(
-                    f"{path}: header length {header_len} runs past the end of the file ({size} bytes)"
-                )
-            raw = f.read(header_len)
-    except FileNotFoundError:
-        raise SlotsmithError(f"{path}: no such file") from None
-    except PermissionError:
-        raise SlotsmithError(f"{path}: permission denied") from None
+        size = os.fstat(fd).st_size
+        prefix = os.pread(fd, 8, 0)
+        if len(prefix) < 8:
+            raise SlotsmithError(f"{path}: too short to be a safetensors file ({size} bytes)")
+        (header_len,) = struct.unpack("<Q", prefix)
+        if header_len > HEADER_CAP:
+            raise SlotsmithError(f"{path}: header length {header_len} exceeds the {HEADER_CAP}-byte cap")
+        if 8 + header_len > size:
+            raise SlotsmithError(f"{path}: header length {header_len} runs past the end of the file ({size} bytes)")
+        raw = _read_exactly(fd, header_len, 8)
+    except OSError as e:
+        raise os_error(path, e) from None
+    finally:
+        os.close(fd)
 
     if not raw.startswith(b"{"):
         raise SlotsmithError(f"{path}: header does not start with '{{' (not a safetensors file?)")
-    obj = parse_json_object(raw, str(path))
+    # The entries are checked field by field below without recursing, so the
+    # nesting walk is left out: it would cost seconds on a 100 MB header.
+    obj = parse_json_object(raw, str(path), max_depth=None)
     data_start = 8 + header_len
 
     metadata = obj.pop("__metadata__", {})

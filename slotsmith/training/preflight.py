@@ -23,7 +23,7 @@ from slotsmith.io.writer import refuse_input_as_output
 from slotsmith.layout import KNOWN_MODELS, WanConfig
 from slotsmith.select import Selection, select_v2
 from slotsmith.slot import SLOT_SUFFIX, SNAPSHOT_SUFFIX, read_slot
-from slotsmith.train import TrainSettings
+from slotsmith.train import INT_RANGES, TrainSettings
 from slotsmith.training.optim import make_optimizer
 from slotsmith.training.wan import inspect_base
 
@@ -219,6 +219,9 @@ def plan_run(settings: TrainSettings, num_processes: int = 1, base: BasePlan | N
     entries = sum(i["repeats"] for i in index["items"])
     global_batch = settings.batch_size * num_processes * settings.grad_accum
     total = settings.steps if settings.steps is not None else math.ceil(settings.epochs * entries / global_batch)
+    high = INT_RANGES["steps"][1]
+    if total > high:
+        raise SlotsmithError(f"--epochs {settings.epochs:g} makes {total} steps, over the limit of {high}")
     return RunPlan(**vars(base), cache_index=index, dataset_digest=dataset_digest(index), total_steps=total)
 
 

@@ -10,7 +10,6 @@ diffusers checkpoints all load the same way. Nothing is ever downloaded.
 
 from __future__ import annotations
 
-import json
 import os
 from collections.abc import Iterable
 from dataclasses import dataclass
@@ -21,8 +20,13 @@ from safetensors import safe_open
 
 from slotsmith.errors import SlotsmithError
 from slotsmith.inventory import Inventory, inventory_from_checkpoint
+from slotsmith.io.files import load_json, parse_json, safe_repr
+from slotsmith.io.header import is_int
 from slotsmith.layout import HEAD_DIM, WanConfig, config_from_shapes
 from slotsmith.names import diffusers_to_native, native_to_diffusers
+
+CONFIG_CAP = 1_000_000
+"""Largest config.json read, in bytes."""
 
 TORCH_DTYPES = {
     "F64": torch.float64,
@@ -69,14 +73,27 @@ def diffusers_config(cfg: WanConfig, head_dim: int = HEAD_DIM) -> dict:
     }
 
 
-def _head_dim_from(doc: dict) -> int | None:
-    """Head size from a diffusers or native Wan config object, if it tells."""
-    if isinstance(doc.get("attention_head_dim"), int):
-        return doc["attention_head_dim"]
-    dim, heads = doc.get("dim"), doc.get("num_heads", doc.get("num_attention_heads"))
-    if isinstance(dim, int) and isinstance(heads, int) and heads > 0:
-        return dim // heads
-    return None
+MAX_HEAD_DIM = 4096
+"""Largest attention head size taken from a config."""
+
+
+def _head_dim_from(doc: dict, what: str) -> int | None:
+    """Head size from a diffusers or native Wan config object, if it tells.
+
+    Raises:
+        SlotsmithError: The config gives a head size that is not an integer in 1..MAX_HEAD_DIM.
+    """
+    found = doc.get("attention_head_dim")
+    if found is None:
+        dim, heads = doc.get("dim"), doc.get("num_heads", doc.get("num_attention_heads"))
+        if not (is_int(dim) and is_int(heads) and heads > 0):
+            return None
+        found = dim // heads
+    if not (is_int(found) and 1 <= found <= MAX_HEAD_DIM):
+        raise SlotsmithError(
+            f"{what}: attention head size {safe_repr(found)} is not an integer in 1..{MAX_HEAD_DIM} (give --head-dim)"
+        )
+    return found
 
 
 def find_head_dim(inventory: Inventory) -> int:
@@ -97,19 +114,17 @@ def find_head_dim(inventory: Inventory) -> int:
     src = Path(inventory.source)
     folder = src if src.is_dir() else src.parent
     config_json = folder / "config.json"
-    if config_json.is_file():
-        try:
-            doc = json.loads(config_json.read_text(encoding="utf-8"))
-        except (UnicodeDecodeError, json.JSONDecodeError) as e:
-            raise SlotsmithError(f"{config_json}: not valid JSON ({e})") from None
-        if isinstance(doc, dict) and (found := _head_dim_from(doc)):
+    if os.path.lexists(config_json):  # a broken or looping link is refused, not skipped
+        doc = load_json(config_json, CONFIG_CAP, "config.json")
+        if isinstance(doc, dict) and (found := _head_dim_from(doc, str(config_json))):
             return found
     meta = inventory.checkpoint.metadata if inventory.checkpoint else {}
+    what = f"{inventory.source}: metadata 'config'"
     try:
-        doc = json.loads(meta.get("config", "{}"))
-    except json.JSONDecodeError:
-        doc = {}
-    return (_head_dim_from(doc) if isinstance(doc, dict) else None) or HEAD_DIM
+        doc = parse_json(meta.get("config", "{}").encode("utf-8"), what)
+    except SlotsmithError:
+        doc = {}  # free-form metadata of another tool: only a clear head size in it counts
+    return (_head_dim_from(doc, what) if isinstance(doc, dict) else None) or HEAD_DIM
 
 
 @dataclass

@@ -87,7 +87,7 @@ def test_config_must_have_datasets_and_be_yaml(tmp_path):
     path.write_text("datasets: [\n")
     with pytest.raises(SlotsmithError, match="not valid YAML"):
         load_data_config(path)
-    with pytest.raises(SlotsmithError, match="cannot read"):
+    with pytest.raises(SlotsmithError, match="no such file"):
         load_data_config(tmp_path / "absent.yaml")
 
 

@@ -391,7 +391,7 @@ def test_option_errors_name_the_option(world, tmp_path, extra, message):
 def test_config_that_cannot_be_read_is_a_clear_error(tmp_path):
     r = CliRunner().invoke(main, ["train", "--config", str(tmp_path)])
     assert r.exit_code == 1
-    assert r.output == f"error: {tmp_path}: cannot read the training config (Is a directory)\n"
+    assert r.output == f"error: {tmp_path}: is a directory, not a training config\n"
 
 
 def test_full_disk_when_saving_is_a_clear_error(world, tmp_path, monkeypatch):
