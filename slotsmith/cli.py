@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import functools
 import json
+import signal
 import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -34,20 +35,42 @@ from slotsmith.train import (
 )
 
 
+class Terminated(KeyboardInterrupt):
+    """SIGTERM (a job scheduler, ``docker stop``), raised where the process is so that
+    every cleanup runs as for Ctrl-C: no temp file outlives the process."""
+
+
+def _raise_terminated(signum, frame) -> None:
+    raise Terminated
+
+
 def user_errors(fn):
-    """Run a command body, turning user errors into ``error:`` lines on stderr and exit 1."""
+    """Run a command body, turning user errors into ``error:`` lines on stderr and exit 1.
+
+    Ctrl-C exits 130 and SIGTERM 143 (128 + the signal), both after the same cleanup.
+    """
 
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
+        try:
+            previous = signal.signal(signal.SIGTERM, _raise_terminated)
+        except ValueError:  # not the main thread (an embedding program): leave signals alone
+            previous = None
         try:
             return fn(*args, **kwargs)
         except SlotsmithError as e:
             for line in str(e).splitlines() or [""]:
                 click.echo(f"error: {line}", err=True)
             sys.exit(1)
+        except Terminated:
+            click.echo("terminated", err=True)
+            sys.exit(128 + signal.SIGTERM)
         except KeyboardInterrupt:
             click.echo("interrupted", err=True)
             sys.exit(130)
+        finally:
+            if previous is not None:
+                signal.signal(signal.SIGTERM, previous)
 
     return wrapper
 
@@ -439,7 +462,7 @@ def train(ctx: click.Context, config: str | None, cast_file: str | None, charact
     if result.is_main:
         click.echo(summary(result), err=True)
     if result.interrupted:
-        sys.exit(130)
+        sys.exit(128 + result.interrupted)
 
 
 @main.command()

@@ -37,7 +37,7 @@ from slotsmith.training.flow import flow_loss, sample_t
 from slotsmith.training.optim import lr_factor, make_optimizer, optimizer_state_bytes
 from slotsmith.training.preflight import RunPlan, plan_base, plan_run, snapshot_path_for
 from slotsmith.training.slot_params import SlotParams, attach_slot
-from slotsmith.training.state import load_state, save_state, set_rng_state, state_identity
+from slotsmith.training.state import load_state, restore_state, save_state, state_identity
 from slotsmith.training.stream import DataStream, sample_generator
 from slotsmith.training.wan import TORCH_DTYPES, load_inspected
 
@@ -57,31 +57,33 @@ class TrainResult:
     seconds: float
     trained_params: int
     optimizer_bytes: int
-    interrupted: bool = False
+    interrupted: int = 0
     is_main: bool = True
     expert_note: str | None = None
     skipped: tuple[str, ...] = ()
 
 
 @contextmanager
-def _graceful_interrupt() -> Iterator[list[bool]]:
-    """First Ctrl-C asks the loop to stop at the next step boundary; the second aborts."""
-    flag = [False]
+def _graceful_interrupt() -> Iterator[list[int]]:
+    """First Ctrl-C or SIGTERM asks the loop to stop at the next step boundary (the flag holds
+    the signal number); the second aborts."""
+    flag = [0]
 
     def handler(signum, frame):
         if flag[0]:
             raise KeyboardInterrupt
-        flag[0] = True
+        flag[0] = signum
 
     try:
-        previous = signal.signal(signal.SIGINT, handler)
+        previous = {s: signal.signal(s, handler) for s in (signal.SIGINT, signal.SIGTERM)}
     except ValueError:  # not the main thread: keep the default behaviour
         yield flag
         return
     try:
         yield flag
     finally:
-        signal.signal(signal.SIGINT, previous)
+        for s, h in previous.items():
+            signal.signal(s, h)
 
 
 def _slot_bytes(slot: SlotParams, dtypes: dict[str, str]) -> dict[str, memoryview]:
@@ -231,19 +233,16 @@ def _restore(run: _Run, model: torch.nn.Module, slot: SlotParams, compute_dtype:
     scaler = torch.amp.GradScaler(run.accelerator.device.type) if settings.mixed_precision == "fp16" else None
     loop = _Loop(model, slot, compute_dtype, optimizer, scaler, 0, [])
     if state is not None:
-        with torch.no_grad():
-            for n in slot.names:
-                slot[n].copy_(state["masters"][n])
-        optimizer.load_state_dict(state["optimizer"])
-        if scaler is not None and state["scaler"]:
-            scaler.load_state_dict(state["scaler"])
-        set_rng_state(state["rng"])
-        loop.step, loop.losses = state["step"], list(state["losses"])
+        loop.step, loop.losses = restore_state(run.plan.state_path, state, slot, optimizer, scaler)
     return loop
 
 
-def _step_loop(run: _Run, loop: _Loop) -> bool:
-    """Train until the run's last step (or ``--stop-after``, or a Ctrl-C); returns whether it was interrupted."""
+def _step_loop(run: _Run, loop: _Loop) -> int:
+    """Train until the run's last step (or ``--stop-after``, or a Ctrl-C or SIGTERM).
+
+    Returns:
+        The signal that interrupted it, or 0.
+    """
     settings, plan, accelerator = run.settings, run.plan, run.accelerator
     device, world, rank = accelerator.device, accelerator.num_processes, accelerator.process_index
     model, slot, optimizer, scaler = loop.model, loop.slot, loop.optimizer, loop.scaler
@@ -263,7 +262,7 @@ def _step_loop(run: _Run, loop: _Loop) -> bool:
     log = _Logger(settings.log_dir, accelerator.is_main_process)
     autocast = (lambda: torch.autocast(device.type, dtype=amp_dtype)) if amp_dtype else nullcontext
     input_dtype = loop.compute_dtype if amp_dtype is None else torch.float32
-    interrupted = False
+    interrupted = 0
     with _graceful_interrupt() as stop_flag:
         while loop.step < end_step:
             step = loop.step
@@ -282,6 +281,14 @@ def _step_loop(run: _Run, loop: _Loop) -> bool:
                     if p.grad is not None:
                         p.grad = accelerator.reduce(p.grad, reduction="mean")
                 step_loss = accelerator.reduce(step_loss.to(device), reduction="mean").cpu()
+            if not torch.isfinite(step_loss):
+                # Checked before the optimizer applies this step: the masters are still the last good ones.
+                if accelerator.is_main_process:
+                    save_state(plan.state_path, run.identity, step, slot, optimizer, scaler, loop.losses)
+                raise SlotsmithError(
+                    f"step {step + 1}: the loss is {float(step_loss)}, not a finite number; stopped before applying "
+                    f"it, the state after step {step} is kept in {plan.state_path} (lower --lr, or check the data)"
+                )
             if scaler is not None:
                 scaler.unscale_(optimizer)
             if settings.max_grad_norm > 0:
@@ -306,14 +313,14 @@ def _step_loop(run: _Run, loop: _Loop) -> bool:
             if world > 1:
                 stop = accelerator.reduce(stop, reduction="sum")
             if stop.item() > 0:
-                interrupted = True
+                interrupted = stop_flag[0] or int(signal.SIGINT)  # another process may have had the signal
                 break
     bar.close()
     log.close()
     return interrupted
 
 
-def _finish(run: _Run, loop: _Loop, start_step: int, seconds: float, interrupted: bool) -> TrainResult:
+def _finish(run: _Run, loop: _Loop, start_step: int, seconds: float, interrupted: int) -> TrainResult:
     """Save the state and, when the run reached its last step, write the slot."""
     plan, accelerator, losses, step = run.plan, run.accelerator, loop.losses, loop.step
     finished = step >= plan.total_steps

@@ -15,8 +15,10 @@ from pathlib import Path
 import torch
 
 from slotsmith.errors import SlotsmithError
+from slotsmith.io.files import open_input, parse_json_object, safe_repr
+from slotsmith.io.header import is_int
 from slotsmith.io.writer import atomic_file
-from slotsmith.train import TrainSettings
+from slotsmith.train import INT_RANGES, TrainSettings
 from slotsmith.training.preflight import RunPlan
 from slotsmith.training.slot_params import SlotParams
 
@@ -97,19 +99,117 @@ def save_state(path: Path, identity: dict, step: int, slot: SlotParams, optimize
         torch.save(state, f)
 
 
+START_OVER = "delete it, or run without --resume to start over"
+"""What to do about a state that cannot be resumed."""
+
+
+def _damaged(path: Path, problem: str) -> SlotsmithError:
+    return SlotsmithError(f"{path}: damaged training state ({problem}); {START_OVER}")
+
+
+def _check_rng(path: Path, rng: object) -> None:
+    """Refuse RNG states that the generators would not take (tried on throwaway generators)."""
+    if not isinstance(rng, dict) or not isinstance(rng.get("torch"), torch.Tensor) or not isinstance(
+        rng.get("python"), list
+    ):
+        raise _damaged(path, "rng must hold the torch and python generator states")
+    try:
+        torch.Generator().set_state(rng["torch"])
+        random.Random().setstate((3, tuple(rng["python"]), None))
+    except (RuntimeError, TypeError, ValueError, OverflowError):
+        raise _damaged(path, "rng holds a generator state the generators refuse") from None
+
+
+def _check_state(path: Path, state: object) -> dict:
+    """Refuse a state whose parts are missing, of the wrong type or non-finite.
+
+    Shapes are checked against the slot when it is restored (``restore_state``).
+    """
+    if not isinstance(state, dict) or state.get("format") != STATE_FORMAT:
+        raise SlotsmithError(f"{path}: not a {STATE_FORMAT} file; {START_OVER}")
+    missing = sorted({"identity", "step", "masters", "optimizer", "scaler", "rng", "losses"} - set(state))
+    if missing:
+        raise _damaged(path, f"{', '.join(missing)} missing")
+    if not isinstance(state["identity"], str):
+        raise _damaged(path, "identity is not a JSON string")
+    try:
+        saved = parse_json_object(state["identity"].encode("utf-8"), "identity")
+    except (SlotsmithError, UnicodeEncodeError) as e:
+        raise _damaged(path, f"identity: {str(e).removeprefix('identity: ')}") from None
+    step = state["step"]
+    if not is_int(step) or not 0 <= step <= INT_RANGES["steps"][1]:
+        raise _damaged(path, f"step {safe_repr(step)} is not a step count")
+    tensors = saved.get("tensors")
+    if not (isinstance(tensors, list) and all(isinstance(n, str) for n in tensors)):
+        raise _damaged(path, "identity lacks the list of the slot's tensors")
+    masters = state["masters"]
+    if not isinstance(masters, dict) or set(masters) != set(tensors):
+        raise _damaged(path, "masters do not hold exactly the slot's tensors")
+    for name, t in masters.items():
+        if not isinstance(t, torch.Tensor) or not t.is_floating_point():
+            raise _damaged(path, f"master {name!r} is not a floating-point tensor")
+        if not torch.isfinite(t).all():
+            raise _damaged(path, f"master {name!r} holds NaN or inf")
+    losses = state["losses"]
+    if not (isinstance(losses, list) and len(losses) == step and all(isinstance(x, float) for x in losses)):
+        raise _damaged(path, f"losses must be {step} number(s), one per step")
+    optimizer = state["optimizer"]
+    if not (isinstance(optimizer, dict) and isinstance(optimizer.get("state"), dict)
+            and isinstance(optimizer.get("param_groups"), list)):
+        raise _damaged(path, "optimizer state must hold state and param_groups")
+    if not isinstance(state["scaler"], dict):
+        raise _damaged(path, "scaler state must be a mapping")
+    _check_rng(path, state["rng"])
+    return saved
+
+
+def restore_state(path: Path, state: dict, slot: SlotParams, optimizer, scaler) -> tuple[int, list[float]]:
+    """Put a loaded state back into the slot, the optimizer, the scaler and the RNGs.
+
+    Returns:
+        ``(step, losses)`` of the saved run.
+
+    Raises:
+        SlotsmithError: A master or optimizer tensor of the wrong shape, or an
+            optimizer state that does not fit (the state is damaged).
+    """
+    for n in slot.names:
+        if state["masters"][n].shape != slot[n].shape:
+            raise _damaged(path, f"master {n!r} is {list(state['masters'][n].shape)}, the slot's is {list(slot[n].shape)}")
+    params = slot.parameters_in_order()
+    for key, per_param in state["optimizer"]["state"].items():
+        if not (is_int(key) and 0 <= key < len(params) and isinstance(per_param, dict)):
+            raise _damaged(path, "optimizer state names a parameter the slot lacks")
+        for field, value in per_param.items():
+            if isinstance(value, torch.Tensor) and value.dim() > 0 and value.shape != params[key].shape:
+                raise _damaged(path, f"optimizer {field} of parameter {key} has the wrong shape")
+    with torch.no_grad():
+        for n in slot.names:
+            slot[n].copy_(state["masters"][n])
+    try:
+        optimizer.load_state_dict(state["optimizer"])
+        if scaler is not None and state["scaler"]:
+            scaler.load_state_dict(state["scaler"])
+    except (KeyError, TypeError, ValueError, RuntimeError) as e:
+        raise _damaged(path, f"optimizer or scaler state does not fit ({type(e).__name__})") from None
+    set_rng_state(state["rng"])
+    return state["step"], list(state["losses"])
+
+
 def load_state(path: Path, identity: dict) -> dict:
     """Read a resumable state and check it belongs to this run.
 
     Raises:
-        SlotsmithError: Unreadable, or made by a different run.
+        SlotsmithError: Unreadable, damaged (saying what is wrong and how to
+            start over), or made by a different run.
     """
+    fd = open_input(path, "training state")
     try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
+        with os.fdopen(fd, "rb") as f:
+            state = torch.load(f, map_location="cpu", weights_only=True)
     except Exception as e:  # torch raises many types for a bad file
-        raise SlotsmithError(f"{path}: not a readable training state ({type(e).__name__})") from None
-    if not isinstance(state, dict) or state.get("format") != STATE_FORMAT:
-        raise SlotsmithError(f"{path}: not a {STATE_FORMAT} file")
-    saved = json.loads(state["identity"])
+        raise SlotsmithError(f"{path}: not a readable training state ({type(e).__name__}); {START_OVER}") from None
+    saved = _check_state(path, state)
     for key, value in identity.items():
         if saved.get(key) != value:
             raise SlotsmithError(
