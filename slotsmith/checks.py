@@ -200,7 +200,7 @@ def out_of_date_problems(
     return problems, found
 
 
-def spliced_problems(spliced: Inventory, record: SpliceRecord) -> list[str]:
+def spliced_problems(spliced: Inventory, record: SpliceRecord, files: InputFiles | None = None) -> list[str]:
     """Check a spliced checkpoint against its own splice record.
 
     The layout must still be the base's, and the bytes of every region each
@@ -209,6 +209,7 @@ def spliced_problems(spliced: Inventory, record: SpliceRecord) -> list[str]:
     Args:
         spliced: Inventory of the spliced checkpoint.
         record: Its parsed splice record.
+        files: Where to open its files; None: opened and closed here.
 
     Returns:
         Problem lines.
@@ -216,7 +217,8 @@ def spliced_problems(spliced: Inventory, record: SpliceRecord) -> list[str]:
     if spliced.layout_digest() != record.base_layout_digest:
         return [f"{spliced.source}: layout differs from the base {record.base_source!r} it was spliced from"]
     problems = []
-    with InputFiles() as files:
+    with InputFiles() as own:
+        files = files or own
         for slot_file, m in record.slots:
             for e in m.entries:
                 spec = spliced.tensors.get(e.name)

@@ -23,7 +23,7 @@ import click
 from click.core import ParameterSource
 
 from slotsmith import __version__
-from slotsmith.errors import SlotsmithError
+from slotsmith.errors import SlotsmithError, printable
 from slotsmith.train import (
     EXPERTS,
     LR_SCHEDULERS,
@@ -60,7 +60,7 @@ def user_errors(fn):
             return fn(*args, **kwargs)
         except SlotsmithError as e:
             for line in str(e).splitlines() or [""]:
-                click.echo(f"error: {line}", err=True)
+                click.echo(f"error: {printable(line)}", err=True)
             sys.exit(1)
         except Terminated:
             click.echo("terminated", err=True)
@@ -250,13 +250,17 @@ def extract(
 @click.argument("file", type=click.Path(path_type=str))
 @click.option("--json", "as_json", is_flag=True, help="Print JSON.")
 @click.option("--yaml", "as_yaml", is_flag=True, help="Print YAML (e.g. a slot manifest to commit to git).")
+@click.option("--strict", is_flag=True, help="Exit 1 when what is shown does not check out (see the warnings).")
 @user_errors
-def inspect(file: str, as_json: bool, as_yaml: bool) -> None:
+def inspect(file: str, as_json: bool, as_yaml: bool, strict: bool) -> None:
     """Show a slot's manifest, a spliced checkpoint's record, or a checkpoint summary.
 
     FILE is a .slot, a .safetensors file, a sharded *.index.json, or a folder.
+    What does not check out (a slot's tensor bytes against its manifest, its
+    shapes against the model it names, a splice record's slots and their
+    bytes) is said in warning lines on stderr; `slotsmith verify` runs every check.
     """
-    from slotsmith.inspection import describe, render, to_yaml
+    from slotsmith.inspection import describe, render, to_yaml, warning_lines
 
     if as_json and as_yaml:
         raise click.UsageError("give --json or --yaml, not both")
@@ -267,6 +271,10 @@ def inspect(file: str, as_json: bool, as_yaml: bool) -> None:
         click.echo(to_yaml(doc), nl=False)
     else:
         click.echo(render(doc))
+    for line in warning_lines(doc):
+        click.echo(line, err=True)
+    if strict and doc["warnings"]:
+        sys.exit(1)
 
 
 @main.command()

@@ -32,3 +32,15 @@ def first_and_more(items: Sequence[str], shown: int = 1, sep: str = ", ") -> str
     """
     rest = len(items) - shown
     return sep.join(items[:shown]) + (f" (and {rest} more)" if rest > 0 else "")
+
+
+def printable(text: str) -> str:
+    """``text`` with every non-printable character shown as its escape (``\\n``, ``\\x1b``...).
+
+    Everything printed that comes from a file (tensor names, manifest
+    strings, paths) goes through this, so a name cannot forge an output line
+    or send escape sequences to the terminal.
+    """
+    if text.isprintable():
+        return text
+    return "".join(c if c.isprintable() else repr(c)[1:-1] for c in text)

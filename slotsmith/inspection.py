@@ -11,25 +11,60 @@ from collections import Counter
 
 import yaml
 
+from slotsmith.checks import record_problems, spliced_problems
 from slotsmith.digest import canonical_json
-from slotsmith.inventory import inventory_of
+from slotsmith.errors import printable
+from slotsmith.inventory import inventory_of, load_inventory
 from slotsmith.io.checkpoint import open_checkpoint
+from slotsmith.layout import KNOWN_MODELS
 from slotsmith.manifest import (
     METADATA_KEY,
     Manifest,
-    manifest_from_header,
     manifest_from_json,
 )
-from slotsmith.splice_record import SPLICE_KEY, parse_splice_record, read_splice_record
+from slotsmith.slot import Slot, slot_from_header
+from slotsmith.splice_record import (
+    SPLICE_KEY,
+    SpliceRecord,
+    parse_splice_record,
+    read_splice_record,
+)
+
+
+def _slot_warnings(slot: Slot) -> list[str]:
+    """What does not check out in a slot: tensor bytes against the manifest, and
+    the recorded shapes against the known model the manifest names."""
+    problems = slot.hash_problems()
+    m = slot.manifest
+    if m.base.layout in KNOWN_MODELS:
+        model = load_inventory(m.base.layout)
+        for e in m.entries:
+            spec = model.tensors.get(e.name)
+            if spec is None or spec.shape != e.shape:
+                found = "lacks it" if spec is None else f"has {list(spec.shape)}"
+                problems.append(
+                    f"{slot.path}: tensor {e.name!r} is recorded as {list(e.shape)} but {m.base.layout} {found}"
+                )
+    return problems
+
+
+def _record_warnings(label: str, inv, record: SpliceRecord, differ: list[str]) -> list[str]:
+    """What does not check out in a spliced checkpoint: its record's own consistency
+    (duplicate or overlapping slots, slots of another layout) and every slot region's bytes."""
+    return differ + record_problems(label, record) + spliced_problems(inv, record)
 
 
 def describe(path: str | os.PathLike) -> dict:
-    """A JSON-able description of FILE.
+    """A JSON-able description of FILE, with what does not check out in it.
+
+    Only the slot-sized regions are hashed (a slot's tensors, a spliced
+    checkpoint's slot regions); ``verify`` runs every check.
 
     Returns:
-        ``{"kind": "slot", "file", "manifest"}`` for a slot;
-        ``{"kind": "checkpoint", "file", "summary", "splice": record|None}``
-        for a checkpoint (the record of a spliced one included).
+        ``{"kind": "slot", "file", "manifest", "warnings"}`` for a slot;
+        ``{"kind": "checkpoint", "file", "summary", "splice": record|None,
+        "warnings"}`` for a checkpoint (the record of a spliced one included).
+        ``warnings`` lists one line per problem found.
 
     Raises:
         SlotsmithError: Unreadable or malformed file, or an invalid manifest
@@ -37,10 +72,17 @@ def describe(path: str | os.PathLike) -> dict:
     """
     ckpt = open_checkpoint(path)
     if not ckpt.sharded and METADATA_KEY in ckpt.metadata:
-        return {"kind": "slot", "file": str(path), "manifest": manifest_from_header(ckpt.files[0]).to_json()}
+        slot = slot_from_header(ckpt.files[0])
+        return {
+            "kind": "slot",
+            "file": str(path),
+            "manifest": slot.manifest.to_json(),
+            "warnings": _slot_warnings(slot),
+        }
     inv = inventory_of(ckpt)
-    found, _ = read_splice_record(ckpt)
+    found, differ = read_splice_record(ckpt)
     record = found.to_json() if found else None
+    warnings = _record_warnings(str(path), inv, found, differ) if found else []
     summary = {
         "files": [h.path.name for h in ckpt.files],
         "convention": inv.convention,
@@ -53,7 +95,7 @@ def describe(path: str | os.PathLike) -> dict:
         "blocks": inv.num_blocks(),
         "metadata_keys": sorted(k for k in ckpt.metadata if k != SPLICE_KEY),
     }
-    return {"kind": "checkpoint", "file": str(path), "summary": summary, "splice": record}
+    return {"kind": "checkpoint", "file": str(path), "summary": summary, "splice": record, "warnings": warnings}
 
 
 def to_yaml(doc: dict) -> str:
@@ -100,7 +142,7 @@ def render(doc: dict) -> str:
     if doc["kind"] == "slot":
         m = manifest_from_json(doc["manifest"], doc["file"])
         prov = _tree_lines(m.provenance, "  ") if m.provenance else ["  -"]
-        return "\n".join([f"slot {doc['file']} ({m.format})", *_manifest_lines(m), "provenance", *prov])
+        return _printable_lines([f"slot {doc['file']} ({m.format})", *_manifest_lines(m), "provenance", *prov])
     s = doc["summary"]
     dtypes = ", ".join(f"{k} x{v}" for k, v in s["dtypes"].items())
     lines = [
@@ -118,4 +160,17 @@ def render(doc: dict) -> str:
         for name, m in rec.slots:
             lines.append(f"  slot {name}")
             lines.extend(_manifest_lines(m, "    "))
-    return "\n".join(lines)
+    return _printable_lines(lines)
+
+
+def _printable_lines(lines: list[str]) -> str:
+    # Every string here comes from the file: a newline in one must not forge a line.
+    return "\n".join(printable(line) for line in lines)
+
+
+def warning_lines(doc: dict) -> list[str]:
+    """``warning:`` lines for what does not check out, and where to look further (empty if nothing)."""
+    if not doc["warnings"]:
+        return []
+    lines = [f"warning: {printable(w)}" for w in doc["warnings"]]
+    return lines + [f"warning: what is shown does not check out; run `slotsmith verify {printable(doc['file'])}`"]

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from slotsmith.errors import SlotsmithError
+from slotsmith.errors import SlotsmithError, printable
 from slotsmith.inventory import Inventory
 from slotsmith.layout import config_from_shapes
 from slotsmith.names import block_of
@@ -168,4 +168,5 @@ def render_plan(inventory: Inventory, selections: list[Selection]) -> str:
                 f"{'-' if a is b else len(set(a.tensors) & set(b.tensors)):>6}" for b in selections
             )
             lines.append(f"  {a.ffid:>4} {row}")
-    return "\n".join(lines).rstrip() + "\n"
+    # Tensor names come from the checkpoint: escape what would forge lines or reach the terminal.
+    return "\n".join(printable(line) for line in lines).rstrip() + "\n"

@@ -186,15 +186,19 @@ class Slot:
             raise SlotsmithError(f"{self.path}: tensor {name!r} is truncated")
         return data
 
-    def hash_problems(self) -> list[str]:
+    def hash_problems(self, files: InputFiles | None = None) -> list[str]:
         """Check every tensor's bytes against its manifest digest.
+
+        Args:
+            files: Where to open the slot file (so a caller can later check
+                that the file did not change); None: opened and closed here.
 
         Returns:
             One line per tensor whose bytes do not match (empty if all match).
         """
         problems = []
-        with InputFiles() as files:
-            fd = files.fd(self.path)
+        with InputFiles() as own:
+            fd = (files or own).fd(self.path)
             for e in self.manifest.entries:
                 info = self.info(e.name)
                 actual = digest_file_range(fd, info.start, info.end)

@@ -23,7 +23,9 @@ from slotsmith.checks import (
     fingerprint_problems,
     overlap_problems,
     raise_problems,
+    record_problems,
     shape_problems,
+    spliced_problems,
 )
 from slotsmith.digest import update_from_file
 from slotsmith.errors import SlotsmithError, first_and_more
@@ -88,6 +90,8 @@ class SplicePlan:
         index_name: The index's file name (sharded bases only).
         record: The splice record written into the output.
         force: Replace an existing output.
+        inputs: The open input files the output is copied from.
+        stamps: ``inputs.stamps()`` taken before any check read them.
     """
 
     base: Inventory
@@ -98,6 +102,8 @@ class SplicePlan:
     index_name: str | None
     record: SpliceRecord
     force: bool
+    inputs: InputFiles
+    stamps: dict[Path, tuple[int, ...]]
 
     @property
     def nbytes(self) -> int:
@@ -171,15 +177,23 @@ def plan_splice(
     refuse_existing(out, force)
     slots = tuple(read_slot(p) for p in slot_paths)
     refuse_input_as_output(out, [*base.checkpoint.paths, *(s.path for s in slots)])
+    # Every input is opened (and stamped) before its bytes are checked: execute_splice
+    # compares the stamps at the end, so the bytes written are the bytes checked.
+    for path in [*(h.path for h in ckpt.files), *(s.path for s in slots)]:
+        files.fd(path)
+    stamps = files.stamps()
 
-    previous, _ = read_splice_record(ckpt)
+    previous, differ = read_splice_record(ckpt)
+    if previous is not None:
+        # An already spliced base must pass verify's own checks before more is spliced in.
+        raise_problems(differ + record_problems(str(base.source), previous) + spliced_problems(base, previous, files))
     labelled = [(str(s.path), s.manifest) for s in slots]
     earlier = [(f"{base.source} (spliced slot {f})", m) for f, m in previous.slots] if previous else []
     for s in slots:
         raise_problems(shape_problems(s, base))
     raise_problems(overlap_problems(earlier + labelled))
     for s in slots:
-        raise_problems(s.hash_problems())
+        raise_problems(s.hash_problems(files))
     for s in slots:
         raise_problems(fingerprint_problems(s, base, files))
 
@@ -216,7 +230,8 @@ def plan_splice(
             "weight_map": {k: h.path.name for k, (h, _) in ckpt.tensors.items()},
         }
     return SplicePlan(
-        base, slots, out, tuple(outputs), index, ckpt.index_path.name if ckpt.sharded else None, record, force
+        base, slots, out, tuple(outputs), index, ckpt.index_path.name if ckpt.sharded else None, record, force,
+        files, stamps,
     )
 
 
@@ -293,6 +308,7 @@ def execute_splice(plan: SplicePlan, progress: Callable[[int], None] | None = No
         (f,) = plan.files
         with atomic_file(plan.out, force=plan.force) as fd:
             write_tensors(fd, f.tensors, f.metadata, data_mod=f.data_mod, progress=progress)
+            _prove_inputs(plan)
         return plan.out
     with atomic_dir(plan.out, force=plan.force) as tmp:
         for f in plan.files:
@@ -300,7 +316,25 @@ def execute_splice(plan: SplicePlan, progress: Callable[[int], None] | None = No
                 write_tensors(fd, f.tensors, f.metadata, data_mod=f.data_mod, progress=progress)
         with new_file_in(tmp, plan.index_name) as fd:
             write_all(fd, (json.dumps(plan.index, indent=2) + "\n").encode("utf-8"))
+        _prove_inputs(plan)
     return plan.out
+
+
+def _prove_inputs(plan: SplicePlan) -> None:
+    """Before the output is published: the inputs are unchanged since they were checked.
+
+    Their stamps (inode, size, mtime, ctime) must be the ones taken before
+    the checks, and the regions the checks hashed (every slot tensor, the
+    base's bytes of every replaced region) must hash the same again.
+
+    Raises:
+        SlotsmithError: An input changed during the splice (the output is then discarded).
+    """
+    problems = plan.inputs.changed_since(plan.stamps)
+    for s in plan.slots:
+        problems = problems or s.hash_problems(plan.inputs) or fingerprint_problems(s, plan.base, plan.inputs)
+    if problems:
+        raise SlotsmithError(f"{first_and_more(problems)}; nothing was written")
 
 
 def splice(

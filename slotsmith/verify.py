@@ -36,7 +36,7 @@ from slotsmith.checks import (
     spliced_base_problems,
     spliced_problems,
 )
-from slotsmith.errors import SlotsmithError, first_and_more
+from slotsmith.errors import SlotsmithError, first_and_more, printable
 from slotsmith.inventory import (
     Inventory,
     inventory_from_checkpoint,
@@ -141,7 +141,7 @@ def _classify(path: Path, explicit: bool, shards: set[Path] | None = None) -> Ta
     except SlotsmithError as e:
         return Target("bad", path, str(e))
     if ckpt.sharded and shards is not None:
-        shards |= {h.path.resolve() for h in ckpt.files}
+        shards |= {_real(h.path) for h in ckpt.files}
     first = ckpt.index_metadata if ckpt.sharded else ckpt.metadata
     if path.suffix == SLOT_SUFFIX or METADATA_KEY in first:
         return Target("slot", path, checkpoint=ckpt)
@@ -171,30 +171,44 @@ def find_targets(paths: Sequence[str | os.PathLike]) -> list[Target]:
     seen: set[Path] = set()
 
     def add(t: Target | None) -> None:
-        if t is not None and t.path.resolve() not in seen:
-            seen.add(t.path.resolve())
+        # realpath, not Path.resolve: it never raises, not even on a link loop.
+        if t is not None and _real(t.path) not in seen:
+            seen.add(_real(t.path))
             targets.append(t)
 
     for p in [Path(p) for p in paths] or [Path(".")]:
         if not p.is_dir():
             add(_classify(p, explicit=True))
             continue
+        root = _real(p)
         indexes, files = [], []
-        for folder, dirs, names in os.walk(p):
+        for folder, dirs, names in os.walk(p):  # links to folders are not followed
             dirs[:] = sorted(d for d in dirs if not d.startswith("."))
             for name in sorted(names):
                 f = Path(folder) / name
-                if name.endswith(INDEX_SUFFIX) and f.is_file():
+                if not name.endswith((INDEX_SUFFIX, SLOT_SUFFIX, ".safetensors")):
+                    continue
+                if f.is_symlink() and not _real(f).is_relative_to(root):
+                    # Never read: a committed link could point anywhere (leak.slot -> /etc/passwd).
+                    add(Target("bad", f, f"{f}: a link out of {p}; not read"))
+                elif not f.is_file():
+                    if f.is_symlink():
+                        add(Target("bad", f, f"{f}: a broken or looping link"))
+                elif name.endswith(INDEX_SUFFIX):
                     indexes.append(f)
-                elif name.endswith((SLOT_SUFFIX, ".safetensors")) and f.is_file():
+                else:
                     files.append(f)
         shards: set[Path] = set()
         for index in indexes:
             add(_classify(index, explicit=False, shards=shards))
         for f in files:
-            if f.resolve() not in shards:
+            if _real(f) not in shards:
                 add(_classify(f, explicit=False))
     return targets
+
+
+def _real(path: Path) -> Path:
+    return Path(os.path.realpath(path))
 
 
 class _Layouts:
@@ -411,16 +425,11 @@ def verify(
     return report
 
 
-def _one_line(text: str) -> str:
-    # File and tensor names come from the files themselves: keep each row one line.
-    return "".join(c if c.isprintable() else repr(c)[1:-1] for c in text)
-
-
 def render(report: Report, failures_only: bool = False) -> str:
     """The report as a table (file, check, result, detail), groups, and a summary line."""
     rows = [c for c in report.checks if not failures_only or c.result == FAIL]
     table = [("FILE", "CHECK", "RESULT", "DETAIL")] + [
-        (_one_line(c.file), c.check, c.result.upper() if c.result == FAIL else c.result, _one_line(c.detail))
+        (printable(c.file), c.check, c.result.upper() if c.result == FAIL else c.result, printable(c.detail))
         for c in rows
     ]
     w_file = max(len(r[0]) for r in table)
@@ -433,7 +442,7 @@ def render(report: Report, failures_only: bool = False) -> str:
             layout = g["layout"] or "unknown layout"
             expert = f", expert {g['expert']}" if g["expert"] else ""
             lines.append(
-                _one_line(f"  group {g['group']}: {layout} ({g['layout_digest']}){expert}: {', '.join(g['slots'])}")
+                printable(f"  group {g['group']}: {layout} ({g['layout_digest']}){expert}: {', '.join(g['slots'])}")
             )
     n = report.counts()
     if lines:

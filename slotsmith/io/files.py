@@ -342,6 +342,10 @@ def load_yaml(path: str | os.PathLike, cap: int = YAML_CAP, what: str = "YAML fi
     return parse_yaml(text, str(path))
 
 
+def _stamp(st: os.stat_result) -> tuple[int, ...]:
+    return (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
+
+
 class InputFiles:
     """Read-only file descriptors of input files, opened once, closed together."""
 
@@ -360,6 +364,27 @@ class InputFiles:
             self._stack.callback(os.close, fd)
             self._fds[path] = fd
         return self._fds[path]
+
+    def stamps(self) -> dict[Path, tuple[int, ...]]:
+        """What identifies the content of every file open here: device, inode, size, mtime, ctime.
+
+        Any write to a file changes its ctime (which no user can set back), so
+        equal stamps later mean the bytes read in between were the bytes checked.
+        """
+        return {path: _stamp(os.fstat(fd)) for path, fd in self._fds.items()}
+
+    def changed_since(self, stamps: dict[Path, tuple[int, ...]]) -> list[str]:
+        """One line per file whose stamp differs from ``stamps``, or whose path now names another file."""
+        problems = []
+        for path, before in stamps.items():
+            now = _stamp(os.fstat(self._fds[path]))
+            try:
+                named = _stamp(os.stat(path))
+            except OSError:
+                named = None
+            if now != before or named != before:
+                problems.append(f"{path}: changed while it was read (size, time or inode differ)")
+        return problems
 
     def close(self) -> None:
         self._stack.close()
