@@ -29,6 +29,7 @@ from math import prod
 from pathlib import Path
 
 from slotsmith.errors import SlotsmithError
+from slotsmith.io.files import os_error
 from slotsmith.io.header import DTYPE_SIZES
 
 BLOCK = 4096
@@ -242,10 +243,18 @@ def refuse_existing(out: Path, force: bool) -> None:
     Raises:
         SlotsmithError: ``out`` exists (and not ``force``), or its folder is missing.
     """
-    if out.exists() and not force:
-        raise SlotsmithError(f"{out}: already exists (use --force to overwrite)")
-    if not out.parent.is_dir():
-        raise SlotsmithError(f"{out.parent}: no such folder for the output")
+    try:
+        exists = os.path.lexists(out)
+        if exists and not force:
+            raise SlotsmithError(f"{out}: already exists (use --force to overwrite)")
+        if not os.path.isdir(out.parent):
+            raise SlotsmithError(f"{out.parent}: no such folder for the output")
+        if not exists:
+            os.stat(out)  # lexists hides ENAMETOOLONG and the like: let stat name them
+    except FileNotFoundError:
+        pass
+    except OSError as e:
+        raise os_error(out, e, "cannot write") from None
 
 
 def refuse_input_as_output(out: Path, inputs: Iterable[Path]) -> None:
