@@ -19,6 +19,7 @@ items. The trainer pads each context to 512 tokens with zeros, as Wan does.
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import torch
@@ -159,7 +160,7 @@ def load_index(cache_dir) -> dict:
     if not cache_dir.is_dir():
         raise SlotsmithError(f"{cache_dir}: no such cache folder")
     path = cache_dir / INDEX_NAME
-    if not path.is_file():
+    if not os.path.lexists(path):  # anything else there (a FIFO, a link loop) is refused by read_input
         raise SlotsmithError(f"{path}: no cache index (run `slotsmith cache` first)")
     doc = parse_json_object(read_input(path, INDEX_CAP, "cache index"), str(path))
     if doc.get("format") != CACHE_FORMAT:
