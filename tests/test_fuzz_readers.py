@@ -105,3 +105,63 @@ def test_yaml_with_python_tags_is_refused(tmp_path):
         assert "not valid YAML" in str(e)
     else:
         raise AssertionError("a python tag was accepted")
+
+
+# The reader rule (slotsmith.io.files) on its own: any JSON value, any YAML made of
+# the tokens that build bombs and deep nests, and the dataset and training YAML readers.
+
+_YAML_TOKENS = st.sampled_from(
+    ["[", "]", "{", "}", ", ", ": ", "- ", "\n", "  ", "&a ", "&b ", "*a", "*b", "x", "1", "9" * 30, "<<: *a",
+     "!!int ", "!!python/name:os.system ", '"', "'", "#", "?", "|", ">", "---", "...", "%YAML 1.1"]
+)
+
+
+def _deep(depth: int) -> object:
+    obj: object = []
+    for _ in range(depth):
+        obj = [obj]
+    return obj
+
+
+@FUZZ
+@given(value=json_value, depth=st.integers(0, 200), big=st.integers(-(10**40), 10**40))
+def test_json_reader_bounds_depth_and_integers(value, depth, big):
+    from slotsmith.io.files import MAX_DEPTH, MAX_INT_DIGITS, parse_json
+
+    doc = {"v": value, "deep": _deep(depth), "big": big}
+    text = json.dumps(doc)
+    try:
+        parsed = parse_json(text.encode(), "x.json")
+    except SlotsmithError as e:
+        assert str(e).startswith("x.json: ") and "\n" not in str(e)
+        assert depth + 2 > MAX_DEPTH or len(str(abs(big))) > MAX_INT_DIGITS or "duplicate" in str(e) or (
+            "surrogate" in str(e) or "digits" in str(e) or "nested" in str(e)
+        )
+        return
+    assert parsed["big"] == big and depth + 2 <= MAX_DEPTH
+
+
+@FUZZ
+@given(tokens=st.lists(_YAML_TOKENS, max_size=60))
+def test_yaml_reader_returns_or_refuses_cleanly(tokens):
+    from slotsmith.io.files import parse_yaml
+
+    try:
+        parse_yaml("".join(tokens), "x.yaml")
+    except SlotsmithError as e:
+        assert str(e).startswith("x.yaml: ") and "\n" not in str(e)
+
+
+@FUZZ
+@given(doc=json_value)
+def test_structured_dataset_and_training_yaml(tmp_path, doc):
+    from slotsmith.data.config import load_data_config
+    from slotsmith.train import load_settings
+
+    path = tmp_path / "f.yaml"
+    path.write_text(json.dumps(doc))  # JSON is YAML
+    for read in (lambda: load_data_config(path), lambda: load_settings({}, set(), str(path))):
+        try:
+            read()
+        except SlotsmithError as e:
+            assert "\n" not in str(e)
