@@ -322,7 +322,8 @@ def parse_yaml(text: str, what: str) -> object:
         return loader.construct_document(node)
     except yaml.YAMLError as e:
         raise SlotsmithError(f"{what}: not valid YAML ({str(e).splitlines()[0]})") from None
-    except (ValueError, RecursionError) as e:  # a constructor refusing a value
+    except (ValueError, IndexError, KeyError, TypeError, OverflowError, RecursionError) as e:
+        # SafeConstructor's own failures on hostile scalars (``!!int ""`` is an IndexError)
         raise SlotsmithError(f"{what}: not valid YAML ({type(e).__name__}: {str(e)[:200]})") from None
     finally:
         loader.dispose()

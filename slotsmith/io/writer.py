@@ -19,8 +19,11 @@ from __future__ import annotations
 import errno
 import json
 import os
+import re
 import shutil
+import socket
 import struct
+import sys
 import tempfile
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import contextmanager
@@ -310,6 +313,53 @@ def write_error(out: str | os.PathLike, e: OSError) -> SlotsmithError:
     return SlotsmithError(f"{out}: writing failed ({e.strerror or e}); nothing was written")
 
 
+_HOST = re.sub(r"[^A-Za-z0-9_.]", "_", socket.gethostname()) or "host"
+
+
+def _temp_prefix(out: Path) -> str:
+    """``.OUT.slotsmith-HOST-PID-``: whose temp it is, so a later run can tell a dead one's."""
+    return f".{out.name}.slotsmith-{_HOST}-{os.getpid()}-"
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except OSError:
+        return True  # exists, but another user's
+    return True
+
+
+def clean_stale_temps(out: Path) -> list[Path]:
+    """Remove the temps beside ``out`` that a killed run (SIGKILL, power loss) left behind.
+
+    Only temps of this host whose process is gone are removed; each removal
+    is said on stderr. (Where ``O_TMPFILE`` works, single files leave none.)
+
+    Returns:
+        The removed paths.
+    """
+    pattern = re.compile(r"^\." + re.escape(out.name) + r"\.slotsmith-(?P<host>.*)-(?P<pid>\d+)-[^-]*\.tmp$")
+    removed = []
+    try:
+        names = os.listdir(out.parent)
+    except OSError:
+        return []
+    for name in names:
+        m = pattern.match(name)
+        if m is None or m["host"] != _HOST or _alive(int(m["pid"])):
+            continue
+        stale = out.parent / name
+        if stale.is_dir() and not stale.is_symlink():
+            shutil.rmtree(stale, ignore_errors=True)
+        else:
+            stale.unlink(missing_ok=True)
+        sys.stderr.write(f"note: removed {stale}, left by a killed run (process {m['pid']})\n")
+        removed.append(stale)
+    return removed
+
+
 def _begin(out: str | os.PathLike, force: bool, make: Callable):
     """Check that ``out`` may be written, then make its hidden temp file or folder beside it.
 
@@ -327,24 +377,25 @@ def _begin(out: str | os.PathLike, force: bool, make: Callable):
     """
     out = Path(out)
     refuse_existing(out, force)
+    clean_stale_temps(out)
     try:
-        return out, make(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent)
+        return out, make(prefix=_temp_prefix(out), suffix=".tmp", dir=out.parent)
     except OSError as e:
         raise write_error(out, e) from None
 
 
 @contextmanager
-def _publishing(out: Path, tmp: Path, force: bool, seal: Callable[[], None], discard: Callable[[], None]) -> Iterator[None]:
+def _publishing(out: Path, seal: Callable[[], None], publish: Callable[[], None], discard: Callable[[], None]) -> Iterator[None]:
     """The shared end of ``atomic_file`` and ``atomic_dir``.
 
-    After the body: ``seal`` (sync and close the temp), publish ``tmp`` as
-    ``out`` and sync the folder; whatever happens: ``discard`` (remove what
-    is left of the temp). An ``OSError`` becomes a ``SlotsmithError`` naming ``out``.
+    After the body: ``seal`` (sync the temp), ``publish`` it as ``out`` and
+    sync the folder; whatever happens: ``discard`` (close and remove what is
+    left of the temp). An ``OSError`` becomes a ``SlotsmithError`` naming ``out``.
     """
     try:
         yield
         seal()
-        _publish(tmp, out, force)
+        publish()
         _fsync_dir(out.parent)
     except OSError as e:
         raise write_error(out, e) from None
@@ -352,33 +403,120 @@ def _publishing(out: Path, tmp: Path, force: bool, seal: Callable[[], None], dis
         discard()
 
 
+_LINKABLE: dict[int, bool] = {}
+"""Per filesystem (``st_dev``): whether an unnamed file can be linked in through ``/proc``."""
+
+
+def _open_unnamed(folder: Path) -> int | None:
+    flag = getattr(os, "O_TMPFILE", None)
+    if flag is None:
+        return None
+    try:
+        return os.open(folder, flag | os.O_RDWR | os.O_CLOEXEC, 0o644)
+    except OSError:  # EOPNOTSUPP, EISDIR on old kernels...: the named temp file says why, if it fails too
+        return None
+
+
+def _linkable(folder: Path) -> bool:
+    """Whether unnamed files of ``folder`` can be given a name (tried once per filesystem on an empty probe:
+    some, e.g. overlay mounts, refuse the ``/proc`` link with EXDEV)."""
+    try:
+        dev = os.stat(folder).st_dev
+    except OSError:
+        return False
+    if dev not in _LINKABLE:
+        probe = _open_unnamed(folder)
+        ok = False
+        if probe is not None:
+            name = folder / f".slotsmith-probe-{_HOST}-{os.getpid()}-{os.urandom(4).hex()}.tmp"
+            try:
+                os.link(f"/proc/self/fd/{probe}", name, follow_symlinks=True)
+                os.unlink(name)
+                ok = True
+            except OSError:
+                pass
+            finally:
+                os.close(probe)
+        _LINKABLE[dev] = ok
+    return _LINKABLE[dev]
+
+
+def _anonymous_file(folder: Path) -> int | None:
+    """An unnamed file in ``folder`` (Linux ``O_TMPFILE``) that can be linked in at the end,
+    or None where the system or filesystem cannot do that."""
+    return _open_unnamed(folder) if _linkable(folder) else None
+
+
+def _link_anonymous(fd: int, out: Path, force: bool) -> None:
+    """Give the unnamed file ``fd`` the name ``out`` (atomically; replacing it only with ``force``)."""
+    src = f"/proc/self/fd/{fd}"
+    if not force:
+        try:
+            os.link(src, out, follow_symlinks=True)  # atomic create-if-absent
+        except FileExistsError:
+            raise SlotsmithError(f"{out}: already exists (use --force to overwrite)") from None
+        return
+    if out.is_dir():
+        raise SlotsmithError(f"{out}: is a folder; cannot replace it with a file")
+    tmp = out.parent / f"{_temp_prefix(out)}{os.urandom(4).hex()}.tmp"
+    os.link(src, tmp, follow_symlinks=True)
+    try:
+        os.replace(tmp, out)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
 @contextmanager
 def atomic_file(out: str | os.PathLike, *, force: bool = False) -> Iterator[int]:
-    """Yield the fd of a temp file beside ``out``; publish it on success.
+    """Yield the fd of a new file for ``out``; publish it on success.
 
-    On success the file is fsynced and renamed to ``out``; on any exception
-    (KeyboardInterrupt included) it is removed and the exception propagates,
-    an ``OSError`` (from the caller's writes too) as a ``SlotsmithError``.
+    On Linux the file is created unnamed (``O_TMPFILE``) and linked into
+    place at the end, so a killed process (SIGKILL included) leaves nothing
+    behind; elsewhere it is a hidden temp file beside ``out``, renamed into
+    place (and removed by a later run if a kill left it). On success the file
+    is fsynced first; on any exception (KeyboardInterrupt included) nothing
+    appears at ``out`` and the exception propagates, an ``OSError`` (from the
+    caller's writes too) as a ``SlotsmithError``.
 
     Raises:
         SlotsmithError: ``out`` exists and not ``force``, its folder is
             missing, or writing failed (naming ``out``).
     """
+    out = Path(out)
+    refuse_existing(out, force)
+    fd = _anonymous_file(out.parent)
+    if fd is not None:
+        clean_stale_temps(out)
+        open_fds = [fd]
+
+        def seal() -> None:
+            os.fchmod(fd, 0o644)
+            os.fsync(fd)
+
+        def publish() -> None:
+            _link_anonymous(fd, out, force)
+
+        def discard() -> None:
+            os.close(open_fds.pop())
+
+        with _publishing(out, seal, publish, discard):
+            yield fd
+        return
     out, (fd, name) = _begin(out, force, tempfile.mkstemp)
     tmp = Path(name)
     open_fds = [fd]
 
-    def seal() -> None:
+    def seal_named() -> None:
         os.fsync(fd)
         os.close(open_fds.pop())
         os.chmod(tmp, 0o644)
 
-    def discard() -> None:
+    def discard_named() -> None:
         if open_fds:
             os.close(open_fds.pop())
         tmp.unlink(missing_ok=True)
 
-    with _publishing(out, tmp, force, seal, discard):
+    with _publishing(out, seal_named, lambda: _publish(tmp, out, force), discard_named):
         yield fd
 
 
@@ -404,7 +542,7 @@ def atomic_dir(out: str | os.PathLike, *, force: bool = False) -> Iterator[Path]
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
 
-    with _publishing(out, tmp, force, seal, discard):
+    with _publishing(out, seal, lambda: _publish(tmp, out, force), discard):
         yield tmp
 
 

@@ -349,3 +349,62 @@ def test_sigterm_during_a_splice_exits_143_and_leaves_nothing(tmp_path, monkeypa
     assert r.exit_code == 143 and "terminated" in r.output, r.output
     assert _fingerprint(tmp_path) == before
     assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL
+
+
+def _dead_pid() -> int:
+    import subprocess
+    import sys
+
+    p = subprocess.Popen([sys.executable, "-c", "pass"])
+    p.wait()
+    return p.pid
+
+
+def test_next_run_removes_what_a_killed_run_left_and_says_so(tmp_path, world):
+    out = tmp_path / "o.safetensors"
+    stale = tmp_path / f".{out.name}.slotsmith-{writer._HOST}-{_dead_pid()}-abc123.tmp"
+    stale.mkdir()
+    (stale / "part.safetensors").write_bytes(b"half")
+    other_host = tmp_path / f".{out.name}.slotsmith-elsewhere-{_dead_pid()}-abc123.tmp"
+    other_host.write_bytes(b"not ours to judge")
+    mine = tmp_path / f".{out.name}.slotsmith-{writer._HOST}-{os.getpid()}-abc123.tmp"
+    mine.write_bytes(b"a live run's")
+    r = CliRunner().invoke(main, ["splice", str(world["base"]), str(world["a"]), "-o", str(out)])
+    assert r.exit_code == 0, r.output
+    assert f"note: removed {stale}" in r.output and "killed run" in r.output
+    assert not stale.exists() and other_host.exists() and mine.exists() and out.is_file()
+
+
+def test_unnamed_output_is_linked_in_only_at_the_end(tmp_path, monkeypatch):
+    """The O_TMPFILE path, where this system cannot link /proc fds (some sandboxes and
+    overlay mounts): os.link of a /proc fd is emulated by copying the fd's bytes."""
+    real_link = os.link
+
+    def link(src, dst, *, follow_symlinks=True):
+        if str(src).startswith("/proc/self/fd/"):
+            fd = int(str(src).rsplit("/", 1)[1])
+            flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL
+            out = os.open(dst, flags, 0o600)
+            try:
+                os.write(out, os.pread(fd, os.fstat(fd).st_size, 0))
+            finally:
+                os.close(out)
+            return None
+        return real_link(src, dst, follow_symlinks=follow_symlinks)
+
+    monkeypatch.setattr(writer, "_linkable", lambda folder: True)
+    monkeypatch.setattr(writer.os, "link", link)
+    out = tmp_path / "f.bin"
+    with writer.atomic_file(out) as fd:
+        os.write(fd, b"abc")
+        assert not list(tmp_path.iterdir())  # nothing named exists while writing
+    assert out.read_bytes() == b"abc"
+    with pytest.raises(Exception, match="already exists"), writer.atomic_file(out) as fd:
+        os.write(fd, b"new")
+    with writer.atomic_file(out, force=True) as fd:
+        os.write(fd, b"new")
+    assert out.read_bytes() == b"new" and sorted(p.name for p in tmp_path.iterdir()) == ["f.bin"]
+    with pytest.raises(KeyboardInterrupt), writer.atomic_file(tmp_path / "g.bin") as fd:
+        os.write(fd, b"x")
+        raise KeyboardInterrupt
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["f.bin"]
