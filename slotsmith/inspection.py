@@ -1,6 +1,7 @@
 """What ``slotsmith inspect`` shows: a slot's manifest, a splice record, or a summary.
 
-Only headers are read, so inspecting any file takes milliseconds.
+Headers are read, and only slot-sized regions are hashed (a slot's tensors,
+a spliced checkpoint's slot regions) to warn about what does not check out.
 """
 
 from __future__ import annotations

@@ -30,8 +30,8 @@ MAX_DEPTH = 64
 MAX_INT_DIGITS = 20
 """Most decimal digits of an integer in a JSON or YAML document: 2^64 has 20."""
 
-YAML_NODE_BUDGET = 200_000
-"""Most YAML nodes, aliases expanded (a shipped layout has about 15,000)."""
+YAML_NODE_BUDGET = 100_000
+"""Most YAML nodes, aliases expanded (the largest shipped layout has about 9,000)."""
 
 YAML_CAP = 8_000_000
 """Largest YAML file read, in bytes (the shipped layouts are under 100 KB)."""
@@ -265,37 +265,63 @@ def _yaml_loader():
     return getattr(yaml, "CSafeLoader", yaml.SafeLoader)
 
 
-def _check_yaml_nodes(root, what: str) -> None:
-    """Bound a composed YAML document's depth and expanded size before it is constructed.
+_YAML_INT = re.compile(r"[-+]?(0b|0o|0x)?[0-9a-fA-F_]+")
 
-    Aliases make the node graph a DAG (or, for a recursive alias, a cycle);
-    walking it without memo counts every node as often as construction and
-    later use would see it, so the budget caps the expanded size and ends
-    cycles.
+
+def _check_yaml_events(text: str, what: str) -> None:
+    """Bound a YAML document's depth, expanded size and integers from its parse events alone.
+
+    Runs before anything is composed (composing costs ten times more per
+    node), so a huge or bomb document is refused after reading at most
+    ``YAML_NODE_BUDGET`` nodes. An alias counts as the whole subtree it
+    names, so the budget caps the size once aliases are expanded.
+
+    Raises:
+        SlotsmithError: Too deep, too many nodes, an alias of an unfinished
+            anchor (a recursive document), or a huge integer.
+        yaml.YAMLError: Not valid YAML (the caller words it).
     """
     import yaml
 
-    stack = [(root, 1)]
-    count = 0
-    while stack:
-        node, depth = stack.pop()
-        count += 1
-        if count > YAML_NODE_BUDGET:
-            raise SlotsmithError(
-                f"{what}: more than {YAML_NODE_BUDGET} YAML nodes once aliases are expanded (an alias bomb?)"
-            )
-        if depth > MAX_DEPTH:
-            raise SlotsmithError(f"{what}: nested more than {MAX_DEPTH} levels deep")
-        if isinstance(node, yaml.SequenceNode):
-            stack.extend((child, depth + 1) for child in node.value)
-        elif isinstance(node, yaml.MappingNode):
-            for k, v in node.value:
-                stack.append((k, depth + 1))
-                stack.append((v, depth + 1))
-        elif node.tag == "tag:yaml.org,2002:int":
-            digits = sum(c.isdigit() for c in node.value)
-            if digits > MAX_INT_DIGITS:
-                raise SlotsmithError(f"{what}: integer of {digits} digits (at most {MAX_INT_DIGITS} allowed)")
+    loader = _yaml_loader()(text)
+    try:
+        count, depth = 0, 0
+        sizes: dict[str, int] = {}  # anchor -> expanded node count of what it names
+        open_collections: list[tuple[str | None, int]] = []
+        while loader.check_event():
+            event = loader.get_event()
+            if isinstance(event, yaml.AliasEvent):
+                if event.anchor not in sizes:
+                    raise SlotsmithError(f"{what}: alias *{event.anchor} refers to an unknown or unfinished anchor")
+                count += sizes[event.anchor]
+            elif isinstance(event, yaml.ScalarEvent):
+                count += 1
+                if event.anchor:
+                    sizes[event.anchor] = 1
+                value = event.value
+                if len(value) > MAX_INT_DIGITS and _YAML_INT.fullmatch(value) and (
+                    event.tag is None or event.tag.endswith(":int")
+                ):
+                    digits = sum(c.isdigit() for c in value)
+                    if digits > MAX_INT_DIGITS:
+                        raise SlotsmithError(f"{what}: integer of {digits} digits (at most {MAX_INT_DIGITS} allowed)")
+            elif isinstance(event, yaml.CollectionStartEvent):
+                count += 1
+                depth += 1
+                if depth > MAX_DEPTH:
+                    raise SlotsmithError(f"{what}: nested more than {MAX_DEPTH} levels deep")
+                open_collections.append((event.anchor, count))
+            elif isinstance(event, yaml.CollectionEndEvent):
+                depth -= 1
+                anchor, start = open_collections.pop()
+                if anchor:
+                    sizes[anchor] = count - start + 1
+            if count > YAML_NODE_BUDGET:
+                raise SlotsmithError(
+                    f"{what}: more than {YAML_NODE_BUDGET} YAML nodes once aliases are expanded (an alias bomb?)"
+                )
+    finally:
+        loader.dispose()
 
 
 def parse_yaml(text: str, what: str) -> object:
@@ -313,20 +339,20 @@ def parse_yaml(text: str, what: str) -> object:
     """
     import yaml
 
-    loader = _yaml_loader()(text)
+    loader = None
     try:
+        _check_yaml_events(text, what)
+        loader = _yaml_loader()(text)
         node = loader.get_single_node()
-        if node is None:
-            return None
-        _check_yaml_nodes(node, what)
-        return loader.construct_document(node)
+        return None if node is None else loader.construct_document(node)
     except yaml.YAMLError as e:
         raise SlotsmithError(f"{what}: not valid YAML ({str(e).splitlines()[0]})") from None
     except (ValueError, IndexError, KeyError, TypeError, OverflowError, RecursionError) as e:
         # SafeConstructor's own failures on hostile scalars (``!!int ""`` is an IndexError)
         raise SlotsmithError(f"{what}: not valid YAML ({type(e).__name__}: {str(e)[:200]})") from None
     finally:
-        loader.dispose()
+        if loader is not None:
+            loader.dispose()
 
 
 def load_yaml(path: str | os.PathLike, cap: int = YAML_CAP, what: str = "YAML file") -> object:

@@ -41,6 +41,9 @@ DTYPE_SIZES = {
     "F64": 8,
 }
 
+MAX_TENSORS = 200_000
+"""Most tensors one file may hold (a Wan 14B checkpoint has about 1,100)."""
+
 MAX_DIMS = 64
 """Most dimensions a tensor may have (torch allows 64)."""
 
@@ -199,6 +202,10 @@ def read_header(path: str | os.PathLike) -> SafetensorsHeader:
 
     if not raw.startswith(b"{"):
         raise SlotsmithError(f"{path}: header does not start with '{{' (not a safetensors file?)")
+    # Counted on the bytes, before parsing: a 100 MB header of 1.6M empty tensors
+    # would otherwise take gigabytes and half a minute to refuse or accept.
+    if raw.count(b'"data_offsets"') > MAX_TENSORS:
+        raise SlotsmithError(f"{path}: header lists more than {MAX_TENSORS} tensors")
     # The entries are checked field by field below without recursing, so the
     # nesting walk is left out: it would cost seconds on a 100 MB header.
     obj = parse_json_object(raw, str(path), max_depth=None)

@@ -135,7 +135,7 @@ CASES = {
     "layout nested 20000 levels, block style": (
         lambda t, w: ["plan", "-m", _write(t / "l.yaml", "".join(" " * i + "- \n" for i in range(0, 4000, 2))),
                       "--ff", "0.1", "--ffid", "0"],
-        "YAML",
+        "nested",
     ),
     "layout 4000-digit dimension": (
         lambda t, w: ["plan", "-m", _write(t / "l.yaml", "tensors:\n  a.weight: {shape: [" + "9" * 4000
