@@ -18,6 +18,7 @@ from slotsmith.data.cache import load_index
 from slotsmith.digest import digest_json
 from slotsmith.errors import SlotsmithError
 from slotsmith.inventory import Inventory
+from slotsmith.io.files import os_error
 from slotsmith.io.header import read_header
 from slotsmith.io.writer import refuse_input_as_output
 from slotsmith.layout import KNOWN_MODELS, WanConfig
@@ -168,6 +169,15 @@ def plan_base(settings: TrainSettings) -> BasePlan:
     if not low < high:
         raise SlotsmithError(f"--min/--max-timestep leave nothing of the {settings.expert} expert's range {t_range}")
     out = Path(settings.out)
+    for path in (out, state_path_for(out), snapshot_path_for(out, 0)):
+        # The state and snapshot names are longer than OUT: a name over the system's
+        # limit is found now, not when the first state is saved.
+        try:
+            os.stat(path)
+        except FileNotFoundError:
+            pass
+        except OSError as e:
+            raise os_error(path, e, "cannot write") from None
     if not out.parent.is_dir():
         raise SlotsmithError(f"{out.parent}: output folder does not exist")
     if not os.access(out.parent, os.W_OK):
