@@ -19,7 +19,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 from click.testing import CliRunner
-from helpers import make_checkpoint, random_bytes, read_raw_safetensors, rewrite_metadata
+from helpers import (
+    make_checkpoint,
+    random_bytes,
+    read_raw_safetensors,
+    rewrite_metadata,
+)
 
 from slotsmith.cli import main
 from slotsmith.inventory import inventory_from_checkpoint

@@ -16,17 +16,23 @@ import pytest
 
 torch = pytest.importorskip("torch")
 
-from helpers import make_checkpoint  # noqa: E402
-from hypothesis import HealthCheck, given, settings  # noqa: E402
-from hypothesis import strategies as st  # noqa: E402
+from helpers import make_checkpoint
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
-from slotsmith.data.cache import CachedDataset, load_index, write_index, write_latents, write_text  # noqa: E402
-from slotsmith.data.config import load_data_config  # noqa: E402
-from slotsmith.errors import SlotsmithError  # noqa: E402
-from slotsmith.inventory import inventory_from_checkpoint  # noqa: E402
-from slotsmith.training.slot_params import SlotParams  # noqa: E402
-from slotsmith.training.state import STATE_FORMAT, load_state, restore_state  # noqa: E402
-from slotsmith.training.wan import HEAD_DIM, find_head_dim  # noqa: E402
+from slotsmith.data.cache import (
+    CachedDataset,
+    load_index,
+    write_index,
+    write_latents,
+    write_text,
+)
+from slotsmith.data.config import load_data_config
+from slotsmith.errors import SlotsmithError
+from slotsmith.inventory import inventory_from_checkpoint
+from slotsmith.training.slot_params import SlotParams
+from slotsmith.training.state import STATE_FORMAT, load_state, restore_state
+from slotsmith.training.wan import HEAD_DIM, find_head_dim
 
 LAUGHS = "a: &a [x, x, x, x, x, x, x, x, x]\n" + "".join(
     f"{chr(98 + i)}: &{chr(98 + i)} [{', '.join(['*' + chr(97 + i)] * 9)}]\n" for i in range(8)
