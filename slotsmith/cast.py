@@ -39,7 +39,7 @@ from slotsmith.checks import fingerprint_problems, raise_problems, shape_problem
 from slotsmith.digest import digest_bytes, digest_file_range
 from slotsmith.errors import SlotsmithError
 from slotsmith.inventory import Inventory, inventory_from_checkpoint, load_inventory
-from slotsmith.io.files import InputFiles
+from slotsmith.io.files import InputFiles, check_yaml, read_input
 from slotsmith.io.writer import atomic_file, write_all
 from slotsmith.layout import KNOWN_MODELS
 from slotsmith.manifest import Manifest
@@ -169,16 +169,15 @@ class _StrictLoader(yaml.SafeLoader):
 
 
 def _read_text(path: Path) -> str:
+    if not os.path.lexists(path):
+        raise SlotsmithError(f"{path}: no such cast file")
+    raw = read_input(path, CAST_CAP, "cast file")  # the reader rule: regular files only, capped
     try:
-        if not path.is_file():
-            raise SlotsmithError(f"{path}: no such cast file" if not path.exists() else f"{path}: not a regular file")
-        if path.stat().st_size > CAST_CAP:
-            raise SlotsmithError(f"{path}: cast file is over the {CAST_CAP}-byte cap")
-        return path.read_text(encoding="utf-8")
+        text = raw.decode("utf-8")
     except UnicodeDecodeError:
         raise SlotsmithError(f"{path}: not valid UTF-8") from None
-    except OSError as e:
-        raise SlotsmithError(f"{path}: cannot read the cast file ({e.strerror or e})") from None
+    check_yaml(text, str(path), bound_ints=False)  # nesting and size bounded before the strict loader builds anything
+    return text
 
 
 def _parse_yaml(text: str, path: Path) -> object:

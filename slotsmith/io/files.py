@@ -265,10 +265,10 @@ def _yaml_loader():
     return getattr(yaml, "CSafeLoader", yaml.SafeLoader)
 
 
-_YAML_INT = re.compile(r"[-+]?(0b|0o|0x)?[0-9a-fA-F_]+")
+_YAML_INT = re.compile(r"[-+]?(0x[0-9a-fA-F_]+|0b[01_]+|0o[0-7_]+|[0-9_]+)")
 
 
-def _check_yaml_events(text: str, what: str) -> None:
+def _check_yaml_events(text: str, what: str, bound_ints: bool = True) -> None:
     """Bound a YAML document's depth, expanded size and integers from its parse events alone.
 
     Runs before anything is composed (composing costs ten times more per
@@ -299,7 +299,7 @@ def _check_yaml_events(text: str, what: str) -> None:
                 if event.anchor:
                     sizes[event.anchor] = 1
                 value = event.value
-                if len(value) > MAX_INT_DIGITS and _YAML_INT.fullmatch(value) and (
+                if bound_ints and len(value) > MAX_INT_DIGITS and _YAML_INT.fullmatch(value) and (
                     event.tag is None or event.tag.endswith(":int")
                 ):
                     digits = sum(c.isdigit() for c in value)
@@ -322,6 +322,24 @@ def _check_yaml_events(text: str, what: str) -> None:
                 )
     finally:
         loader.dispose()
+
+
+def check_yaml(text: str, what: str, bound_ints: bool = True) -> None:
+    """Bound a YAML text's nesting, expanded size (and integers) without building it.
+
+    For readers with a loader of their own (the cast file's strict one, which
+    types every value itself and so passes ``bound_ints=False``).
+
+    Raises:
+        SlotsmithError: Too deep, too many nodes, a recursive alias or a huge
+            integer. (A syntax error is left to the caller's own parser, which words it.)
+    """
+    import yaml
+
+    try:
+        _check_yaml_events(text, what, bound_ints)
+    except yaml.YAMLError:
+        return
 
 
 def parse_yaml(text: str, what: str) -> object:

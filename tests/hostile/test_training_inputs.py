@@ -236,6 +236,27 @@ def test_hostile_dataset_yaml_is_refused(tmp_path, case):
     assert path.read_text() == text
 
 
+_JSON = st.recursive(
+    st.none() | st.booleans() | st.integers() | st.floats() | st.text(max_size=8),
+    lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=8), inner, max_size=4),
+    max_leaves=20,
+)
+
+
+@settings(max_examples=80, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(doc=_JSON, dataset=st.dictionaries(st.sampled_from(["resolution", "repeats", "batch_size", "target_frames",
+                                                            "frame_extraction", "enable_bucket"]), _JSON))
+def test_fuzzed_dataset_yaml_is_read_or_refused_cleanly(tmp_path, doc, dataset):
+    (tmp_path / "img").mkdir(exist_ok=True)
+    path = tmp_path / "data.yaml"
+    for text in (json.dumps(doc), json.dumps({"datasets": [{"image_directory": "img", **dataset}]})):
+        path.write_text(text)  # JSON is YAML
+        try:
+            load_data_config(path)
+        except SlotsmithError as e:
+            assert "\n" not in str(e) and str(path) in str(e)
+
+
 def test_dataset_yaml_that_is_a_fifo_is_refused(tmp_path):
     path = tmp_path / "data.yaml"
     os.mkfifo(path)
