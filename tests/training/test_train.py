@@ -551,3 +551,43 @@ def test_train_help_shows_data_runs_as_well_as_cache_runs():
     assert any("--cache" in line for line in examples) and any("--data" in line for line in examples)
     text = " ".join(r.output.split())  # as wrapped for any terminal width
     assert "Trains on a cache folder (--cache, made by `slotsmith cache`) or on a dataset YAML (--data)" in text
+
+
+def test_non_finite_loss_stops_the_run_keeping_the_last_good_state(world, tmp_path, monkeypatch):
+    from slotsmith.training import run as run_module
+
+    real = run_module._micro_step
+    calls = []
+
+    def nan_at_the_third_step(*args, **kwargs):
+        calls.append(1)
+        loss = real(*args, **kwargs)
+        return loss * float("nan") if len(calls) == 3 else loss
+
+    monkeypatch.setattr(run_module, "_micro_step", nan_at_the_third_step)
+    out = _own(tmp_path, "nan.slot")
+    with pytest.raises(SlotsmithError, match=r"step 3: the loss is nan, not a finite number; stopped before applying"):
+        train(_settings(world, out))
+    assert not out.exists()
+    state = torch.load(state_path_for(out), weights_only=True)
+    assert state["step"] == 2 and len(state["losses"]) == 2
+    assert all(torch.isfinite(t).all() for t in state["masters"].values())
+
+
+def test_sigterm_stops_training_at_a_step_boundary_like_ctrl_c(world, tmp_path, monkeypatch):
+    import signal
+
+    from slotsmith.training import run as run_module
+
+    real = run_module._micro_step
+
+    def terminated_during_the_first_step(*args, **kwargs):
+        os.kill(os.getpid(), signal.SIGTERM)  # what a job scheduler or `docker stop` sends
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(run_module, "_micro_step", terminated_during_the_first_step)
+    out = _own(tmp_path, "term.slot")
+    result = train(_settings(world, out))
+    assert result.interrupted == signal.SIGTERM and result.steps == 1 and not out.exists()
+    assert load_state(state_path_for(out), json.loads(torch.load(state_path_for(out), weights_only=True)["identity"]))
+    assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL
