@@ -14,9 +14,16 @@ from pathlib import Path
 
 from slotsmith.data.config import DEFAULT_ALIGN, DataConfig, DatasetSpec
 from slotsmith.errors import SlotsmithError
+from slotsmith.io.files import read_input
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
 VIDEO_EXTENSIONS = (".mp4", ".mov", ".mkv", ".webm", ".avi")
+CAPTION_CAP = 1_000_000
+"""Largest caption file read, in bytes."""
+
+JSONL_CAP = 100_000_000
+"""Largest JSONL list read, in bytes."""
+
 WAN_FPS = 16
 """Wan's training frame rate: clips with a ``source_fps`` are resampled to it."""
 
@@ -63,9 +70,9 @@ class Clip:
 
 
 def _read_caption(path: Path) -> str | None:
-    try:
-        text = path.read_text(encoding="utf-8").strip()
-    except (OSError, UnicodeDecodeError):
+    try:  # the reader rule: a caption that is a FIFO or a link to /dev/zero is no caption
+        text = read_input(path, CAPTION_CAP, "caption file").decode("utf-8").strip()
+    except (SlotsmithError, UnicodeDecodeError):
         return None
     return text or None
 
@@ -77,9 +84,9 @@ def _media_kind(path: Path) -> str | None:
 
 def _jsonl_sources(spec: DatasetSpec, bad: list[BadItem]) -> list[Source]:
     try:
-        raw = spec.path.read_bytes()
-    except OSError as e:
-        bad.append(BadItem(spec.path, f"cannot read: {e.strerror or e}"))
+        raw = read_input(spec.path, JSONL_CAP, "JSONL list")
+    except SlotsmithError as e:
+        bad.append(BadItem(spec.path, f"cannot read: {str(e).removeprefix(f'{spec.path}: ')}"))
         return []
     sources = []
     # Line by line, so one line that is not UTF-8 is one bad item, not a lost dataset.
@@ -92,8 +99,8 @@ def _jsonl_sources(spec: DatasetSpec, bad: list[BadItem]) -> list[Source]:
         except UnicodeDecodeError:
             bad.append(BadItem(where, "not valid UTF-8"))
             continue
-        except json.JSONDecodeError as e:
-            bad.append(BadItem(where, f"not valid JSON: {e.msg}"))
+        except (ValueError, RecursionError) as e:  # also an int over Python's digit limit, or deep nesting
+            bad.append(BadItem(where, f"not valid JSON: {getattr(e, 'msg', None) or type(e).__name__}"))
             continue
         if not isinstance(entry, dict) or not isinstance(entry.get("path"), str):
             bad.append(BadItem(where, 'needs {"path": ..., "caption": ...}'))

@@ -298,3 +298,30 @@ def test_unreadable_metadata_config_is_ignored_but_a_bad_head_size_is_refused(tm
     assert find_head_dim(inventory_from_checkpoint(deep)) == HEAD_DIM
     bad = make_checkpoint(tmp_path / "bad.safetensors", metadata={"config": '{"attention_head_dim": true}'}).path
     _refused(lambda: find_head_dim(inventory_from_checkpoint(bad)), "metadata 'config'", "head size")
+
+
+
+def test_hostile_captions_and_jsonl_lines_are_bad_items_not_hangs(tmp_path):
+    from media import write_image
+
+    from slotsmith.data.media import discover
+
+    img = tmp_path / "img"
+    img.mkdir()
+    write_image(img / "fifo.png")
+    os.mkfifo(img / "fifo.txt")  # reading it would block forever
+    write_image(img / "zero.png")
+    (img / "zero.txt").symlink_to("/dev/zero")  # reading it would never end
+    write_image(img / "good.png")
+    (img / "good.txt").write_text("a cat")
+    lines = ['{"path": "img/good.png", "caption": "a" }', "[" * 5000 + "]" * 5000, '{"x": ' + "9" * 5000 + "}"]
+    (tmp_path / "list.jsonl").write_text("\n".join(lines) + "\n")
+    path = _dataset(tmp_path, "datasets:\n  - image_directory: img\n    resolution: [64, 64]\n"
+                              "  - jsonl_file: list.jsonl\n    resolution: [64, 64]\n")
+    started = time.perf_counter()
+    sources, bad = discover(load_data_config(path))
+    assert time.perf_counter() - started < 5
+    assert sorted(s.path.name for s in sources) == ["good.png", "good.png"]
+    reasons = sorted(f"{b.path.name} {b.problem}" for b in bad)
+    assert [r.split()[0] for r in reasons] == ["fifo.png", "list.jsonl:2", "list.jsonl:3", "zero.png"], reasons
+    assert all("not valid JSON" in r for r in reasons if "jsonl" in r)
