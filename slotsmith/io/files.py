@@ -318,7 +318,7 @@ def _check_yaml_events(text: str, what: str, bound_ints: bool = True) -> None:
                     sizes[anchor] = count - start + 1
             if count > YAML_NODE_BUDGET:
                 raise SlotsmithError(
-                    f"{what}: more than {YAML_NODE_BUDGET} YAML nodes once aliases are expanded (an alias bomb?)"
+                    f"{what}: more than {YAML_NODE_BUDGET} YAML nodes once aliases are expanded (too large, or an alias bomb)"
                 )
     finally:
         loader.dispose()
