@@ -11,6 +11,7 @@ of its message) and exit 1.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import json
 import signal
@@ -24,15 +25,7 @@ from click.core import ParameterSource
 
 from slotsmith import __version__
 from slotsmith.errors import SlotsmithError, printable
-from slotsmith.train import (
-    EXPERTS,
-    LR_SCHEDULERS,
-    MIXED_PRECISIONS,
-    OPTIMIZERS,
-    TIMESTEP_SAMPLINGS,
-    TrainSettings,
-    load_settings,
-)
+from slotsmith.train import EXPERTS, TrainSettings, load_settings
 
 
 class Terminated(KeyboardInterrupt):
@@ -362,65 +355,34 @@ def cast_pin(file: str, base: str | None, dry_run: bool) -> None:
         click.echo(f"{file}: every character is pinned to its current slot already")
 
 
+_CLICK_TYPES = {"int": int, "float": float, "str": str}
+
+
+def _settings_option(f: dataclasses.Field):
+    """The click option of one ``TrainSettings`` field (its name, type, default and help from the field)."""
+    meta = f.metadata
+    flag = "--" + f.name.replace("_", "-")
+    kind = f.type.split(" | ")[0]
+    kwargs = {"help": meta.get("help") or None, "default": meta.get("cli_default", f.default)}
+    if kind == "bool":
+        names = [flag, *meta.get("aliases", ())] if meta.get("flag") else [f"{flag}/--no-{flag[2:]}"]
+        return click.option(*names, f.name, is_flag=True, **kwargs)
+    if "choices" in meta:
+        kwargs["type"] = click.Choice(meta["choices"])
+    else:
+        kwargs["type"] = _CLICK_TYPES[kind]
+    if "metavar" in meta:
+        kwargs["metavar"] = meta["metavar"]
+    return click.option(flag, *meta.get("aliases", ()), f.name, show_default=meta.get("show_default", False), **kwargs)
+
+
 def _train_options(fn):
-    """The options of ``train``, each a field of ``TrainSettings`` (defaults shown from it)."""
-    d = TrainSettings()
-    opts = [
-        click.option("--base", "-b", metavar="CKPT", help="Wan DiT checkpoint: .safetensors, sharded index or folder."),
-        click.option("--cache", metavar="DIR", help="Cache folder (latents + text embeddings, see `slotsmith cache`)."),
-        click.option("--data", metavar="YAML", help="Dataset YAML instead of --cache: its cache is used, and "
-                     "what is missing is encoded first when --vae, --t5 and --tokenizer are given."),
-        click.option("--vae", metavar="PATH", help="With --data: the Wan VAE (as for `slotsmith cache`)."),
-        click.option("--t5", metavar="PATH", help="With --data: the UMT5 text encoder."),
-        click.option("--tokenizer", metavar="DIR", help="With --data: the tokenizer folder."),
-        click.option("--skip-bad/--no-skip-bad", default=d.skip_bad,
-                     help="With --data: leave bad items out, as `slotsmith cache --skip-bad` does."),
-        click.option("--out", "--output", "-o", "out", metavar="FILE", help="The .slot file to write."),
-        click.option("--ff", type=float, default=d.ff, help="Fraction of the model's parameters, as in `plan`."),
-        click.option("--ffid", type=int, default=d.ffid, help="Pool id 0..7, as in `plan`."),
-        click.option("--steps", type=int, help="Optimizer steps (or give --epochs)."),
-        click.option("--epochs", type=float, help="Passes over the cache (or give --steps)."),
-        click.option("--lr", type=float, default=d.lr, show_default=True, help="Peak learning rate."),
-        click.option("--lr-scheduler", type=click.Choice(LR_SCHEDULERS), default=d.lr_scheduler, show_default=True),
-        click.option("--warmup-steps", type=int, default=d.warmup_steps, show_default=True),
-        click.option("--batch-size", type=int, default=d.batch_size, show_default=True, help="Samples per process."),
-        click.option("--grad-accum", type=int, default=d.grad_accum, show_default=True),
-        click.option("--optimizer", type=click.Choice(OPTIMIZERS), default=d.optimizer, show_default=True),
-        click.option("--weight-decay", type=float, default=d.weight_decay, show_default=True),
-        click.option("--max-grad-norm", type=float, default=d.max_grad_norm, show_default=True, help="0 disables."),
-        click.option("--mixed-precision", type=click.Choice(MIXED_PRECISIONS), default=d.mixed_precision,
-                     show_default=True),
-        click.option("--gradient-checkpointing/--no-gradient-checkpointing", default=d.gradient_checkpointing),
-        click.option("--offload-blocks/--no-offload-blocks", default=d.offload_blocks,
-                     help="Keep frozen blocks in CPU memory, one on the device at a time."),
-        click.option("--fp8-base/--no-fp8-base", default=d.fp8_base,
-                     help="Store frozen weights in float8, compute in bf16 (slot stays full precision)."),
-        click.option("--seed", type=int, default=d.seed, show_default=True),
-        click.option("--timestep-sampling", type=click.Choice(TIMESTEP_SAMPLINGS), default=d.timestep_sampling,
-                     show_default=True),
-        click.option("--flow-shift", type=float, default=d.flow_shift, show_default=True),
-        click.option("--sigmoid-scale", type=float, default=d.sigmoid_scale, show_default=True),
-        click.option("--logit-mean", type=float, default=d.logit_mean, show_default=True),
-        click.option("--logit-std", type=float, default=d.logit_std, show_default=True),
-        click.option("--min-timestep", type=float, default=d.min_timestep, show_default=True, help="0..1000."),
-        click.option("--max-timestep", type=float, default=d.max_timestep, show_default=True, help="0..1000."),
-        click.option("--expert", type=click.Choice(EXPERTS),
-                     help="Wan 2.2 A14B: train the high- or low-noise expert. The timestep boundary is that of "
-                     "the known Wan 2.2 layout the base's shapes match (0.875 for T2V, which a Wan 2.1 T2V 14B "
-                     "base matches too; 0.9 for I2V), else give --boundary."),
-        click.option("--boundary", type=float, help="Expert boundary in (0, 1), instead of the layout's."),
-        click.option("--head-dim", type=int, help="Attention head size (default: config.json, metadata, or 128)."),
-        click.option("--save-every", type=int, default=d.save_every, show_default=True,
-                     help="Every N steps (0: off), a resumable state and a snapshot slot as OUT-stepN.snapshot "
-                     "(`verify` and `splice` take it when named; folder walks skip it)."),
-        click.option("--stop-after", type=int, help="Stop after N steps of this run, keeping a resumable state."),
-        click.option("--resume/--no-resume", default=d.resume, help="Continue from OUT.state."),
-        click.option("--log-dir", metavar="DIR", help="Write train_log.jsonl (and TensorBoard, when installed)."),
-        click.option("--force/--no-force", default=d.force, help="Replace OUT; skip the taken-ffid check."),
-        click.option("--quiet", "-q", is_flag=True, default=d.quiet, help="No progress bar."),
+    """The options of ``train``: one per ``TrainSettings`` field, in field order, then ``--config``."""
+    opts = [_settings_option(f) for f in dataclasses.fields(TrainSettings)]
+    opts.append(
         click.option("--config", "config", metavar="YAML", help="Options from a YAML file; the command line wins. "
-                     "Relative paths in the file are relative to its folder."),
-    ]
+                     "Relative paths in the file are relative to its folder.")
+    )
     for opt in reversed(opts):
         fn = opt(fn)
     return fn

@@ -10,7 +10,7 @@ current folder.
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
 from slotsmith.errors import SlotsmithError
@@ -44,51 +44,81 @@ PATH_OPTIONS = ("base", "cache", "data", "vae", "t5", "tokenizer", "out", "log_d
 """Options naming files or folders: relative ones in a config file are relative to its folder."""
 
 
+def _option(default=None, help: str = "", **cli) -> object:
+    """A settings field that is also an option of ``slotsmith train``.
+
+    Args:
+        default: The field's default (and the option's).
+        help: The option's ``--help`` text.
+        **cli: How the option is spelled beyond ``--field-name``:
+            ``aliases`` (more names), ``metavar``, ``choices``, ``show_default``,
+            ``flag`` (a bare switch like ``-q``, no ``--no-`` form) and
+            ``cli_default`` (the command line's default when it differs, e.g.
+            None for "not given" where the field holds "").
+
+    Returns:
+        A dataclass field whose metadata the CLI turns into a click option.
+    """
+    return field(default=default, metadata={"help": help, **cli})
+
+
 @dataclass
 class TrainSettings:
-    """Everything one training run needs (see ``slotsmith train --help``)."""
+    """Everything one training run needs (see ``slotsmith train --help``).
 
-    base: str = ""
-    cache: str = ""
-    data: str = ""
-    vae: str | None = None
-    t5: str | None = None
-    tokenizer: str | None = None
-    skip_bad: bool = False
-    out: str = ""
-    ff: float | None = None
-    ffid: int | None = None
-    steps: int | None = None
-    epochs: float | None = None
-    lr: float = 2e-5
-    lr_scheduler: str = "constant"
-    warmup_steps: int = 0
-    batch_size: int = 1
-    grad_accum: int = 1
-    optimizer: str = "adamw"
-    weight_decay: float = 0.0
-    max_grad_norm: float = 1.0
-    mixed_precision: str = "no"
-    gradient_checkpointing: bool = False
-    offload_blocks: bool = False
-    fp8_base: bool = False
-    seed: int = 42
-    timestep_sampling: str = "shift"
-    flow_shift: float = 3.0
-    sigmoid_scale: float = 1.0
-    logit_mean: float = 0.0
-    logit_std: float = 1.0
-    min_timestep: float = 0.0
-    max_timestep: float = 1000.0
-    expert: str | None = None
-    boundary: float | None = None
-    head_dim: int | None = None
-    save_every: int = 0
-    stop_after: int | None = None
-    resume: bool = False
-    log_dir: str | None = None
-    force: bool = False
-    quiet: bool = False
+    Each field is an option of ``slotsmith train`` (the CLI generates them from
+    these fields, in this order, with the help in their metadata).
+    """
+
+    base: str = _option("", "Wan DiT checkpoint: .safetensors, sharded index or folder.", aliases=("-b",),
+                        metavar="CKPT", cli_default=None)
+    cache: str = _option("", "Cache folder (latents + text embeddings, see `slotsmith cache`).", metavar="DIR",
+                         cli_default=None)
+    data: str = _option("", "Dataset YAML instead of --cache: its cache is used, and what is missing is encoded "
+                        "first when --vae, --t5 and --tokenizer are given.", metavar="YAML", cli_default=None)
+    vae: str | None = _option(None, "With --data: the Wan VAE (as for `slotsmith cache`).", metavar="PATH")
+    t5: str | None = _option(None, "With --data: the UMT5 text encoder.", metavar="PATH")
+    tokenizer: str | None = _option(None, "With --data: the tokenizer folder.", metavar="DIR")
+    skip_bad: bool = _option(False, "With --data: leave bad items out, as `slotsmith cache --skip-bad` does.")
+    out: str = _option("", "The .slot file to write.", aliases=("--output", "-o"), metavar="FILE", cli_default=None)
+    ff: float | None = _option(None, "Fraction of the model's parameters, as in `plan`.")
+    ffid: int | None = _option(None, "Pool id 0..7, as in `plan`.")
+    steps: int | None = _option(None, "Optimizer steps (or give --epochs).")
+    epochs: float | None = _option(None, "Passes over the cache (or give --steps).")
+    lr: float = _option(2e-5, "Peak learning rate.", show_default=True)
+    lr_scheduler: str = _option("constant", choices=LR_SCHEDULERS, show_default=True)
+    warmup_steps: int = _option(0, show_default=True)
+    batch_size: int = _option(1, "Samples per process.", show_default=True)
+    grad_accum: int = _option(1, show_default=True)
+    optimizer: str = _option("adamw", choices=OPTIMIZERS, show_default=True)
+    weight_decay: float = _option(0.0, show_default=True)
+    max_grad_norm: float = _option(1.0, "0 disables.", show_default=True)
+    mixed_precision: str = _option("no", choices=MIXED_PRECISIONS, show_default=True)
+    gradient_checkpointing: bool = _option(False)
+    offload_blocks: bool = _option(False, "Keep frozen blocks in CPU memory, one on the device at a time.")
+    fp8_base: bool = _option(False, "Store frozen weights in float8, compute in bf16 (slot stays full precision).")
+    seed: int = _option(42, show_default=True)
+    timestep_sampling: str = _option("shift", choices=TIMESTEP_SAMPLINGS, show_default=True)
+    flow_shift: float = _option(3.0, show_default=True)
+    sigmoid_scale: float = _option(1.0, show_default=True)
+    logit_mean: float = _option(0.0, show_default=True)
+    logit_std: float = _option(1.0, show_default=True)
+    min_timestep: float = _option(0.0, "0..1000.", show_default=True)
+    max_timestep: float = _option(1000.0, "0..1000.", show_default=True)
+    expert: str | None = _option(
+        None, "Wan 2.2 A14B: train the high- or low-noise expert. The timestep boundary is that of the known "
+        "Wan 2.2 layout the base's shapes match (0.875 for T2V, which a Wan 2.1 T2V 14B base matches too; 0.9 for "
+        "I2V), else give --boundary.", choices=EXPERTS)
+    boundary: float | None = _option(None, "Expert boundary in (0, 1), instead of the layout's.")
+    head_dim: int | None = _option(None, "Attention head size (default: config.json, metadata, or 128).")
+    save_every: int = _option(
+        0, "Every N steps (0: off), a resumable state and a snapshot slot as OUT-stepN.snapshot (`verify` and "
+        "`splice` take it when named; folder walks skip it).", show_default=True)
+    stop_after: int | None = _option(None, "Stop after N steps of this run, keeping a resumable state.")
+    resume: bool = _option(False, "Continue from OUT.state.")
+    log_dir: str | None = _option(None, "Write train_log.jsonl (and TensorBoard, when installed).", metavar="DIR")
+    force: bool = _option(False, "Replace OUT; skip the taken-ffid check.")
+    quiet: bool = _option(False, "No progress bar.", aliases=("-q",), flag=True)
 
     def to_json(self) -> dict:
         """The settings as a JSON-able dict (for provenance and the resume check)."""
