@@ -21,7 +21,7 @@ import torch
 from tqdm import tqdm
 
 from slotsmith.data.cache import INDEX_CAP, INDEX_NAME, load_index, write_index, write_latents, write_text
-from slotsmith.data.config import DEFAULT_ALIGN, DataConfig, load_data_config
+from slotsmith.data.config import DEFAULT_ALIGN, DataConfig, check_align, load_data_config
 from slotsmith.data.encoders import (
     encode_pixels,
     encode_texts,
@@ -255,7 +255,7 @@ def run_cache(
     enc = _Encoders(vae, t5, tokenizer, device, torch_dtype)
     align = 2 * vae_spatial_factor(enc.vae)  # the DiT patchifies latents 2x2
     if align != DEFAULT_ALIGN:
-        config = load_data_config(data_yaml, align)
+        check_align(config, align)  # the YAML was read above: only its sizes need checking again
     cache_dir = config.cache_dir
     report = CacheReport(cache_dir, bad=list(bad))
     previous = _previous_items(cache_dir)

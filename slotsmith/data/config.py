@@ -208,6 +208,20 @@ def _dataset(raw: dict, general: dict, index: int, config_path: Path, align: int
     )
 
 
+def check_align(config: DataConfig, align: int) -> None:
+    """Check a loaded config's sizes against the encoder's alignment (known only once the VAE is loaded).
+
+    Args:
+        config: A config loaded with the default alignment.
+        align: The pixel alignment the VAE needs (32 for the Wan 2.2 TI2V VAE).
+
+    Raises:
+        SlotsmithError: A resolution that is not a multiple of ``align``.
+    """
+    for spec in config.datasets:
+        _resolution(list(spec.resolution), config.path, f"datasets[{spec.index}].resolution", align)
+
+
 def load_data_config(path, align: int = DEFAULT_ALIGN) -> DataConfig:
     """Read and validate a dataset YAML.
 

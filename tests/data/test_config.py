@@ -8,7 +8,7 @@ import pytest
 import yaml
 from media import write_audio_only, write_image, write_video
 
-from slotsmith.data.config import load_data_config
+from slotsmith.data.config import check_align, load_data_config
 from slotsmith.data.media import (
     bucket_size,
     clip_ranges,
@@ -251,3 +251,12 @@ def test_unreadable_and_short_media_raise_clear_errors(folders):
     assert "unreadable video" in errors["junk.mp4"]
     assert "too short: 3 frames" in errors["short.mp4"]
     assert errors["sound.mkv"] == "unreadable video: no video stream"
+
+
+def test_check_align_rechecks_sizes_without_reading_the_yaml_again(folders):
+    path = _yaml(folders, {"datasets": [{"image_directory": "imgs", "resolution": [48, 32]}]})
+    config = load_data_config(path)
+    path.unlink()  # the check works from the loaded config alone
+    check_align(config, 16)
+    with pytest.raises(SlotsmithError, match=r"datasets\[0\].resolution: 48x32: .*multiples of 32"):
+        check_align(config, 32)
