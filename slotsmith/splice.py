@@ -11,9 +11,7 @@ from __future__ import annotations
 
 import json
 import os
-import sys
-from collections.abc import Callable, Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
 
@@ -46,25 +44,13 @@ from slotsmith.io.writer import (
     write_tensors,
 )
 from slotsmith.manifest import Entry, Manifest
+from slotsmith.progress import Progress, phase
 from slotsmith.select import select_v2
 from slotsmith.slot import SLOT_SUFFIX, SNAPSHOT_SUFFIX, Slot, read_slot, write_slot
 from slotsmith.splice_record import SPLICE_KEY, SpliceRecord, read_splice_record
 
 COMPARE_BLOCK = 8 * 1024 * 1024
 """Read size when comparing two checkpoints' bytes."""
-
-
-@contextmanager
-def progress_bar(total: int, desc: str, quiet: bool) -> Iterator[Callable[[int], None]]:
-    """A byte-count progress callback drawing a tqdm bar on stderr.
-
-    Silent with ``quiet`` or when stderr is not a terminal.
-    """
-    from tqdm import tqdm
-
-    disable = quiet or not sys.stderr.isatty()
-    with tqdm(total=total, desc=desc, unit="B", unit_scale=True, unit_divisor=1024, file=sys.stderr, disable=disable) as bar:
-        yield bar.update
 
 
 @dataclass(frozen=True)
@@ -366,15 +352,16 @@ def splice(
         SlotsmithError: A failed check; nothing was written.
     """
     with InputFiles() as files:
-        plan = plan_splice(base_path, slot_paths, files, out, force=force)
+        with phase("checking the slots against the base", not quiet):
+            plan = plan_splice(base_path, slot_paths, files, out, force=force)
         for s, pin in zip(plan.slots, pins or (), strict=False):
             if s.manifest.digest != pin:
                 raise SlotsmithError(f"{s.path}: manifest {s.manifest.digest} is not the pinned {pin}")
         if seal:
-            with progress_bar(plan.nbytes, "seal", quiet) as update:
-                plan = seal_plan(plan, update)
-        with progress_bar(plan.nbytes, "splice", quiet) as update:
-            return execute_splice(plan, update)
+            with Progress("seal", plan.nbytes, unit="B", show=not quiet) as bar:
+                plan = seal_plan(plan, bar.update)
+        with Progress("splice", plan.nbytes, unit="B", show=not quiet) as bar:
+            return execute_splice(plan, bar.update)
 
 
 def splice_cast(
@@ -445,7 +432,7 @@ def extract(
         ffid: Pool id of that selection.
         expert: Wan 2.2 expert to record (``"high"``/``"low"``).
         force: Replace an existing output.
-        quiet: No progress bar.
+        quiet: No progress (a bar on a terminal, lines in a log otherwise).
 
     Returns:
         The slot's manifest.
@@ -474,12 +461,12 @@ def extract(
 
     with InputFiles() as files:
         changed: dict[str, FileRange] = {}
-        with progress_bar(base.checkpoint.nbytes, "compare", quiet) as update:
+        with Progress("compare", base.checkpoint.nbytes, unit="B", show=not quiet) as bar:
             for name in base.tensors:
                 bh, bi = base.checkpoint.tensors[base.keys[name]]
                 th, ti = tuned.checkpoint.tensors[tuned.keys[name]]
                 fb, ft = files.fd(bh.path), files.fd(th.path)
-                if _differs(fb, (bi.start, bi.end), ft, (ti.start, ti.end), update):
+                if _differs(fb, (bi.start, bi.end), ft, (ti.start, ti.end), bar.update):
                     changed[name] = FileRange(ft, ti.start, ti.end)
         if not changed:
             raise SlotsmithError(f"{tuned.source}: no tensor differs from the base {base.source}")

@@ -16,12 +16,10 @@ slots form one group.
 from __future__ import annotations
 
 import os
-import sys
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from tqdm import tqdm
 
 from slotsmith.checks import (
     base_agreement_problems,
@@ -47,6 +45,7 @@ from slotsmith.io.checkpoint import INDEX_SUFFIX, Checkpoint, open_checkpoint
 from slotsmith.io.files import InputFiles
 from slotsmith.layout import KNOWN_MODELS
 from slotsmith.manifest import METADATA_KEY, Manifest
+from slotsmith.progress import Progress
 from slotsmith.slot import SLOT_SUFFIX, Slot, read_slot, slot_from_header
 from slotsmith.splice_record import SpliceRecord, has_splice_record, read_splice_record
 
@@ -366,6 +365,19 @@ def _verify_set(report: Report, slots: list[Slot], base: Inventory | None) -> No
             report.add(name, "same base", base_agreement_problems(labelled), agreed)
 
 
+def _target_bytes(target) -> int:
+    """The bytes of a target's files (a sharded checkpoint: its index and shards), 0 when unreadable."""
+    path = Path(target.path)
+    try:
+        if path.name.endswith(INDEX_SUFFIX):  # the shards lie beside their index
+            files = [path, *path.parent.glob("*.safetensors")]
+        else:
+            files = [path] if path.is_file() else [f for f in path.rglob("*") if f.is_file()]
+        return sum(f.stat().st_size for f in files)
+    except OSError:
+        return 0
+
+
 def verify(
     paths: Sequence[str | os.PathLike] = (),
     base: str | os.PathLike | None = None,
@@ -378,7 +390,7 @@ def verify(
         paths: Files and folders (see ``find_targets``); none: the current folder.
         base: The real base checkpoint, if given: every slot's fingerprint and
             every spliced checkpoint's unslotted bytes are checked against it.
-        quiet: No progress bar (it is drawn on stderr, and only on a terminal).
+        quiet: No progress on stderr (a bar on a terminal, lines in a log otherwise).
 
     Returns:
         The report; ``report.ok`` is False when any check failed.
@@ -397,8 +409,8 @@ def verify(
     layouts = _Layouts(base_inv)
     slots: list[Slot] = []
     records: list[tuple[str, SpliceRecord]] = []
-    disable = quiet or not sys.stderr.isatty()
-    bar = tqdm(total=len(targets), desc="verify", unit="file", file=sys.stderr, disable=disable)
+    # Counted in bytes: a spliced checkpoint of many GB takes as long as thousands of slots.
+    bar = Progress("verify", sum(_target_bytes(t) for t in targets), unit="B", show=not quiet)
     with bar, InputFiles() as files:
         # Spliced checkpoints first: their layouts let slots' selections be recomputed.
         for t in sorted(targets, key=lambda t: t.kind != "spliced"):
@@ -412,7 +424,7 @@ def verify(
                 slot = _verify_slot(report, t, base_inv, files, layouts)
                 if slot is not None:
                     slots.append(slot)
-            bar.update(1)
+            bar.update(_target_bytes(t))
     # Report files in the order found (they ran spliced-first), then the set checks.
     order = {str(t.path): i for i, t in enumerate(targets)}
     report.checks.sort(key=lambda c: order[c.file])

@@ -157,8 +157,11 @@ def _refused(tmp_path, args, *needles):
     before = {p: p.stat().st_mtime_ns for p in tmp_path.rglob("*")}
     r = _run("splice", *args, "-o", out)
     assert r.exit_code == 1, r.output
-    line = r.output.strip()
-    assert line.startswith("error: ") and "\n" not in line and "Traceback" not in line
+    # Progress lines may come first (stderr is not a terminal here); the error is one line, at the end.
+    errors = [line for line in r.output.splitlines() if not line.startswith("splice: ")]
+    assert len(errors) == 1 and "Traceback" not in r.output
+    line = errors[0]
+    assert line.startswith("error: ") and r.output.rstrip().endswith(line)
     for needle in needles:
         assert needle in line, line
     assert not out.exists() and _no_temp_left(tmp_path)

@@ -12,13 +12,11 @@ ones out), so the trainer never sees a half-made dataset.
 from __future__ import annotations
 
 import os
-import sys
 from collections import defaultdict
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-from tqdm import tqdm
 
 from slotsmith.data.cache import INDEX_CAP, INDEX_NAME, load_index, write_index, write_latents, write_text
 from slotsmith.data.config import DEFAULT_ALIGN, DataConfig, check_align, load_data_config
@@ -36,6 +34,7 @@ from slotsmith.digest import digest_file_range, digest_json
 from slotsmith.errors import SlotsmithError
 from slotsmith.io.files import parse_json_object, read_input
 from slotsmith.io.header import read_header
+from slotsmith.progress import Progress, phase
 
 KEY_VERSION = 1
 """Bump when the encoding changes in a way the other key parts do not capture."""
@@ -151,7 +150,7 @@ def _tensor_dim(path: Path, name: str) -> int:
 class _Encoders:
     """The VAE, and the text encoder loaded only when some caption needs encoding."""
 
-    def __init__(self, vae, t5, tokenizer, device, dtype):
+    def __init__(self, vae, t5, tokenizer, device, dtype, show: bool):
         # Imported only when encoding: they take seconds to import.
         import diffusers
         import transformers
@@ -159,15 +158,17 @@ class _Encoders:
         # Their per-file loading bars would drown the one bar that matters.
         diffusers.utils.logging.disable_progress_bar()
         transformers.utils.logging.disable_progress_bar()
-        self.t5_path, self.device, self.dtype = t5, device, dtype
-        self.vae = load_vae(vae, device, dtype)
+        self.t5_path, self.device, self.dtype, self.show = t5, device, dtype, show
+        with phase("loading the VAE", show):
+            self.vae = load_vae(vae, device, dtype)
         self.tokenizer = load_tokenizer(tokenizer)
         self._t5 = None
 
     @property
     def t5(self):
         if self._t5 is None:
-            self._t5 = load_text_encoder(self.t5_path, self.device, self.dtype)
+            with phase("loading the text encoder", self.show):
+                self._t5 = load_text_encoder(self.t5_path, self.device, self.dtype)
         return self._t5
 
 
@@ -232,7 +233,7 @@ def run_cache(
             bfloat16 on cuda, float32 on cpu).
         batch_size: Clips (of one shape) and captions encoded together.
         skip_bad: Leave bad items out instead of failing.
-        progress: Show a progress bar on stderr (when it is a terminal).
+        progress: Show progress on stderr (a bar on a terminal, lines in a log).
 
     Returns:
         What was done.
@@ -251,8 +252,9 @@ def run_cache(
     if bad and not skip_bad:
         # Failing anyway: read the media too (no encoders), so one run reports every problem.
         raise BadItemsError(bad + _media_problems(sources))
-    ids = {"vae": model_identity(vae), "t5": model_identity(t5), "tokenizer": model_identity(tokenizer)}
-    enc = _Encoders(vae, t5, tokenizer, device, torch_dtype)
+    with phase("hashing the encoders (cache keys)", progress):
+        ids = {"vae": model_identity(vae), "t5": model_identity(t5), "tokenizer": model_identity(tokenizer)}
+    enc = _Encoders(vae, t5, tokenizer, device, torch_dtype, progress)
     align = 2 * vae_spatial_factor(enc.vae)  # the DiT patchifies latents 2x2
     if align != DEFAULT_ALIGN:
         check_align(config, align)  # the YAML was read above: only its sizes need checking again
@@ -279,67 +281,69 @@ def run_cache(
             report.texts_encoded += len(keys)
             pending_texts.clear()
 
-    bar = tqdm(sources, desc="caching", unit="file", disable=not progress or not sys.stderr.isatty(), file=sys.stderr)
-    for source in bar:
-        settings = pixel_settings(source, align)
-        source_digest = _file_digest(source.path)
-        source_key = digest_json(
-            {"v": KEY_VERSION, "source": source_digest, "pixels": settings, "vae": ids["vae"], "dtype": dtype}
-        )
-        text_key = digest_json(
-            {
-                "v": KEY_VERSION,
+    with Progress("caching", len(sources), unit="item", show=progress) as bar:
+        for source in sources:
+            settings = pixel_settings(source, align)
+            source_digest = _file_digest(source.path)
+            source_key = digest_json(
+                {"v": KEY_VERSION, "source": source_digest, "pixels": settings, "vae": ids["vae"], "dtype": dtype}
+            )
+            text_key = digest_json(
+                {
+                    "v": KEY_VERSION,
+                    "caption": source.caption,
+                    "t5": ids["t5"],
+                    "tokenizer": ids["tokenizer"],
+                    "dtype": dtype,
+                }
+            )
+            text_rel = f"text/{text_key}.safetensors"
+            if (cache_dir / text_rel).is_file() or text_key in pending_texts:
+                report.texts_reused += 1
+            else:
+                pending_texts[text_key] = source.caption
+                if len(pending_texts) >= batch_size:
+                    flush_texts()
+            common = {
+                "text": text_rel,
+                "source": str(source.path),
                 "caption": source.caption,
-                "t5": ids["t5"],
-                "tokenizer": ids["tokenizer"],
-                "dtype": dtype,
+                "repeats": source.dataset.repeats,
+                "batch_size": source.dataset.batch_size,
+                "source_digest": source_digest,
+                "pixel_settings": settings,
+                "align": align,
+                "source_key": source_key,
             }
-        )
-        text_rel = f"text/{text_key}.safetensors"
-        if (cache_dir / text_rel).is_file() or text_key in pending_texts:
-            report.texts_reused += 1
-        else:
-            pending_texts[text_key] = source.caption
-            if len(pending_texts) >= batch_size:
-                flush_texts()
-        common = {
-            "text": text_rel,
-            "source": str(source.path),
-            "caption": source.caption,
-            "repeats": source.dataset.repeats,
-            "batch_size": source.dataset.batch_size,
-            "source_digest": source_digest,
-            "pixel_settings": settings,
-            "align": align,
-            "source_key": source_key,
-        }
-        reused = [p for p in previous.get(source_key, []) if (cache_dir / str(p.get("latents"))).is_file()]
-        if reused:
-            # Same bytes, settings and VAE as an indexed item: its clips stand, no decoding needed.
-            items.extend({**common, "latents": p["latents"], "frames": p.get("frames")} for p in reused)
-            report.latents_reused += len(reused)
-            continue
-        try:
-            clips = read_clips(source, align)
-        except SlotsmithError as e:
-            report.bad.append(BadItem(source.path, str(e)))
-            continue
-        for clip in clips:
-            key = digest_json({"source_key": source_key, "frames": clip.frames})
-            rel = f"latents/{key}.safetensors"
-            items.append({**common, "latents": rel, "frames": [clip.frames[0], clip.frames[-1]]})
-            if (cache_dir / rel).is_file() or any(k == key for batch in pending_latents.values() for k, _ in batch):
-                report.latents_reused += 1
+            reused = [p for p in previous.get(source_key, []) if (cache_dir / str(p.get("latents"))).is_file()]
+            if reused:
+                # Same bytes, settings and VAE as an indexed item: its clips stand, no decoding needed.
+                items.extend({**common, "latents": p["latents"], "frames": p.get("frames")} for p in reused)
+                report.latents_reused += len(reused)
+                bar.update(1)
                 continue
-            shape = tuple(clip.pixels.shape)
-            pending_latents[shape].append((key, clip.pixels))
-            if len(pending_latents[shape]) >= batch_size:
-                flush_latents(shape)
-        bar.set_postfix(encoded=report.latents_encoded, bad=len(report.bad), refresh=False)
-    bar.close()
-    for shape in list(pending_latents):
-        flush_latents(shape)
-    flush_texts()
+            try:
+                clips = read_clips(source, align)
+            except SlotsmithError as e:
+                report.bad.append(BadItem(source.path, str(e)))
+                bar.update(1, bad=len(report.bad))
+                continue
+            for clip in clips:
+                key = digest_json({"source_key": source_key, "frames": clip.frames})
+                rel = f"latents/{key}.safetensors"
+                items.append({**common, "latents": rel, "frames": [clip.frames[0], clip.frames[-1]]})
+                if (cache_dir / rel).is_file() or any(k == key for batch in pending_latents.values() for k, _ in batch):
+                    report.latents_reused += 1
+                    continue
+                shape = tuple(clip.pixels.shape)
+                pending_latents[shape].append((key, clip.pixels))
+                if len(pending_latents[shape]) >= batch_size:
+                    flush_latents(shape)
+            bar.update(1, encoded=report.latents_encoded, bad=len(report.bad))
+        # The last part-batches: encoding them is work the display should still cover.
+        for shape in list(pending_latents):
+            flush_latents(shape)
+        flush_texts()
     if report.bad and not skip_bad:
         raise BadItemsError(report.bad)
     if not items:

@@ -17,7 +17,6 @@ import dataclasses
 import json
 import random
 import signal
-import sys
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager, nullcontext
@@ -25,12 +24,12 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from tqdm import tqdm
 
 from slotsmith.data.cache import CachedDataset
 from slotsmith.data.cache_builder import ensure_cache
 from slotsmith.errors import SlotsmithError
 from slotsmith.manifest import Manifest
+from slotsmith.progress import Progress, phase
 from slotsmith.slot import write_slot
 from slotsmith.train import TrainSettings
 from slotsmith.training.flow import flow_loss, sample_t
@@ -143,7 +142,8 @@ def train(settings: TrainSettings, progress: bool | None = None) -> TrainResult:
 
     Args:
         settings: The run's settings.
-        progress: Show a progress bar (None: when stderr is a terminal and not quiet).
+        progress: Show progress on stderr, a bar on a terminal and lines in a log
+            (None: unless ``settings.quiet``).
 
     Returns:
         What the run did (``manifest`` None when stopped early).
@@ -154,9 +154,10 @@ def train(settings: TrainSettings, progress: bool | None = None) -> TrainResult:
     from accelerate import Accelerator  # slow to import, and only a run needs it
 
     accelerator = Accelerator(cpu=not torch.cuda.is_available())
-    show = progress if progress is not None else (not settings.quiet and sys.stderr.isatty())
+    show = (progress if progress is not None else not settings.quiet) and accelerator.is_main_process
     run = _prepare(settings, accelerator, show)
-    model, slot, compute_dtype = _load(run)
+    with phase("loading the base", show):
+        model, slot, compute_dtype = _load(run)
     loop = _restore(run, model, slot, compute_dtype)
     start_step = loop.step
     started = time.perf_counter()
@@ -167,24 +168,26 @@ def train(settings: TrainSettings, progress: bool | None = None) -> TrainResult:
 def _prepare(settings: TrainSettings, accelerator, show: bool) -> _Run:
     """Every check that needs no weights, the cache (``--data``) and the resume state: fail before loading."""
     # The base and the output are checked first: encoding a dataset for a run that cannot start is waste.
-    base_plan = plan_base(settings)
+    with phase("checking the base", show):
+        base_plan = plan_base(settings)
     skipped = []
     given = settings  # what the provenance records: the user's --data and encoders, not the cache-only copy below
     if settings.data:
         # The main process encodes what is missing; the others then find a complete cache.
         with accelerator.main_process_first():
             cache_dir, skipped = ensure_cache(
-                settings.data, settings.vae, settings.t5, settings.tokenizer, skip_bad=settings.skip_bad,
-                progress=show and accelerator.is_main_process,
+                settings.data, settings.vae, settings.t5, settings.tokenizer, skip_bad=settings.skip_bad, progress=show,
             )
         # From here on the run is a run on that cache folder (the same one --cache would name).
         settings = dataclasses.replace(
             settings, cache=str(cache_dir), data="", vae=None, t5=None, tokenizer=None, skip_bad=False
         )
-    plan = plan_run(settings, accelerator.num_processes, base_plan)
+    with phase("checking the cache", show):
+        plan = plan_run(settings, accelerator.num_processes, base_plan)
     identity = state_identity(settings, plan, accelerator.num_processes)
     # Read before the weights are loaded: a state this run cannot continue fails fast.
-    state = load_state(plan.state_path, identity) if settings.resume else None
+    with phase("reading the resume state", show):
+        state = load_state(plan.state_path, identity) if settings.resume else None
     if state is not None and state["step"] > plan.total_steps:
         asked = f"--steps {settings.steps}" if settings.steps is not None else f"--epochs {settings.epochs:g}"
         raise SlotsmithError(
@@ -255,15 +258,12 @@ def _step_loop(run: _Run, loop: _Loop) -> int:
     end_step = plan.total_steps
     if settings.stop_after is not None:
         end_step = min(end_step, loop.step + settings.stop_after)
-    bar = tqdm(
-        total=plan.total_steps, initial=loop.step, disable=not (run.show and accelerator.is_main_process),
-        file=sys.stderr, unit="it", dynamic_ncols=True,
-    )
     log = _Logger(settings.log_dir, accelerator.is_main_process)
     autocast = (lambda: torch.autocast(device.type, dtype=amp_dtype)) if amp_dtype else nullcontext
     input_dtype = loop.compute_dtype if amp_dtype is None else torch.float32
     interrupted = 0
-    with _graceful_interrupt() as stop_flag:
+    bar = Progress("train", plan.total_steps, initial=loop.step, show=run.show)
+    with bar, _graceful_interrupt() as stop_flag:
         while loop.step < end_step:
             step = loop.step
             lr = settings.lr * lr_factor(settings, step, plan.total_steps)
@@ -302,8 +302,7 @@ def _step_loop(run: _Run, loop: _Loop) -> int:
             loop.step = step = step + 1
             loss = float(step_loss / (b * accum))
             loop.losses.append(loss)
-            bar.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.2e}", refresh=False)
-            bar.update(1)
+            bar.update(1, loss=f"{loss:.4f}", lr=f"{lr:.2e}")
             log.log(step, loss, lr)
             if settings.save_every and step % settings.save_every == 0 and step < plan.total_steps:
                 if accelerator.is_main_process:
@@ -315,7 +314,6 @@ def _step_loop(run: _Run, loop: _Loop) -> int:
             if stop.item() > 0:
                 interrupted = stop_flag[0] or int(signal.SIGINT)  # another process may have had the signal
                 break
-    bar.close()
     log.close()
     return interrupted
 

@@ -591,3 +591,17 @@ def test_sigterm_stops_training_at_a_step_boundary_like_ctrl_c(world, tmp_path, 
     assert result.interrupted == signal.SIGTERM and result.steps == 1 and not out.exists()
     assert load_state(state_path_for(out), json.loads(torch.load(state_path_for(out), weights_only=True)["identity"]))
     assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL
+
+
+def test_off_a_terminal_train_prints_progress_lines(world, tmp_path):
+    out = tmp_path / "a.slot"
+    args = ["train", "-b", str(world["base"]), "--cache", str(world["cache"]), "-o", str(out), "--steps", "3",
+            "--ff", str(FF), "--ffid", str(FFID)]
+    r = CliRunner().invoke(main, args)  # CliRunner's stderr is not a terminal, as in a log file
+    assert r.exit_code == 0, r.output
+    lines = r.output.splitlines()
+    assert "train: 0/3 it (0%) elapsed 0s" in lines
+    last = [line for line in lines if line.startswith("train: 3/3 it (100%)")]
+    assert last and all(f" {word} " in last[0] for word in ("loss", "lr", "it/s"))
+    quiet = CliRunner().invoke(main, [*args, "-q", "--force"])
+    assert quiet.exit_code == 0 and not any(line.startswith("train:") for line in quiet.output.splitlines())
