@@ -187,42 +187,129 @@ def _choice(option: str, value: str, allowed: tuple[str, ...]) -> None:
         raise SlotsmithError(f"--{option} {value!r} is not one of {', '.join(allowed)}")
 
 
+MUSUBI_OPTIONS = {
+    "dit": "base",
+    "dataset_config": "data",
+    "text_encoder": "t5",
+    "t5": "t5",
+    "vae": "vae",
+    "output_dir": "out",
+    "output_name": "out",
+    "max_train_steps": "steps",
+    "max_train_epochs": "epochs",
+    "learning_rate": "lr",
+    "lr_warmup_steps": "warmup_steps",
+    "train_batch_size": "batch_size",
+    "gradient_accumulation_steps": "grad_accum",
+    "optimizer_type": "optimizer",
+    "discrete_flow_shift": "flow_shift",
+    "save_every_n_steps": "save_every",
+    "logging_dir": "log_dir",
+    "blocks_to_swap": "offload_blocks",
+    "sdpa": "attention",
+    "flash_attn": "attention",
+    "sage_attn": "attention",
+    "xformers": "attention",
+    "compile": "compile",
+}
+"""musubi-tuner's training option names and the slotsmith option each maps to (see docs/musubi.md)."""
+
+MUSUBI_NO_EQUIVALENT = {
+    "network_module": "a slot is a full fine-tune of the model's own tensors, not a LoRA: choose its size with ff",
+    "network_dim": "a slot has no rank: its size is ff, the fraction of the model's parameters",
+    "network_alpha": "a slot has no LoRA alpha: its learning rate is lr",
+    "network_args": "a slot has no LoRA arguments: see `slotsmith plan` for what ff and ffid select",
+    "sample_prompts": "slotsmith train makes no samples: splice the slot and sample with your usual pipeline",
+    "sample_every_n_steps": "slotsmith train makes no samples: save_every writes snapshot slots to sample from",
+    "save_every_n_epochs": "give save_every in steps",
+    "task": "the model is read from the base checkpoint's own shapes",
+}
+"""musubi-tuner options slotsmith has no counterpart for, with what to do instead."""
+
+
+def _unknown_option_hint(key: str, known: list[str]) -> str:
+    """How to spell an unknown config key: its musubi-tuner counterpart, or the nearest known name."""
+    import difflib
+
+    name = key.replace("-", "_")
+    if name in MUSUBI_NO_EQUIVALENT:
+        return f"musubi-tuner's {name} has no counterpart here: {MUSUBI_NO_EQUIVALENT[name]}"
+    if name in MUSUBI_OPTIONS:
+        return f"musubi-tuner's {name} is {MUSUBI_OPTIONS[name]} here"
+    near = difflib.get_close_matches(name, [*known, *MUSUBI_OPTIONS], n=1, cutoff=0.6)
+    if not near:
+        return "see `slotsmith train --help` for the options"
+    if near[0] in MUSUBI_OPTIONS:
+        return f"did you mean {MUSUBI_OPTIONS[near[0]]!r}? (musubi-tuner's {near[0]})"
+    return f"did you mean {near[0]!r}?"
+
+
 def _yaml_settings(path: Path) -> dict:
     doc = load_yaml(path, CONFIG_CAP, "training config")
     if doc is None:
         return {}
     if not isinstance(doc, dict):
         raise SlotsmithError(f"{path}: a training config must be a mapping of option: value")
-    known = {f.name: f for f in fields(TrainSettings)}
-    out = {}
+    known = [f.name for f in fields(TrainSettings)]
+    out, unknown = {}, []
     for key, value in doc.items():
         name = str(key).replace("-", "_")
-        if name not in known:
-            raise SlotsmithError(f"{path}: unknown option {safe_repr(key)}")
-        out[name] = value
+        if name in known:
+            out[name] = value
+        else:
+            unknown.append(f"{path}: unknown option {safe_repr(key)} ({_unknown_option_hint(str(key), known)})")
+    if unknown:  # every one at once: a config ported from elsewhere often has several
+        raise SlotsmithError("\n".join(unknown))
     return out
 
 
+_TYPE_WORDS = {"bool": "true or false", "int": "a whole number", "float": "a number", "str": "text"}
+
+
+def _number(value):
+    """A YAML scalar as a number: PyYAML (YAML 1.1) leaves ``2e-5`` and ``"1"`` as strings."""
+    if isinstance(value, bool):
+        return None
+    if isinstance(value, (int, float)):
+        return value
+    if isinstance(value, str):
+        text = value.strip().replace("_", "")
+        for parse in (int, float):
+            try:
+                return parse(text)
+            except ValueError:
+                pass
+    return None
+
+
 def _coerce(name: str, value, path: Path):
-    """Check a YAML value against the field's type (YAML has no float/int subtleties for us)."""
+    """A YAML value as the field's type, accepting the forms YAML users write (``2e-5``, ``"1"``, ``100.0``).
+
+    Raises:
+        SlotsmithError: The value is not of the type, named in words.
+    """
     kind = {f.name: f.type for f in fields(TrainSettings)}[name]
+    base = kind.split(" | ")[0]
     if value is None:
         if "None" in kind:
             return None
-        raise SlotsmithError(f"{path}: option {name!r} cannot be empty")
-    if kind.startswith("bool"):
-        ok = isinstance(value, bool)
-    elif kind.startswith("int"):
-        ok = isinstance(value, int) and not isinstance(value, bool)
-    elif kind.startswith("float"):
-        ok = isinstance(value, (int, float)) and not isinstance(value, bool)
-        value = float(value) if ok else value
-    else:
-        ok = isinstance(value, (str, int, float)) and not isinstance(value, bool)
-        value = str(value) if ok else value
-    if not ok:
-        raise SlotsmithError(f"{path}: option {name!r} has the wrong type ({type(value).__name__}, wants {kind})")
-    return value
+        raise SlotsmithError(f"{path}: option {name!r} cannot be empty (it wants {_TYPE_WORDS[base]})")
+    result = None
+    if base == "bool":
+        result = value if isinstance(value, bool) else None
+    elif base == "int":
+        number = _number(value)
+        # 2.0 and "1e3" are whole numbers; 2.5 is not, and rounding it would be a guess.
+        if number is not None and float(number).is_integer():
+            result = int(number)
+    elif base == "float":
+        number = _number(value)
+        result = None if number is None else float(number)
+    elif isinstance(value, (str, int, float)) and not isinstance(value, bool):
+        result = str(value)
+    if result is None:
+        raise SlotsmithError(f"{path}: option {name!r} wants {_TYPE_WORDS[base]}, got {value!r}")
+    return result
 
 
 def _same(name: str, a, b) -> bool:

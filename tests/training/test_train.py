@@ -24,7 +24,7 @@ from slotsmith.errors import SlotsmithError
 from slotsmith.inventory import inventory_from_checkpoint, load_inventory
 from slotsmith.select import select_v2
 from slotsmith.slot import read_slot
-from slotsmith.train import TrainSettings
+from slotsmith.train import TrainSettings, load_settings
 from slotsmith.training import wan
 from slotsmith.training.flow import flow_loss, sample_t
 from slotsmith.training.preflight import expert_range, state_path_for
@@ -605,3 +605,53 @@ def test_off_a_terminal_train_prints_progress_lines(world, tmp_path):
     assert last and all(f" {word} " in last[0] for word in ("loss", "lr", "it/s"))
     quiet = CliRunner().invoke(main, [*args, "-q", "--force"])
     assert quiet.exit_code == 0 and not any(line.startswith("train:") for line in quiet.output.splitlines())
+
+
+def _from_yaml(tmp_path, text: str) -> TrainSettings:
+    config = tmp_path / "train.yaml"
+    config.write_text("base: b.safetensors\ncache: c\nout: o.slot\nff: 0.01\nffid: 1\n" + text)
+    return load_settings({}, set(), str(config))
+
+
+@pytest.mark.parametrize(
+    ("text", "field", "value"),
+    [
+        ("lr: 2e-5\nsteps: 10\n", "lr", 2e-5),  # a string to PyYAML (YAML 1.1 wants a dot)
+        ("lr: 1.5E-4\nsteps: 10\n", "lr", 1.5e-4),
+        ("steps: '100'\n", "steps", 100),
+        ("steps: 1e3\n", "steps", 1000),
+        ("steps: 200.0\n", "steps", 200),
+        ("steps: 1_000\n", "steps", 1000),
+        ("epochs: 3\n", "epochs", 3.0),
+    ],
+)
+def test_config_numbers_in_the_forms_yaml_users_write(tmp_path, text, field, value):
+    settings = _from_yaml(tmp_path, text)
+    assert getattr(settings, field) == value and type(getattr(settings, field)) is type(value)
+
+
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        ("steps: 2.5\n", "option 'steps' wants a whole number, got 2.5"),
+        ("steps: 10\nlr: fast\n", "option 'lr' wants a number, got 'fast'"),
+        ("steps: 10\nresume: maybe\n", "option 'resume' wants true or false, got 'maybe'"),
+        ("steps: 10\nlr:\n", "option 'lr' cannot be empty (it wants a number)"),
+    ],
+)
+def test_config_types_are_named_in_words(tmp_path, text, message):
+    with pytest.raises(SlotsmithError) as e:
+        _from_yaml(tmp_path, text)
+    assert str(e.value) == f"{tmp_path / 'train.yaml'}: {message}"
+
+
+def test_unknown_config_keys_are_all_named_with_a_hint(tmp_path):
+    with pytest.raises(SlotsmithError) as e:
+        _from_yaml(tmp_path, "max_train_steps: 10\nlearning_rat: 1e-4\nnetwork_dim: 16\nzzz: 1\nsed: 3\n")
+    lines = str(e.value).splitlines()
+    assert len(lines) == 5
+    assert lines[0].endswith("unknown option 'max_train_steps' (musubi-tuner's max_train_steps is steps here)")
+    assert lines[1].endswith("unknown option 'learning_rat' (did you mean 'lr'? (musubi-tuner's learning_rate))")
+    assert "network_dim has no counterpart here" in lines[2]
+    assert lines[3].endswith("unknown option 'zzz' (see `slotsmith train --help` for the options)")
+    assert lines[4].endswith("unknown option 'sed' (did you mean 'seed'?)")
