@@ -88,7 +88,9 @@ class TrainSettings:
     lr: float = _option(2e-5, "Peak learning rate.", show_default=True)
     lr_scheduler: str = _option("constant", choices=LR_SCHEDULERS, show_default=True)
     warmup_steps: int = _option(0, show_default=True)
-    batch_size: int = _option(1, "Samples per process.", show_default=True)
+    batch_size: int | None = _option(
+        None, "Samples per process [default: the dataset YAML's batch_size, else 1]. With several latent shapes "
+        "(buckets, clip lengths) each batch is drawn from one shape.")
     grad_accum: int = _option(1, show_default=True)
     optimizer: str = _option("adamw", choices=OPTIMIZERS, show_default=True)
     weight_decay: float = _option(0.0, show_default=True)
@@ -163,7 +165,7 @@ class TrainSettings:
         if self.expert is not None:
             _choice("expert", self.expert, EXPERTS)
         for name in ("batch_size", "grad_accum"):
-            if getattr(self, name) < 1:
+            if getattr(self, name) is not None and getattr(self, name) < 1:
                 raise SlotsmithError(f"--{name.replace('_', '-')} must be at least 1")
         for name in ("warmup_steps", "save_every"):
             if getattr(self, name) < 0:

@@ -26,6 +26,7 @@ from slotsmith.select import Selection, select_v2
 from slotsmith.slot import SLOT_SUFFIX, SNAPSHOT_SUFFIX, read_slot
 from slotsmith.train import INT_RANGES, TrainSettings
 from slotsmith.training.optim import make_optimizer
+from slotsmith.training.stream import epoch_length
 from slotsmith.training.wan import inspect_base
 
 
@@ -57,6 +58,9 @@ class RunPlan(BasePlan):
     cache_index: dict
     dataset_digest: str
     total_steps: int
+    batch_size: int  # per process: --batch-size, else the dataset's
+    batch_from: str  # where batch_size came from, for the summary
+    entry_shapes: tuple  # each dataset entry's latent shape (items times their repeats), for bucketed batches
 
 
 def state_path_for(out: Path) -> Path:
@@ -225,17 +229,45 @@ def plan_run(settings: TrainSettings, num_processes: int = 1, base: BasePlan | N
         raise SlotsmithError(
             f"{settings.cache}: text embeddings are {index['text_dim']}-dim but the base takes {cfg.text_dim}"
         )
-    _check_latent_shapes(Path(settings.cache), index, cfg)
-    entries = sum(i["repeats"] for i in index["items"])
-    global_batch = settings.batch_size * num_processes * settings.grad_accum
-    total = settings.steps if settings.steps is not None else math.ceil(settings.epochs * entries / global_batch)
+    shapes = _check_latent_shapes(Path(settings.cache), index, cfg)
+    entry_shapes = tuple(shape for item, shape in zip(index["items"], shapes) for _ in range(item["repeats"]))
+    batch, batch_from = _batch_size(settings, index)
+    global_batch = batch * num_processes * settings.grad_accum
+    if settings.steps is not None:
+        total = settings.steps
+    else:  # an epoch is the stream's: the entries, and the padding that keeps each batch one shape
+        total = math.ceil(settings.epochs * epoch_length(entry_shapes, batch) / global_batch)
     high = INT_RANGES["steps"][1]
     if total > high:
         raise SlotsmithError(f"--epochs {settings.epochs:g} makes {total} steps, over the limit of {high}")
-    return RunPlan(**vars(base), cache_index=index, dataset_digest=dataset_digest(index), total_steps=total)
+    return RunPlan(
+        **vars(base), cache_index=index, dataset_digest=dataset_digest(index), total_steps=total, batch_size=batch,
+        batch_from=batch_from, entry_shapes=entry_shapes,
+    )
 
 
-def _check_latent_shapes(cache_dir: Path, index: dict, cfg: WanConfig) -> None:
+def _batch_size(settings: TrainSettings, index: dict) -> tuple[int, str]:
+    """The batch size per process: ``--batch-size`` when given, else the dataset's (as musubi-tuner takes it).
+
+    Raises:
+        SlotsmithError: No --batch-size and the datasets ask for different ones.
+    """
+    if settings.batch_size is not None:
+        return settings.batch_size, "--batch-size"
+    asked = sorted({item["batch_size"] for item in index["items"] if isinstance(item.get("batch_size"), int)})
+    if not asked:
+        return 1, "the default (the cache records no batch size)"
+    if len(asked) > 1:
+        raise SlotsmithError(
+            f"{settings.cache}: its datasets ask for different batch sizes ({', '.join(map(str, asked))}); one run "
+            "has one batch size: give --batch-size"
+        )
+    return asked[0], "the dataset's batch_size"
+
+
+def _check_latent_shapes(cache_dir: Path, index: dict, cfg: WanConfig) -> list[tuple[int, ...]]:
+    """Each item's latent shape, checked against the patch size."""
+    shapes = []
     for item in index["items"]:
         shape = read_header(cache_dir / item["latents"]).tensors["latents"].shape
         if any(s % p for s, p in zip(shape[1:], cfg.patch_size, strict=True)):
@@ -243,3 +275,5 @@ def _check_latent_shapes(cache_dir: Path, index: dict, cfg: WanConfig) -> None:
                 f"{cache_dir / item['latents']}: latent size {list(shape[1:])} is not a multiple of the "
                 f"patch size {list(cfg.patch_size)}"
             )
+        shapes.append(tuple(shape))
+    return shapes

@@ -60,6 +60,7 @@ class TrainResult:
     is_main: bool = True
     expert_note: str | None = None
     skipped: tuple[str, ...] = ()
+    batch_note: str | None = None
 
 
 @contextmanager
@@ -184,6 +185,8 @@ def _prepare(settings: TrainSettings, accelerator, show: bool) -> _Run:
         )
     with phase("checking the cache", show):
         plan = plan_run(settings, accelerator.num_processes, base_plan)
+    # From here on the batch size is the one the run uses (given, or the dataset's).
+    settings = dataclasses.replace(settings, batch_size=plan.batch_size)
     identity = state_identity(settings, plan, accelerator.num_processes)
     # Read before the weights are loaded: a state this run cannot continue fails fast.
     with phase("reading the resume state", show):
@@ -252,7 +255,7 @@ def _step_loop(run: _Run, loop: _Loop) -> int:
     params = slot.parameters_in_order()
     amp_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(settings.mixed_precision)
     dataset = CachedDataset(settings.cache, plan.cache_index)
-    stream = DataStream(len(dataset), settings.seed)
+    stream = DataStream(len(dataset), settings.seed, plan.entry_shapes, settings.batch_size)
     b, accum = settings.batch_size, settings.grad_accum
     micro_global = b * world
     end_step = plan.total_steps
@@ -338,6 +341,7 @@ def _finish(run: _Run, loop: _Loop, start_step: int, seconds: float, interrupted
         losses[0] if losses else None, losses[-1] if losses else None, seconds, loop.slot.numel,
         optimizer_state_bytes(loop.optimizer), interrupted, accelerator.is_main_process,
         _expert_note(run.settings, plan), run.skipped,
+        f"batch size: {plan.batch_size} per process (from {plan.batch_from})",
     )
 
 
@@ -422,6 +426,8 @@ def summary(result: TrainResult) -> str:
         steps,
         f"trained parameters: {result.trained_params:,} (optimizer state {result.optimizer_bytes / 2**20:.1f} MiB)",
     ]
+    if result.batch_note is not None:
+        lines.append(result.batch_note)
     if result.expert_note is not None:
         lines.append(result.expert_note)
     if result.first_loss is not None:

@@ -30,7 +30,7 @@ from slotsmith.training.flow import flow_loss, sample_t
 from slotsmith.training.preflight import expert_range, state_path_for
 from slotsmith.training.run import summary, train
 from slotsmith.training.state import load_state
-from slotsmith.training.stream import sample_generator
+from slotsmith.training.stream import DataStream, epoch_length, sample_generator
 
 torch.set_num_threads(1)
 FF, FFID = 0.05, 1
@@ -655,3 +655,37 @@ def test_unknown_config_keys_are_all_named_with_a_hint(tmp_path):
     assert "network_dim has no counterpart here" in lines[2]
     assert lines[3].endswith("unknown option 'zzz' (see `slotsmith train --help` for the options)")
     assert lines[4].endswith("unknown option 'sed' (did you mean 'seed'?)")
+
+
+def test_stream_batches_never_mix_shapes_and_one_shape_keeps_the_plain_order():
+    shapes = [(16, 1, 4, 4)] * 5 + [(16, 1, 4, 6)] * 2 + [(16, 5, 4, 4)] * 1
+    stream = DataStream(len(shapes), 7, shapes, batch=2)
+    assert stream.epoch_length == epoch_length(shapes, 2) == 6 + 2 + 2  # each shape's last batch filled up
+    for epoch in range(3):
+        order = [stream.entry(epoch * stream.epoch_length + i) for i in range(stream.epoch_length)]
+        assert set(order) == set(range(len(shapes)))  # every entry every epoch
+        batches = [order[i : i + 2] for i in range(0, len(order), 2)]
+        assert all(shapes[a] == shapes[b] for a, b in batches)
+    plain = DataStream(5, 7)
+    one_shape = DataStream(5, 7, [(16, 1, 4, 4)] * 5, batch=2)
+    assert [plain.entry(i) for i in range(15)] == [one_shape.entry(i) for i in range(15)]
+
+
+def test_batch_size_comes_from_the_dataset_unless_given(world, tmp_path):
+    index = json.loads((world["cache"] / "index.json").read_text())
+    cache_dir = tmp_path / "cache"
+    shutil.copytree(world["cache"], cache_dir)
+    for item in index["items"]:
+        item["batch_size"] = 2
+    (cache_dir / "index.json").write_text(json.dumps(index))
+    result = train(_settings(world, _own(tmp_path, "a.slot"), cache=str(cache_dir), batch_size=None, epochs=1.0,
+                             steps=None))
+    assert result.total_steps == 2  # 4 entries, 2 per step
+    assert result.batch_note == "batch size: 2 per process (from the dataset's batch_size)"
+    assert "batch size: 2 per process" in summary(result)
+    given = train(_settings(world, _own(tmp_path, "b.slot"), cache=str(cache_dir), batch_size=1, epochs=1.0, steps=None))
+    assert given.total_steps == 4 and given.batch_note.endswith("(from --batch-size)")
+    index["items"][0]["batch_size"] = 3
+    (cache_dir / "index.json").write_text(json.dumps(index))
+    with pytest.raises(SlotsmithError, match=r"different batch sizes \(2, 3\).*give --batch-size"):
+        train(_settings(world, _own(tmp_path, "c.slot"), cache=str(cache_dir), batch_size=None))
