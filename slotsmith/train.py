@@ -40,6 +40,7 @@ INT_RANGES = {
 MAX_EPOCHS = 1e6
 """Most ``--epochs``."""
 
+LOG_TRACKERS = ("jsonl", "tensorboard", "wandb")
 PATH_OPTIONS = ("base", "cache", "data", "vae", "t5", "tokenizer", "out", "log_dir")
 """Options naming files or folders: relative ones in a config file are relative to its folder."""
 
@@ -118,7 +119,14 @@ class TrainSettings:
         "`splice` take it when named; folder walks skip it).", show_default=True)
     stop_after: int | None = _option(None, "Stop after N steps of this run, keeping a resumable state.")
     resume: bool = _option(False, "Continue from OUT.state.")
-    log_dir: str | None = _option(None, "Write train_log.jsonl (and TensorBoard, when installed).", metavar="DIR")
+    log_dir: str | None = _option(
+        None, "Log the run into a folder of its own under DIR (OUT's name and the time, or --log-name), with its "
+        "settings.json and what --log-with writes.", metavar="DIR")
+    log_with: str | None = _option(
+        None, "Comma-separated trackers: jsonl (train_log.jsonl), tensorboard, wandb [default with --log-dir: jsonl].",
+        metavar="LIST")
+    log_name: str | None = _option(None, "The run's folder under --log-dir, instead of OUT's name and the time.",
+                                   metavar="NAME")
     force: bool = _option(False, "Replace OUT; skip the taken-ffid check.")
     quiet: bool = _option(False, "No progress bar.", aliases=("-q",), flag=True)
 
@@ -182,6 +190,13 @@ class TrainSettings:
             raise SlotsmithError("--stop-after must be at least 1")
         if self.head_dim is not None and self.head_dim < 1:
             raise SlotsmithError("--head-dim must be positive")
+        if (self.log_with or self.log_name) and not self.log_dir:
+            raise SlotsmithError("--log-with and --log-name go with --log-dir (the folder the run's logs go under)")
+        for kind in (self.log_with or "").split(","):
+            if kind.strip():
+                _choice("log-with", kind.strip(), LOG_TRACKERS)
+        if self.log_name is not None and (not self.log_name or Path(self.log_name).name != self.log_name):
+            raise SlotsmithError(f"--log-name {self.log_name!r} must be a plain folder name")
 
 
 def _choice(option: str, value: str, allowed: tuple[str, ...]) -> None:

@@ -14,7 +14,6 @@ frozen base is never broadcast).
 from __future__ import annotations
 
 import dataclasses
-import json
 import random
 import signal
 import time
@@ -33,6 +32,7 @@ from slotsmith.progress import Progress, phase
 from slotsmith.slot import write_slot
 from slotsmith.train import TrainSettings
 from slotsmith.training.flow import flow_loss, sample_t
+from slotsmith.training.logs import make_trackers, open_run_folder, run_folder, trackers_for
 from slotsmith.training.optim import lr_factor, make_optimizer, optimizer_state_bytes
 from slotsmith.training.preflight import RunPlan, plan_base, plan_run, snapshot_path_for
 from slotsmith.training.slot_params import SlotParams, attach_slot
@@ -154,9 +154,16 @@ def train(settings: TrainSettings, progress: bool | None = None) -> TrainResult:
     """
     from accelerate import Accelerator  # slow to import, and only a run needs it
 
-    accelerator = Accelerator(cpu=not torch.cuda.is_available())
+    trackers = trackers_for(settings)  # a tracker that is not installed fails here, before any work
+    log_folder = run_folder(settings)
+    accelerator = Accelerator(
+        cpu=not torch.cuda.is_available(), log_with=make_trackers(trackers, log_folder) or None,
+        project_dir=str(log_folder) if log_folder else None,
+    )
     show = (progress if progress is not None else not settings.quiet) and accelerator.is_main_process
     run = _prepare(settings, accelerator, show)
+    if trackers:
+        _start_logs(run, log_folder)
     with phase("loading the base", show):
         model, slot, compute_dtype = _load(run)
     loop = _restore(run, model, slot, compute_dtype)
@@ -164,6 +171,21 @@ def train(settings: TrainSettings, progress: bool | None = None) -> TrainResult:
     started = time.perf_counter()
     interrupted = _step_loop(run, loop)
     return _finish(run, loop, start_step, time.perf_counter() - started, interrupted)
+
+
+def _start_logs(run: _Run, folder: Path) -> None:
+    """Open the run's log folder (main process) with its settings, and start the trackers."""
+    accelerator = run.accelerator
+    if accelerator.is_main_process:
+        facts = {
+            "out": str(run.plan.out), "total_steps": run.plan.total_steps, "batch_size": run.plan.batch_size,
+            "processes": accelerator.num_processes, "device": str(accelerator.device),
+            "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        }
+        open_run_folder(folder, run.given, facts)
+    # Trackers take flat str/int/float/bool values: "not given" becomes "".
+    config = {k: ("" if v is None else v) for k, v in run.settings.to_json().items()}
+    accelerator.init_trackers(folder.name, config=config, init_kwargs={"wandb": {"dir": str(folder)}})
 
 
 def _prepare(settings: TrainSettings, accelerator, show: bool) -> _Run:
@@ -261,7 +283,6 @@ def _step_loop(run: _Run, loop: _Loop) -> int:
     end_step = plan.total_steps
     if settings.stop_after is not None:
         end_step = min(end_step, loop.step + settings.stop_after)
-    log = _Logger(settings.log_dir, accelerator.is_main_process)
     autocast = (lambda: torch.autocast(device.type, dtype=amp_dtype)) if amp_dtype else nullcontext
     input_dtype = loop.compute_dtype if amp_dtype is None else torch.float32
     interrupted = 0
@@ -306,7 +327,8 @@ def _step_loop(run: _Run, loop: _Loop) -> int:
             loss = float(step_loss / (b * accum))
             loop.losses.append(loss)
             bar.update(1, loss=f"{loss:.4f}", lr=f"{lr:.2e}")
-            log.log(step, loss, lr)
+            if accelerator.trackers:
+                accelerator.log({"loss": loss, "lr": lr}, step=step)
             if settings.save_every and step % settings.save_every == 0 and step < plan.total_steps:
                 if accelerator.is_main_process:
                     save_state(plan.state_path, run.identity, step, slot, optimizer, scaler, loop.losses)
@@ -317,7 +339,7 @@ def _step_loop(run: _Run, loop: _Loop) -> int:
             if stop.item() > 0:
                 interrupted = stop_flag[0] or int(signal.SIGINT)  # another process may have had the signal
                 break
-    log.close()
+    accelerator.end_training()
     return interrupted
 
 
@@ -375,38 +397,6 @@ def _micro_step(model, slot, dataset, stream, settings, plan, positions, device,
         (scaler.scale(loss) if scaler is not None else loss).backward()
         total += per_sample.detach().sum().double().cpu()
     return total
-
-
-class _Logger:
-    """Metrics to ``LOG_DIR/train_log.jsonl`` and, when installed, TensorBoard."""
-
-    def __init__(self, log_dir: str | None, main: bool):
-        self._file = self._tb = None
-        if not (log_dir and main):
-            return
-        folder = Path(log_dir)
-        folder.mkdir(parents=True, exist_ok=True)
-        self._file = open(folder / "train_log.jsonl", "a", encoding="utf-8")
-        try:
-            from torch.utils.tensorboard import SummaryWriter
-
-            self._tb = SummaryWriter(str(folder))
-        except ImportError:
-            self._tb = None
-
-    def log(self, step: int, loss: float, lr: float) -> None:
-        if self._file:
-            self._file.write(json.dumps({"step": step, "loss": loss, "lr": lr, "time": time.time()}) + "\n")
-            self._file.flush()
-        if self._tb:
-            self._tb.add_scalar("train/loss", loss, step)
-            self._tb.add_scalar("train/lr", lr, step)
-
-    def close(self) -> None:
-        if self._file:
-            self._file.close()
-        if self._tb:
-            self._tb.close()
 
 
 def summary(result: TrainResult) -> str:

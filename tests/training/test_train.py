@@ -2,6 +2,7 @@
 
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -195,8 +196,13 @@ def test_save_every_writes_slot_sized_snapshots(world, tmp_path):
     snap = tmp_path / "a-step000002.snapshot"
     assert read_slot(snap).manifest.provenance["steps"] == 2
     assert snap.stat().st_size < world["base"].stat().st_size / 5
-    lines = (tmp_path / "logs" / "train_log.jsonl").read_text().splitlines()
+    (run,) = (tmp_path / "logs").iterdir()  # one folder per run, named after OUT and the time
+    assert re.fullmatch(r"a-\d{8}-\d{6}", run.name)
+    lines = (run / "train_log.jsonl").read_text().splitlines()
     assert [json.loads(line)["step"] for line in lines] == [1, 2, 3, 4]
+    assert set(json.loads(lines[0])) == {"step", "loss", "lr", "time"}
+    doc = json.loads((run / "settings.json").read_text())
+    assert doc["settings"]["save_every"] == 2 and doc["total_steps"] == 4 and doc["processes"] == 1
 
 
 def test_snapshots_are_left_out_of_folder_walks_but_usable_when_named(world, tmp_path, monkeypatch):
@@ -501,7 +507,7 @@ def test_config_paths_are_relative_to_the_config_file(world, tmp_path, monkeypat
     monkeypatch.chdir(elsewhere)
     r = CliRunner().invoke(main, ["train", "--config", "../cfg/train.yaml", "-q"])
     assert r.exit_code == 0, r.output
-    assert (cfg / "c1.slot").is_file() and (cfg / "logs" / "train_log.jsonl").is_file()
+    assert (cfg / "c1.slot").is_file() and len(list((cfg / "logs").glob("c1-*/train_log.jsonl"))) == 1
     # On the command line, paths stay relative to the current folder.
     r = CliRunner().invoke(main, ["train", "--config", "../cfg/train.yaml", "-o", "c2.slot", "-q"])
     assert r.exit_code == 0, r.output
@@ -689,3 +695,30 @@ def test_batch_size_comes_from_the_dataset_unless_given(world, tmp_path):
     (cache_dir / "index.json").write_text(json.dumps(index))
     with pytest.raises(SlotsmithError, match=r"different batch sizes \(2, 3\).*give --batch-size"):
         train(_settings(world, _own(tmp_path, "c.slot"), cache=str(cache_dir), batch_size=None))
+
+
+def test_log_with_a_tracker_that_is_not_installed_is_a_clear_error(world, tmp_path, monkeypatch):
+    import importlib.util
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "wandb" else real(name, *a))
+    args = _cli_args(world, tmp_path / "a.slot", "--ff", str(FF), "--ffid", str(FFID), "--log-dir", str(tmp_path))
+    r = CliRunner().invoke(main, [*args, "--log-with", "jsonl,wandb"])
+    assert r.exit_code == 1 and r.output == "error: --log-with wandb: wandb is not installed (pip install wandb), or use jsonl\n"
+    r = CliRunner().invoke(main, [*args, "--log-with", "mlflow"])
+    assert r.exit_code == 1 and "--log-with 'mlflow' is not one of jsonl, tensorboard, wandb" in r.output
+    r = CliRunner().invoke(main, [*_cli_args(world, tmp_path / "a.slot", "--ff", str(FF), "--ffid", str(FFID)),
+                                  "--log-with", "jsonl"])
+    assert r.exit_code == 1 and "--log-with and --log-name go with --log-dir" in r.output
+    assert not (tmp_path / "a.slot").exists()
+
+
+def test_log_name_names_the_run_folder_and_is_not_reused_by_a_new_run(world, tmp_path):
+    logs = tmp_path / "logs"
+    train(_settings(world, tmp_path / "a.slot", steps=2, log_dir=str(logs), log_name="first", stop_after=1))
+    assert (logs / "first" / "settings.json").is_file()
+    with pytest.raises(SlotsmithError, match="log folder already exists"):
+        train(_settings(world, tmp_path / "a.slot", steps=2, log_dir=str(logs), log_name="first", force=True))
+    train(_settings(world, tmp_path / "a.slot", steps=2, log_dir=str(logs), log_name="first", resume=True))
+    steps = [json.loads(line)["step"] for line in (logs / "first" / "train_log.jsonl").read_text().splitlines()]
+    assert steps == [1, 2]
