@@ -373,6 +373,8 @@ def _settings_option(f: dataclasses.Field):
         kwargs["type"] = _CLICK_TYPES[kind]
     if "metavar" in meta:
         kwargs["metavar"] = meta["metavar"]
+    if "flag_value" in meta:  # an optional value: the option alone means flag_value
+        kwargs.update(is_flag=False, flag_value=meta["flag_value"])
     return click.option(flag, *meta.get("aliases", ()), f.name, show_default=meta.get("show_default", False), **kwargs)
 
 

@@ -98,8 +98,16 @@ class TrainSettings:
     max_grad_norm: float = _option(1.0, "0 disables.", show_default=True)
     mixed_precision: str = _option("no", choices=MIXED_PRECISIONS, show_default=True)
     gradient_checkpointing: bool = _option(False)
-    offload_blocks: bool = _option(False, "Keep frozen blocks in CPU memory, one on the device at a time.")
+    offload_blocks: int = _option(
+        0, "Keep the last N blocks in CPU memory, brought to the device for their forward (musubi-tuner's "
+        "--blocks_to_swap N); the flag alone: every block, one on the device at a time. [default: 0, none]",
+        metavar="[N]", flag_value=-1)
     fp8_base: bool = _option(False, "Store frozen weights in float8, compute in bf16 (slot stays full precision).")
+    attention: str | None = _option(
+        None, "Attention backend among those diffusers offers on this machine (native, flex, flash, sage, xformers "
+        "...; an unusable one is refused with the list) [default: DIFFUSERS_ATTN_BACKEND, else native].",
+        metavar="NAME")
+    compile: bool = _option(False, "torch.compile each transformer block (slower start, faster steps).")
     seed: int = _option(42, show_default=True)
     timestep_sampling: str = _option("shift", choices=TIMESTEP_SAMPLINGS, show_default=True)
     flow_shift: float = _option(3.0, show_default=True)
@@ -186,6 +194,8 @@ class TrainSettings:
             raise SlotsmithError(f"--boundary {self.boundary} must be in (0, 1)")
         if self.flow_shift <= 0:
             raise SlotsmithError("--flow-shift must be positive")
+        if self.offload_blocks < -1:
+            raise SlotsmithError("--offload-blocks N must be 0 or more (the flag alone: every block)")
         if self.stop_after is not None and self.stop_after < 1:
             raise SlotsmithError("--stop-after must be at least 1")
         if self.head_dim is not None and self.head_dim < 1:
@@ -312,6 +322,8 @@ def _coerce(name: str, value, path: Path):
             return None
         raise SlotsmithError(f"{path}: option {name!r} cannot be empty (it wants {_TYPE_WORDS[base]})")
     result = None
+    if name == "offload_blocks" and isinstance(value, bool):
+        return -1 if value else 0  # the switch it was before it took a count: true meant every block
     if base == "bool":
         result = value if isinstance(value, bool) else None
     elif base == "int":

@@ -32,6 +32,15 @@ from slotsmith.progress import Progress, phase
 from slotsmith.slot import write_slot
 from slotsmith.train import TrainSettings
 from slotsmith.training.flow import flow_loss, sample_t
+from slotsmith.training.knobs import (
+    apply_attention,
+    compile_blocks,
+    place_model,
+    process_warning,
+    resolve_attention,
+    runtime_line,
+    say,
+)
 from slotsmith.training.logs import make_trackers, open_run_folder, run_folder, trackers_for
 from slotsmith.training.optim import lr_factor, make_optimizer, optimizer_state_bytes
 from slotsmith.training.preflight import RunPlan, plan_base, plan_run, snapshot_path_for
@@ -61,6 +70,7 @@ class TrainResult:
     expert_note: str | None = None
     skipped: tuple[str, ...] = ()
     batch_note: str | None = None
+    runtime_note: str | None = None
 
 
 @contextmanager
@@ -123,6 +133,7 @@ class _Run:
     state: dict | None
     show: bool
     skipped: tuple[str, ...]
+    runtime: str | None = None  # device, precision, attention, processes: said before the first step and at the end
 
 
 @dataclass
@@ -161,11 +172,23 @@ def train(settings: TrainSettings, progress: bool | None = None) -> TrainResult:
         project_dir=str(log_folder) if log_folder else None,
     )
     show = (progress if progress is not None else not settings.quiet) and accelerator.is_main_process
+    # Checked before any work: an attention backend this machine cannot run is refused with the usable ones.
+    attention, _ = resolve_attention(settings.attention, accelerator.device)
+    warning = process_warning(accelerator.num_processes)
+    if warning and accelerator.is_main_process:
+        say(warning, True)  # even with -q: a run on fewer processes than asked is not what the user thinks
     run = _prepare(settings, accelerator, show)
     if trackers:
         _start_logs(run, log_folder)
     with phase("loading the base", show):
         model, slot, compute_dtype = _load(run)
+    apply_attention(model, attention)
+    if settings.compile:
+        compile_blocks(model)
+    run.runtime = runtime_line(
+        accelerator.device, compute_dtype, settings.mixed_precision, attention, accelerator.num_processes
+    )
+    say(f"train: {run.runtime}; batch size {run.plan.batch_size} per process (from {run.plan.batch_from})", show)
     loop = _restore(run, model, slot, compute_dtype)
     start_step = loop.step
     started = time.perf_counter()
@@ -240,16 +263,7 @@ def _load(run: _Run) -> tuple[torch.nn.Module, SlotParams, torch.dtype]:
         model.enable_gradient_checkpointing()
     if settings.fp8_base:
         model.enable_layerwise_casting(storage_dtype=torch.float8_e4m3fn, compute_dtype=torch.bfloat16)
-    if settings.offload_blocks:
-        model.enable_group_offload(
-            onload_device=device,
-            offload_device=torch.device("cpu"),
-            offload_type="block_level",
-            num_blocks_per_group=1,
-            use_stream=device.type == "cuda",
-        )
-    else:
-        model.to(device)
+    place_model(model, device, settings.offload_blocks)
     model.train()
     return model, slot, compute_dtype
 
@@ -363,7 +377,7 @@ def _finish(run: _Run, loop: _Loop, start_step: int, seconds: float, interrupted
         losses[0] if losses else None, losses[-1] if losses else None, seconds, loop.slot.numel,
         optimizer_state_bytes(loop.optimizer), interrupted, accelerator.is_main_process,
         _expert_note(run.settings, plan), run.skipped,
-        f"batch size: {plan.batch_size} per process (from {plan.batch_from})",
+        f"batch size: {plan.batch_size} per process (from {plan.batch_from})", run.runtime,
     )
 
 
@@ -416,6 +430,8 @@ def summary(result: TrainResult) -> str:
         steps,
         f"trained parameters: {result.trained_params:,} (optimizer state {result.optimizer_bytes / 2**20:.1f} MiB)",
     ]
+    if result.runtime_note is not None:
+        lines.append(f"ran on: {result.runtime_note}")
     if result.batch_note is not None:
         lines.append(result.batch_note)
     if result.expert_note is not None:

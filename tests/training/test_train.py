@@ -28,6 +28,7 @@ from slotsmith.slot import read_slot
 from slotsmith.train import TrainSettings, load_settings
 from slotsmith.training import wan
 from slotsmith.training.flow import flow_loss, sample_t
+from slotsmith.training.knobs import attention_backends, place_model, process_warning, resolve_attention
 from slotsmith.training.preflight import expert_range, state_path_for
 from slotsmith.training.run import summary, train
 from slotsmith.training.state import load_state
@@ -173,8 +174,9 @@ def test_resume_refuses_a_different_run_naming_the_setting(world, tmp_path):
 
 @pytest.mark.parametrize(
     "options",
-    [dict(gradient_checkpointing=True), dict(offload_blocks=True), dict(offload_blocks=True, gradient_checkpointing=True)],
-    ids=["checkpointing", "offload", "both"],
+    [dict(gradient_checkpointing=True), dict(offload_blocks=-1), dict(offload_blocks=1),
+     dict(offload_blocks=-1, gradient_checkpointing=True), dict(offload_blocks=1, gradient_checkpointing=True)],
+    ids=["checkpointing", "offload-all", "offload-1", "both-all", "both-1"],
 )
 def test_memory_options_give_the_same_slot(world, tmp_path, options):
     train(_settings(world, _own(tmp_path, "plain.slot")))
@@ -722,3 +724,52 @@ def test_log_name_names_the_run_folder_and_is_not_reused_by_a_new_run(world, tmp
     train(_settings(world, tmp_path / "a.slot", steps=2, log_dir=str(logs), log_name="first", resume=True))
     steps = [json.loads(line)["step"] for line in (logs / "first" / "train_log.jsonl").read_text().splitlines()]
     assert steps == [1, 2]
+
+
+def test_offload_blocks_keeps_the_rest_resident(world):
+    """On CPU both devices are one, so what is checked is where the offload hooks sit."""
+    model = wan.build_model(tiny.TINY_CONFIG, tiny.TINY_HEAD_DIM)
+    place_model(model, torch.device("cpu"), 1)
+    hooked = [hasattr(b, "_diffusers_hook") and b._diffusers_hook.get_hook("group_offloading") is not None
+              for b in model.blocks]
+    assert hooked == [False] * (len(model.blocks) - 1) + [True]
+
+
+def test_attention_backend_is_checked_against_this_machine(world, tmp_path, monkeypatch):
+    cpu = torch.device("cpu")
+    usable = attention_backends(cpu)
+    assert usable[0] == "native" and "flash" not in usable  # flash kernels need CUDA
+    assert resolve_attention(None, cpu) == ("native", "default")
+    args = _cli_args(world, tmp_path / "a.slot", "--ff", str(FF), "--ffid", str(FFID))
+    r = CliRunner().invoke(main, [*args, "--attention", "flash"])
+    assert r.exit_code == 1 and r.output.startswith("error: --attention flash: this attention backend cannot run here")
+    assert r.output.rstrip().endswith(f"available: {', '.join(usable)}")
+    monkeypatch.setenv("DIFFUSERS_ATTN_BACKEND", "xformers")
+    r = CliRunner().invoke(main, args)
+    assert r.exit_code == 1 and r.output.startswith("error: DIFFUSERS_ATTN_BACKEND=xformers: ")
+    assert not (tmp_path / "a.slot").exists()
+
+
+def test_summary_states_device_precision_attention_and_processes(world, tmp_path):
+    result = train(_settings(world, tmp_path / "a.slot", steps=1))
+    assert result.runtime_note == "device cpu, weights float32, attention native, 1 process(es)"
+    assert "ran on: device cpu, weights float32, attention native, 1 process(es)" in summary(result)
+
+
+def test_accelerate_asking_for_more_processes_than_started_is_warned(monkeypatch, tmp_path):
+    cmdline = tmp_path / "cmdline"
+    cmdline.write_bytes(b"\0".join([b"accelerate", b"launch", b"--cpu", b"--num_processes", b"2", b"x.py"]))
+    real = Path.read_bytes
+    monkeypatch.setattr(Path, "read_bytes", lambda p: real(cmdline) if str(p).endswith("/cmdline") else real(p))
+    assert process_warning(1) is None  # not started by accelerate launch
+    monkeypatch.setenv("ACCELERATE_USE_CPU", "True")
+    assert process_warning(1).startswith("warning: accelerate launch asked for 2 processes but 1 started")
+    assert process_warning(2) is None
+
+
+@pytest.mark.slow
+def test_compile_gives_the_same_slot(world, tmp_path):
+    train(_settings(world, _own(tmp_path, "plain.slot"), steps=2))
+    train(_settings(world, tmp_path / "compiled.slot", steps=2, compile=True))
+    a, b = _slot_tensors(tmp_path / "plain" / "plain.slot"), _slot_tensors(tmp_path / "compiled.slot")
+    assert all(torch.allclose(a[n], b[n], rtol=0, atol=1e-5) for n in a)
