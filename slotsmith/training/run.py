@@ -243,7 +243,43 @@ def _prepare(settings: TrainSettings, accelerator, show: bool) -> _Run:
             f"run ({asked}); cannot resume (ask for at least {state['step']} steps, or run without --resume to "
             "start over)"
         )
+    if state is not None:
+        say(f"resume: {_resume_schedule(settings, plan, state)}", show)
     return _Run(settings, given, plan, accelerator, identity, state, show, tuple(str(item) for item in skipped))
+
+
+RESTART_RATIO = 2.0
+"""A resumed run whose schedule puts the learning rate this many times above the saved one is refused."""
+
+
+def _resume_schedule(settings: TrainSettings, plan: RunPlan, state: dict) -> str:
+    """What the learning rate does at the resume point: said, or refused when the decay would start again.
+
+    The saved optimizer holds the rate of the saved run's last step. A run
+    extended past a finished cosine or linear decay (``--steps`` raised) would
+    put the rate back near its peak: that is refused, naming the ways on.
+
+    Raises:
+        SlotsmithError: The schedule over this run's total jumps the rate up.
+    """
+    step, total = state["step"], plan.total_steps
+    groups = state["optimizer"].get("param_groups") or [{}]
+    saved = groups[0].get("lr")
+    now = settings.lr * lr_factor(settings, step, total) if step < total else None
+    where = f"step {step} of {total}"
+    if saved is None or now is None:
+        return f"{where}" + ("" if now is None else f", lr {now:.3g} ({settings.lr_scheduler})")
+    jumps = now > RESTART_RATIO * saved and step >= settings.warmup_steps
+    if settings.lr_scheduler != "constant" and jumps:
+        raise SlotsmithError(
+            f"{plan.state_path}: the saved run's learning rate had decayed to {saved:.3g} by step {step}; this run's "
+            f"{settings.lr_scheduler} schedule over {total} steps puts step {step} at {now:.3g}, so the decay would "
+            f"start again. Pass --lr-scheduler constant --lr {saved:.3g} to go on at the rate it reached, or run "
+            "without --resume to start a fresh schedule"
+        )
+    if settings.lr_scheduler == "constant":
+        return f"{where}, lr {saved:.3g} -> {now:.3g} (constant from here)"
+    return f"{where}, lr {saved:.3g} -> {now:.3g} (the {settings.lr_scheduler} schedule over {total} steps continues)"
 
 
 def _load(run: _Run) -> tuple[torch.nn.Module, SlotParams, torch.dtype]:

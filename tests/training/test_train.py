@@ -29,6 +29,7 @@ from slotsmith.train import TrainSettings, load_settings
 from slotsmith.training import wan
 from slotsmith.training.flow import flow_loss, sample_t
 from slotsmith.training.knobs import attention_backends, place_model, process_warning, resolve_attention
+from slotsmith.training.optim import lr_factor
 from slotsmith.training.preflight import expert_range, state_path_for
 from slotsmith.training.run import summary, train
 from slotsmith.training.state import load_state
@@ -773,3 +774,26 @@ def test_compile_gives_the_same_slot(world, tmp_path):
     train(_settings(world, tmp_path / "compiled.slot", steps=2, compile=True))
     a, b = _slot_tensors(tmp_path / "plain" / "plain.slot"), _slot_tensors(tmp_path / "compiled.slot")
     assert all(torch.allclose(a[n], b[n], rtol=0, atol=1e-5) for n in a)
+
+
+def test_resume_says_what_the_schedule_does_and_refuses_to_restart_a_finished_decay(world, tmp_path, capsys):
+    out = tmp_path / "a.slot"
+    kw = dict(lr_scheduler="cosine", lr=1e-3)
+    train(_settings(world, out, steps=6, stop_after=3, **kw))
+    capsys.readouterr()
+    train(_settings(world, out, steps=6, resume=True, **kw), progress=True)
+    at_3 = 1e-3 * lr_factor(TrainSettings(**kw), 2, 6)  # the rate of the saved run's last step (step index 2)
+    said = [line for line in capsys.readouterr().err.splitlines() if line.startswith("resume: ")]
+    now = 1e-3 * lr_factor(TrainSettings(**kw), 3, 6)
+    assert said == [f"resume: step 3 of 6, lr {at_3:.3g} -> {now:.3g} (the cosine schedule over 6 steps continues)"]
+    # Finished, then extended: the cosine over 10 steps would put step 6 far above where the decay ended.
+    with pytest.raises(SlotsmithError) as e:
+        train(_settings(world, out, steps=10, resume=True, **kw))
+    ended = 1e-3 * lr_factor(TrainSettings(**kw), 5, 6)
+    assert f"had decayed to {ended:.3g} by step 6" in str(e.value)
+    assert f"Pass --lr-scheduler constant --lr {ended:.3g} to go on" in str(e.value)
+    result = train(_settings(world, out, steps=10, resume=True, lr_scheduler="constant", lr=float(f"{ended:.3g}")),
+                   progress=True)
+    assert result.steps == 10
+    said = [line for line in capsys.readouterr().err.splitlines() if line.startswith("resume: ")]
+    assert said == [f"resume: step 6 of 10, lr {ended:.3g} -> {float(f'{ended:.3g}'):.3g} (constant from here)"]
