@@ -4,12 +4,18 @@
 
     CACHE/index.json                  {"format": "slotsmith-cache/1",
                                        "latent_channels": C, "text_dim": D,
+                                       "sources_from": "..",
                                        "items": [{"latents": "latents/<hex>.safetensors",
                                                   "text": "text/<hex>.safetensors",
                                                   "source": "...", "caption": "...",
                                                   "repeats": 1}, ...]}
     CACHE/latents/<hex>.safetensors   tensor "latents": float32 [C, F, H, W] (normalised)
     CACHE/text/<hex>.safetensors      tensor "context": float32 [L, D], L <= 512 real tokens
+
+Each item's ``source`` is relative to the folder ``sources_from`` names
+(relative to the cache folder: the dataset YAML's folder), so a dataset folder
+moved or copied with its cache still trains; absolute sources (older caches)
+stay as they are.
 
 ``<hex>`` is a content address chosen by the writer (xxh3-128 of the source
 bytes and every setting that affects the item), so re-runs skip unchanged
@@ -104,7 +110,9 @@ def write_text(cache_dir, key: str, context: torch.Tensor) -> str:
     return _write_tensor(cache_dir, "text", key, "context", context, 2)
 
 
-def write_index(cache_dir, items: list[dict], latent_channels: int, text_dim: int) -> None:
+def write_index(
+    cache_dir, items: list[dict], latent_channels: int, text_dim: int, sources_from: str | None = None
+) -> None:
     """Write ``index.json`` atomically (after every item file exists).
 
     Args:
@@ -113,6 +121,8 @@ def write_index(cache_dir, items: list[dict], latent_channels: int, text_dim: in
             optionally ``source``, ``caption``, ``repeats`` (default 1).
         latent_channels: C of every latent.
         text_dim: Embedding size of every context.
+        sources_from: The folder the items' relative ``source`` paths start
+            from, relative to ``cache_dir`` (the dataset YAML's folder).
 
     Raises:
         SlotsmithError: Writing failed.
@@ -121,10 +131,26 @@ def write_index(cache_dir, items: list[dict], latent_channels: int, text_dim: in
         "format": CACHE_FORMAT,
         "latent_channels": int(latent_channels),
         "text_dim": int(text_dim),
+        **({"sources_from": sources_from} if sources_from is not None else {}),
         "items": [{"repeats": 1, **item} for item in items],
     }
     payload = json.dumps(doc, indent=1, ensure_ascii=False).encode()
     _atomic_write(Path(cache_dir) / INDEX_NAME, payload)
+
+
+def source_path(cache_dir, index: dict, item: dict) -> Path:
+    """Where an item's source file is now: its ``source`` joined to the index's ``sources_from``.
+
+    Args:
+        cache_dir: The cache folder.
+        index: Its index document.
+        item: One of its items.
+
+    Returns:
+        The source's path (lexically normalised; an absolute source as it is).
+    """
+    root = Path(cache_dir) / str(index.get("sources_from", "."))
+    return Path(os.path.normpath(root / str(item.get("source", ""))))
 
 
 def _check_tensor(cache_dir: Path, rel, name: str, ndim: int, dim_index: int, dim_value: int, where: str):

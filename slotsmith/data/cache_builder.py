@@ -18,7 +18,7 @@ from pathlib import Path
 
 import torch
 
-from slotsmith.data.cache import INDEX_CAP, INDEX_NAME, load_index, write_index, write_latents, write_text
+from slotsmith.data.cache import INDEX_CAP, INDEX_NAME, load_index, source_path, write_index, write_latents, write_text
 from slotsmith.data.config import DEFAULT_ALIGN, DataConfig, check_align, load_data_config
 from slotsmith.data.encoders import (
     encode_pixels,
@@ -306,7 +306,7 @@ def run_cache(
                     flush_texts()
             common = {
                 "text": text_rel,
-                "source": str(source.path),
+                "source": os.path.relpath(source.path, config.path.parent),  # portable: see source_path
                 "caption": source.caption,
                 "repeats": source.dataset.repeats,
                 "batch_size": source.dataset.batch_size,
@@ -350,7 +350,7 @@ def run_cache(
         raise SlotsmithError(f"{config.path}: nothing to cache (no good items)")
     latent_channels = _tensor_dim(cache_dir / items[0]["latents"], "latents")
     text_dim = _tensor_dim(cache_dir / items[0]["text"], "context")
-    write_index(cache_dir, items, latent_channels, text_dim)
+    write_index(cache_dir, items, latent_channels, text_dim, os.path.relpath(config.path.parent, cache_dir))
     report.items = len(items)
     return report
 
@@ -375,16 +375,18 @@ def missing_from_cache(config: DataConfig, skip_bad: bool = False) -> tuple[list
     """
     sources, bad = discover(config)
     items: list[dict] = []
+    index: dict = {}
     if (config.cache_dir / INDEX_NAME).exists():
         try:
-            items = load_index(config.cache_dir)["items"]
+            index = load_index(config.cache_dir)
+            items = index["items"]
         except SlotsmithError as e:
             if bad and not skip_bad:
                 raise BadItemsError(bad) from None
             return [str(e)], bad
     by_source: dict[str, list[dict]] = defaultdict(list)
     for item in items:
-        by_source[item.get("source", "")].append(item)
+        by_source[str(source_path(config.cache_dir, index, item))].append(item)
     align = _align_of(items[0]) if items else DEFAULT_ALIGN
     problems = []
     for source in sources:

@@ -38,7 +38,7 @@ import torch
 import yaml
 
 from slotsmith.cast import new_cast_text, pin_cast, write_new_cast
-from slotsmith.data.cache import CachedDataset
+from slotsmith.data.cache import CachedDataset, source_path
 from slotsmith.data.cache_builder import run_cache
 from slotsmith.data.config import load_data_config
 from slotsmith.data.encoders import encode_pixels, load_vae
@@ -326,7 +326,10 @@ def eval_batches(cache_dir: Path, images: Path, seed: int) -> list[tuple[torch.T
     """
     dataset = CachedDataset(cache_dir)
     folder = images.resolve()
-    picked = [i for i, item in enumerate(dataset.index["items"]) if Path(item["source"]).parent == folder]
+    picked = [
+        i for i, item in enumerate(dataset.index["items"])
+        if source_path(cache_dir, dataset.index, item).parent == folder
+    ]
     items = [dataset[i] for i in picked]
     latents = torch.stack([it["latents"] for it in items])
     context = torch.stack([it["context"] for it in items])

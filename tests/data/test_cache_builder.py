@@ -9,7 +9,7 @@ from media import count_frames, write_image, write_video
 from safetensors.torch import load_file
 
 from slotsmith.cli import main
-from slotsmith.data.cache import CachedDataset, load_index
+from slotsmith.data.cache import CachedDataset, load_index, source_path
 from slotsmith.data.cache_builder import LISTED_PROBLEMS, BadItemsError, ensure_cache, run_cache
 from slotsmith.errors import SlotsmithError
 
@@ -271,3 +271,16 @@ def test_a_file_listed_by_two_datasets_is_complete_once_cached(models, tmp_path)
     (tmp_path / "data.yaml").write_text(yaml.safe_dump(doc))
     ensure_cache(tmp_path / "data.yaml", progress=False, **models)
     assert ensure_cache(tmp_path / "data.yaml") == (tmp_path / "cache", [])
+
+
+def test_a_moved_dataset_folder_still_matches_its_cache(models, dataset, tmp_path_factory):
+    _cache(models, dataset / "data.yaml")
+    index = load_index(dataset / "cache")
+    assert not any(item["source"].startswith("/") for item in index["items"])
+    moved = tmp_path_factory.mktemp("elsewhere") / "moved"
+    dataset.rename(moved)
+    assert ensure_cache(moved / "data.yaml") == (moved / "cache", [])
+    index = load_index(moved / "cache")
+    assert {source_path(moved / "cache", index, item) for item in index["items"]} == {
+        moved / "imgs" / "a.png", moved / "imgs" / "b.jpg", moved / "clips" / "v1.mp4", moved / "clips" / "v2.mp4"
+    }
