@@ -102,3 +102,65 @@ def test_fifo_is_refused_without_blocking(tmp_path):
     os.mkfifo(fifo)
     with pytest.raises(SlotsmithError, match="not a regular file"):
         read_header(fifo)
+
+
+def _torch_file(path, zipped: bool) -> bytes:
+    import io
+
+    torch = pytest.importorskip("torch")
+    buffer = io.BytesIO()
+    torch.save({"w": torch.zeros(2)}, buffer, _use_new_zipfile_serialization=zipped)
+    return buffer.getvalue()
+
+
+IMPOSTORS = {
+    "lfs pointer": (
+        lambda p: b"version https://git-lfs.github.com/spec/v1\noid sha256:" + b"ab" * 32 + b"\nsize 28576890880\n",
+        "is a Git LFS pointer, not the weights; run `git lfs pull`",
+    ),
+    "torch zip": (lambda p: _torch_file(p, True), "is a PyTorch checkpoint (zip), not safetensors; convert it"),
+    "torch pickle": (lambda p: _torch_file(p, False), "is a PyTorch checkpoint (pickle), not safetensors; convert it"),
+    "html page": (
+        lambda p: b"\n<!DOCTYPE html><html><head><title>Sign in</title></head></html>",
+        "is an HTML page, not weights; the download failed",
+    ),
+    "gguf": (lambda p: b"GGUF\x03\x00\x00\x00" + b"\x00" * 40, "is a GGUF file"),
+}
+
+
+@pytest.mark.parametrize("kind", IMPOSTORS)
+def test_files_that_are_not_safetensors_are_named_for_what_they_are(tmp_path, kind):
+    make, words = IMPOSTORS[kind]
+    path = tmp_path / "dit.safetensors"
+    path.write_bytes(make(path))
+    with pytest.raises(SlotsmithError) as e:
+        read_header(path)
+    assert str(e.value).startswith(f"{path}: {words}")
+    r = CliRunner().invoke(main, ["inspect", str(path)])
+    assert r.exit_code == 1 and r.output.startswith(f"error: {path}: {words}")
+
+
+def test_the_pytorch_advice_is_a_command_that_converts(tmp_path):
+    """The suggested one-liner, run as printed, gives a file the reader accepts."""
+    import shlex
+    import subprocess
+    import sys
+
+    pth = tmp_path / "vae.pth"
+    pth.write_bytes(_torch_file(pth, True))
+    with pytest.raises(SlotsmithError) as e:
+        read_header(pth)
+    command = str(e.value).split("convert it to safetensors: ", 1)[1]
+    argv = shlex.split(command.replace("IN.pth", str(pth)).replace("OUT.safetensors", str(tmp_path / "vae.safetensors")))
+    assert argv[0] == "python"
+    subprocess.run([sys.executable, *argv[1:]], check=True, timeout=120)
+    assert set(read_header(tmp_path / "vae.safetensors").tensors) == {"w"}
+
+
+def test_a_sharded_index_that_is_an_lfs_pointer_says_so(tmp_path):
+    from slotsmith.io.checkpoint import open_checkpoint
+
+    index = tmp_path / "diffusion_pytorch_model.safetensors.index.json"
+    index.write_bytes(IMPOSTORS["lfs pointer"][0](index))
+    with pytest.raises(SlotsmithError, match="is a Git LFS pointer, not the weights; run `git lfs pull`"):
+        open_checkpoint(index)

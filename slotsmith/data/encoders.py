@@ -28,6 +28,7 @@ import torch
 
 from slotsmith.data.cache import TEXT_LEN
 from slotsmith.errors import SlotsmithError
+from slotsmith.io.header import SNIFF_BYTES, sniff_format
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -57,6 +58,14 @@ def load_state_dict(path: Path) -> dict[str, torch.Tensor]:
     """
     if not path.is_file():
         raise SlotsmithError(f"{path}: no such file")
+    try:
+        with open(path, "rb") as f:
+            found = sniff_format(f.read(SNIFF_BYTES))
+    except OSError as e:
+        raise SlotsmithError(f"{path}: cannot read weights: {e.strerror or e}") from None
+    # A torch file is fine here (Wan ships its VAE and encoder as .pth), unless it is named .safetensors.
+    if found is not None and (not found[0].startswith("a PyTorch") or path.suffix == ".safetensors"):
+        raise SlotsmithError(f"{path}: is {found[0]}; {found[1]}")
     try:
         if path.suffix == ".safetensors":
             from safetensors.torch import load_file

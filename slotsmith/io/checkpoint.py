@@ -14,7 +14,14 @@ from pathlib import Path, PurePosixPath
 
 from slotsmith.errors import SlotsmithError
 from slotsmith.io.files import is_folder, parse_json_object, read_input
-from slotsmith.io.header import HEADER_CAP, SafetensorsHeader, TensorInfo, read_header
+from slotsmith.io.header import (
+    HEADER_CAP,
+    SNIFF_BYTES,
+    SafetensorsHeader,
+    TensorInfo,
+    not_safetensors_error,
+    read_header,
+)
 
 INDEX_CAP = HEADER_CAP
 """Largest index JSON we read, in bytes (as large as a header may be)."""
@@ -78,7 +85,12 @@ def _safe_shard_path(index_path: Path, name: object) -> Path:
 
 
 def _open_index(index_path: Path) -> Checkpoint:
-    obj = parse_json_object(read_input(index_path, INDEX_CAP, "index"), str(index_path))
+    raw = read_input(index_path, INDEX_CAP, "index")
+    if not raw.lstrip().startswith(b"{"):  # an LFS pointer or a failed download's page, say so
+        error = not_safetensors_error(index_path, raw[:SNIFF_BYTES])
+        if error is not None:
+            raise error
+    obj = parse_json_object(raw, str(index_path))
     weight_map = obj.get("weight_map")
     if not isinstance(weight_map, dict) or not weight_map:
         raise SlotsmithError(f"{index_path}: needs a non-empty 'weight_map' object")

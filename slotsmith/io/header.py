@@ -167,6 +167,46 @@ def _read_exactly(fd: int, n: int, pos: int) -> bytes:
     return b"".join(chunks)
 
 
+SNIFF_BYTES = 64
+"""Bytes read to recognise a file that is not safetensors."""
+
+_TO_SAFETENSORS = (
+    "convert it to safetensors: python -c \"import sys, torch; from safetensors.torch import save_file; "
+    "sd = torch.load(sys.argv[1], map_location='cpu', weights_only=True); save_file(sd.get('state_dict', sd), "
+    "sys.argv[2])\" IN.pth OUT.safetensors"
+)
+
+
+def sniff_format(head: bytes) -> tuple[str, str] | None:
+    """Recognise a file that is not safetensors by its first bytes.
+
+    Args:
+        head: The file's first bytes (``SNIFF_BYTES`` are enough).
+
+    Returns:
+        ``(kind, what to do)`` for a Git LFS pointer, a PyTorch zip or pickle
+        file, an HTML page, a GGUF file; None for anything else.
+    """
+    text = head.lstrip().lower()
+    if head.startswith(b"version https://git-lfs"):
+        return "a Git LFS pointer, not the weights", "run `git lfs pull` in its repository (or download the file itself)"
+    if head.startswith(b"PK\x03\x04"):
+        return "a PyTorch checkpoint (zip), not safetensors", _TO_SAFETENSORS
+    if len(head) >= 2 and head[0] == 0x80 and 2 <= head[1] <= 5:
+        return "a PyTorch checkpoint (pickle), not safetensors", _TO_SAFETENSORS
+    if text.startswith((b"<!doctype html", b"<html", b"<head", b"<?xml")):
+        return "an HTML page, not weights", "the download failed (an error or login page was saved): download it again"
+    if head.startswith(b"GGUF"):
+        return "a GGUF file (quantized for llama.cpp / ComfyUI-GGUF)", "use the original safetensors weights"
+    return None
+
+
+def not_safetensors_error(path: Path, head: bytes) -> SlotsmithError | None:
+    """The error for a file whose first bytes show it is another format, or None."""
+    found = sniff_format(head)
+    return None if found is None else SlotsmithError(f"{path}: is {found[0]}; {found[1]}")
+
+
 def read_header(path: str | os.PathLike) -> SafetensorsHeader:
     """Read and validate the header of a safetensors file.
 
@@ -186,7 +226,13 @@ def read_header(path: str | os.PathLike) -> SafetensorsHeader:
     fd = open_input(path, "safetensors file")  # a FIFO or device would block or never end
     try:
         size = os.fstat(fd).st_size
-        prefix = os.pread(fd, 8, 0)
+        head = _read_exactly(fd, SNIFF_BYTES, 0)
+        # A safetensors header opens with '{' after its 8-byte length; anything else may be a known impostor.
+        if head[8:9] != b"{":
+            error = not_safetensors_error(path, head)
+            if error is not None:
+                raise error
+        prefix = head[:8]
         if len(prefix) < 8:
             raise SlotsmithError(f"{path}: too short to be a safetensors file ({size} bytes)")
         (header_len,) = struct.unpack("<Q", prefix)

@@ -222,3 +222,14 @@ def test_tokenizer_folder_errors_say_what_is_wrong(tmp_path, monkeypatch):
         f"{folder}: reading spiece.model (there is no tokenizer.json) needs sentencepiece and protobuf: "
         "pip install 'slotsmith[train]'"
     )
+
+
+def test_encoder_files_that_are_lfs_pointers_or_torch_files_named_safetensors_say_so(tiny_models, tmp_path):
+    pointer = tmp_path / "Wan2.1_VAE.pth"
+    pointer.write_bytes(b"version https://git-lfs.github.com/spec/v1\noid sha256:00\nsize 507609880\n")
+    with pytest.raises(SlotsmithError, match=r"Wan2.1_VAE.pth: is a Git LFS pointer, not the weights; run `git lfs pull`"):
+        load_vae(pointer)
+    misnamed = tmp_path / "vae.safetensors"
+    misnamed.write_bytes(tiny_models["vae_pth"].read_bytes())
+    with pytest.raises(SlotsmithError, match=r"vae.safetensors: is a PyTorch checkpoint \(\w+\), not safetensors"):
+        load_vae(misnamed)
