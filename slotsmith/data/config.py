@@ -13,9 +13,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from slotsmith.errors import SlotsmithError
-from slotsmith.io.files import load_yaml, safe_repr
+from slotsmith.io.files import load_yaml, read_input, safe_repr
 
-FRAME_EXTRACTIONS = ("head", "uniform", "chunk")
+FRAME_EXTRACTIONS = ("head", "uniform", "chunk", "slide", "full")
 DEFAULT_ALIGN = 16
 """Pixel sizes must be multiples of this: the Wan 2.1 VAE's /8 times the DiT's patch 2."""
 
@@ -30,6 +30,8 @@ _DATASET_KEYS = {
     "target_frames": [81],
     "frame_extraction": "head",
     "frame_sample": 1,
+    "frame_stride": 1,
+    "max_frames": 129,
     "source_fps": None,
 }
 _TOP_KEYS = ("cache_dir", "general", "datasets")
@@ -63,8 +65,10 @@ class DatasetSpec:
         batch_size: Items per batch for this dataset (recorded in the index).
         target_frames: Clip lengths in frames, each 4N+1 (videos only;
             an image is always one frame).
-        frame_extraction: ``head``, ``uniform`` or ``chunk``.
+        frame_extraction: ``head``, ``uniform``, ``chunk``, ``slide`` or ``full``.
         frame_sample: Clips per length for ``uniform``.
+        frame_stride: Frames between clip starts for ``slide``.
+        max_frames: Longest clip for ``full``.
         source_fps: When set, the clip is resampled from this rate to 16 fps.
     """
 
@@ -81,10 +85,17 @@ class DatasetSpec:
     frame_extraction: str
     frame_sample: int
     source_fps: float | None
+    frame_stride: int = 1
+    max_frames: int = 129
 
     def settings(self) -> dict:
         """Every setting that changes the pixels of an item (for cache keys)."""
+        # The newer settings enter the keys only where they act, so caches made before them stay valid.
+        extra = {"frame_stride": self.frame_stride} if self.frame_extraction == "slide" else {}
+        if self.frame_extraction == "full":
+            extra = {"max_frames": self.max_frames}
         return {
+            **extra,
             "resolution": list(self.resolution),
             "enable_bucket": self.enable_bucket,
             "bucket_no_upscale": self.bucket_no_upscale,
@@ -205,7 +216,95 @@ def _dataset(raw: dict, general: dict, index: int, config_path: Path, align: int
         frame_extraction=extraction,
         frame_sample=_positive_int(merged["frame_sample"], config_path, key("frame_sample")),
         source_fps=None if fps is None else float(fps),
+        frame_stride=_positive_int(merged["frame_stride"], config_path, key("frame_stride")),
+        max_frames=_positive_int(merged["max_frames"], config_path, key("max_frames")),
     )
+
+
+MUSUBI_RENAMED = {
+    "num_repeats": "repeats",
+    "image_jsonl_file": "jsonl_file",
+    "video_jsonl_file": "jsonl_file",
+}
+"""musubi-tuner dataset keys that slotsmith spells otherwise; the rest of its common keys are the same."""
+
+MUSUBI_REFUSED = {
+    "control_directory": "control images (FramePack one-frame or ControlNet training) are not supported: remove it",
+    "fp_latent_window_size": "a FramePack setting; Wan does not use it: remove it",
+    "fp_1f_clean_indices": "a FramePack setting; Wan does not use it: remove it",
+    "fp_1f_target_index": "a FramePack setting; Wan does not use it: remove it",
+    "fp_1f_no_post": "a FramePack setting; Wan does not use it: remove it",
+    "multiple_target": "multiple targets (FLUX Kontext / Qwen-Image-Edit) are not supported: remove it",
+    "debug_dataset": "not a dataset setting here: remove it",
+}
+"""musubi-tuner dataset keys slotsmith does not support, with what to do."""
+
+MUSUBI_DEFAULT_RESOLUTION = [960, 544]
+"""musubi-tuner's resolution when neither general nor the dataset gives one."""
+
+MUSUBI_CACHE_FOLDER = "slotsmith-cache"
+"""slotsmith's cache inside the first musubi ``cache_directory``: musubi's own files there are left alone."""
+
+
+def _from_musubi(doc: dict, config_path: Path) -> dict:
+    """A musubi-tuner dataset TOML as this module's dataset YAML document.
+
+    Every key is mapped (renamed where slotsmith spells it otherwise) or
+    refused; all refusals are reported at once, each with what to do.
+
+    Raises:
+        SlotsmithError: One line per unsupported key.
+    """
+    problems = []
+
+    def mapped(section: dict, where: str) -> dict:
+        out = {}
+        if not isinstance(section, dict):
+            problems.append(f"{config_path}: {where}: must be a table")
+            return out
+        for key, value in section.items():
+            if key in MUSUBI_REFUSED:
+                problems.append(f"{config_path}: {where}.{key}: {MUSUBI_REFUSED[key]}")
+            elif key == "cache_directory":
+                continue  # one cache for all datasets: see MUSUBI_CACHE_FOLDER
+            elif key in MUSUBI_RENAMED or key in _DATASET_KEYS or (where != "general" and key in _SOURCE_KEYS):
+                out[MUSUBI_RENAMED.get(key, key)] = value
+            else:
+                problems.append(f"{config_path}: {where}.{key}: not a musubi-tuner dataset key slotsmith knows: remove it")
+        return out
+
+    for key in sorted(set(doc) - {"general", "datasets"}):
+        problems.append(f"{config_path}: {key}: unknown table (expected general and datasets): remove it")
+    general = mapped(doc.get("general", {}), "general")
+    raw_datasets = doc.get("datasets")
+    datasets = [mapped(d, f"datasets[{i}]") for i, d in enumerate(raw_datasets)] if isinstance(raw_datasets, list) else raw_datasets
+    if problems:
+        raise SlotsmithError("\n".join(problems))
+    if isinstance(datasets, list) and "resolution" not in general and not all("resolution" in d for d in datasets):
+        general["resolution"] = MUSUBI_DEFAULT_RESOLUTION
+    first = raw_datasets[0] if isinstance(raw_datasets, list) and raw_datasets else {}
+    anchor = first.get("cache_directory") or next(
+        (first[k] for k in ("image_directory", "video_directory") if k in first), "."
+    )
+    if not isinstance(anchor, str):
+        anchor = "."
+    return {"cache_dir": str(Path(anchor) / MUSUBI_CACHE_FOLDER), "general": general, "datasets": datasets}
+
+
+def _read_document(config_path: Path):
+    """The dataset file's document: YAML, or TOML (musubi-tuner's format) for a ``.toml`` file."""
+    if config_path.suffix.lower() != ".toml":
+        return load_yaml(config_path, CONFIG_CAP, "dataset config")
+    import tomllib
+
+    raw = read_input(config_path, CONFIG_CAP, "dataset config")
+    try:
+        doc = tomllib.loads(raw.decode("utf-8"))
+    except UnicodeDecodeError as e:
+        raise SlotsmithError(f"{config_path}: not valid UTF-8 ({e.reason} at byte {e.start})") from None
+    except tomllib.TOMLDecodeError as e:
+        raise SlotsmithError(f"{config_path}: not valid TOML: {str(e).splitlines()[0]}") from None
+    return _from_musubi(doc, config_path)
 
 
 def check_align(config: DataConfig, align: int) -> None:
@@ -223,7 +322,7 @@ def check_align(config: DataConfig, align: int) -> None:
 
 
 def load_data_config(path, align: int = DEFAULT_ALIGN) -> DataConfig:
-    """Read and validate a dataset YAML.
+    """Read and validate a dataset YAML, or a musubi-tuner dataset TOML (see `_from_musubi`).
 
     Relative paths (folders, JSONL files, ``cache_dir``) are relative to the
     YAML's own folder. Keys under ``general`` are defaults for every dataset.
@@ -241,7 +340,7 @@ def load_data_config(path, align: int = DEFAULT_ALIGN) -> DataConfig:
             the message names the file and the key.
     """
     config_path = Path(path).resolve()
-    raw = load_yaml(config_path, CONFIG_CAP, "dataset config")
+    raw = _read_document(config_path)
     if not isinstance(raw, dict):
         raise SlotsmithError(f"{config_path}: must be a mapping with a 'datasets' list")
     unknown = sorted(set(raw) - set(_TOP_KEYS))

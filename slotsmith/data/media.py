@@ -102,10 +102,12 @@ def _jsonl_sources(spec: DatasetSpec, bad: list[BadItem]) -> list[Source]:
         except (ValueError, RecursionError) as e:  # also an int over Python's digit limit, or deep nesting
             bad.append(BadItem(where, f"not valid JSON: {getattr(e, 'msg', None) or type(e).__name__}"))
             continue
-        if not isinstance(entry, dict) or not isinstance(entry.get("path"), str):
+        # musubi-tuner's JSONL names the file image_path or video_path.
+        key = next((k for k in ("path", "image_path", "video_path") if isinstance(entry, dict) and k in entry), "path")
+        if not isinstance(entry, dict) or not isinstance(entry.get(key), str):
             bad.append(BadItem(where, 'needs {"path": ..., "caption": ...}'))
             continue
-        media = (spec.path.parent / entry["path"]).resolve()
+        media = (spec.path.parent / entry[key]).resolve()
         kind = _media_kind(media)
         caption = entry.get("caption")
         if kind is None:
@@ -263,10 +265,12 @@ def clip_ranges(count: int, spec: DatasetSpec) -> list[tuple[int, int]]:
     """Start and stop of each clip in a ``count``-frame sequence.
 
     ``head``: the first ``target_frames``. ``chunk``: consecutive,
-    non-overlapping clips. ``uniform``: ``frame_sample`` clips with evenly
-    spaced starts from the first to the last possible one. Each length in
-    ``target_frames`` gives its own clips; lengths longer than the video give
-    none.
+    non-overlapping clips. ``slide``: clips starting every ``frame_stride``
+    frames. ``uniform``: ``frame_sample`` clips with evenly spaced starts from
+    the first to the last possible one. Each length in ``target_frames`` gives
+    its own clips; lengths longer than the video give none. ``full``: one
+    clip of the whole video, cut to at most ``max_frames`` and down to 4N+1
+    frames (``target_frames`` unused), as musubi-tuner does.
 
     Args:
         count: Frames available.
@@ -275,6 +279,9 @@ def clip_ranges(count: int, spec: DatasetSpec) -> list[tuple[int, int]]:
     Returns:
         ``(start, stop)`` pairs.
     """
+    if spec.frame_extraction == "full":
+        n = min(count, spec.max_frames)
+        return [(0, (n - 1) // 4 * 4 + 1)] if n >= 1 else []
     ranges = []
     for n in spec.target_frames:
         if n > count:
@@ -283,6 +290,8 @@ def clip_ranges(count: int, spec: DatasetSpec) -> list[tuple[int, int]]:
             starts = [0]
         elif spec.frame_extraction == "chunk":
             starts = list(range(0, count - n + 1, n))
+        elif spec.frame_extraction == "slide":
+            starts = list(range(0, count - n + 1, spec.frame_stride))
         else:
             last = count - n
             k = spec.frame_sample

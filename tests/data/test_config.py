@@ -60,7 +60,7 @@ def test_valid_config_resolves_paths_and_general_defaults(folders):
         ({"image_directory": "imgs"}, {"resolution": [0, 32]}, "general.resolution", "multiples of 16"),
         ({"image_directory": "imgs"}, {}, "datasets[0].resolution", "missing"),
         ({"video_directory": "clips", "resolution": [32, 32], "target_frames": 6}, {}, "datasets[0].target_frames", "4N+1"),
-        ({"video_directory": "clips", "resolution": [32, 32], "frame_extraction": "slide"}, {}, "datasets[0].frame_extraction", "head"),
+        ({"video_directory": "clips", "resolution": [32, 32], "frame_extraction": "random"}, {}, "datasets[0].frame_extraction", "head"),
         ({"image_directory": "imgs", "resolution": [32, 32], "repeats": 0}, {}, "datasets[0].repeats", "positive"),
         ({"image_directory": "imgs", "resolution": [32, 32], "batch_size": 1.5}, {}, "datasets[0].batch_size", "positive"),
         ({"image_directory": "imgs", "resolution": [32, 32], "bucket_no_upscale": True}, {}, "datasets[0].bucket_no_upscale", "enable_bucket"),
@@ -260,3 +260,90 @@ def test_check_align_rechecks_sizes_without_reading_the_yaml_again(folders):
     check_align(config, 16)
     with pytest.raises(SlotsmithError, match=r"datasets\[0\].resolution: 48x32: .*multiples of 32"):
         check_align(config, 32)
+
+
+def test_clip_ranges_slide_and_full_as_musubi_draws_them(folders):
+    """musubi-tuner's own diagrams: a 40-frame video; full on videos of 20, 25 and 35 frames."""
+    (folders / "clips").mkdir(exist_ok=True)
+
+    def spec(**kw):
+        doc = {"datasets": [{"video_directory": "clips", "resolution": [32, 32], **kw}]}
+        return load_data_config(_yaml(folders, doc)).datasets[0]
+
+    slide = spec(target_frames=[1, 13, 25], frame_extraction="slide", frame_stride=10)
+    assert clip_ranges(40, slide) == [
+        (0, 1), (10, 11), (20, 21), (30, 31), (0, 13), (10, 23), (20, 33), (0, 25), (10, 35)
+    ]
+    full = spec(frame_extraction="full", max_frames=31)
+    assert [clip_ranges(n, full) for n in (20, 25, 35)] == [[(0, 17)], [(0, 25)], [(0, 29)]]
+    # The new settings enter cache keys only where they act: older caches of head/chunk/uniform stay valid.
+    assert "frame_stride" in slide.settings() and "max_frames" not in slide.settings()
+    assert not {"frame_stride", "max_frames"} & set(spec(target_frames=5).settings())
+
+
+MUSUBI_TOML = """
+# general configurations
+[general]
+resolution = [32, 32]
+caption_extension = ".txt"
+batch_size = 2
+enable_bucket = true
+bucket_no_upscale = false
+
+[[datasets]]
+image_directory = "imgs"
+cache_directory = "cache/imgs"
+num_repeats = 2
+
+[[datasets]]
+video_jsonl_file = "list.jsonl"
+target_frames = [1, 5]
+frame_extraction = "slide"
+frame_stride = 4
+cache_directory = "cache/clips"
+
+[[datasets]]
+video_directory = "clips"
+frame_extraction = "full"
+max_frames = 45
+"""
+
+
+def test_a_musubi_dataset_toml_maps_every_key(folders):
+    (folders / "list.jsonl").write_text('{"video_path": "clips/v.mp4", "caption": "a man walks"}\n')
+    path = folders / "dataset.toml"
+    path.write_text(MUSUBI_TOML)
+    config = load_data_config(path)
+    assert config.cache_dir == (folders / "cache" / "imgs" / "slotsmith-cache").resolve()
+    images, listed, full = config.datasets
+    assert (images.kind, images.repeats, images.batch_size, images.enable_bucket) == ("image", 2, 2, True)
+    assert (listed.kind, listed.frame_extraction, listed.frame_stride, listed.target_frames) == (
+        "jsonl", "slide", 4, (1, 5)
+    )
+    assert (full.frame_extraction, full.max_frames, full.resolution) == ("full", 45, (32, 32))
+
+
+def test_a_musubi_toml_without_a_resolution_gets_musubis_default(folders):
+    path = folders / "dataset.toml"
+    path.write_text('[[datasets]]\nimage_directory = "imgs"\n')
+    assert load_data_config(path).datasets[0].resolution == (960, 544)
+
+
+def test_unsupported_musubi_keys_are_refused_all_at_once_with_what_to_do(folders):
+    path = folders / "dataset.toml"
+    path.write_text(
+        '[general]\nresolution = [32, 32]\nflip = true\n[[datasets]]\nimage_directory = "imgs"\n'
+        'control_directory = "ctrl"\nfp_latent_window_size = 9\n[extra]\na = 1\n'
+    )
+    with pytest.raises(SlotsmithError) as e:
+        load_data_config(path)
+    assert str(e.value).splitlines() == [
+        f"{path.resolve()}: extra: unknown table (expected general and datasets): remove it",
+        f"{path.resolve()}: general.flip: not a musubi-tuner dataset key slotsmith knows: remove it",
+        f"{path.resolve()}: datasets[0].control_directory: control images (FramePack one-frame or ControlNet "
+        "training) are not supported: remove it",
+        f"{path.resolve()}: datasets[0].fp_latent_window_size: a FramePack setting; Wan does not use it: remove it",
+    ]
+    path.write_text("[general\n")
+    with pytest.raises(SlotsmithError, match="not valid TOML"):
+        load_data_config(path)

@@ -13,7 +13,7 @@ import torch
 import yaml
 from click.testing import CliRunner
 from helpers import disk_full
-from media import write_image
+from media import write_image, write_video
 from safetensors import safe_open
 from safetensors.torch import save_file
 
@@ -797,3 +797,34 @@ def test_resume_says_what_the_schedule_does_and_refuses_to_restart_a_finished_de
     assert result.steps == 10
     said = [line for line in capsys.readouterr().err.splitlines() if line.startswith("resume: ")]
     assert said == [f"resume: step 6 of 10, lr {ended:.3g} -> {float(f'{ended:.3g}'):.3g} (constant from here)"]
+
+
+def test_a_musubi_dataset_toml_caches_and_trains(world, tiny_models, tmp_path):
+    """The shape of musubi-tuner's documented image + video sample, at tiny sizes."""
+    (tmp_path / "imgs").mkdir()
+    (tmp_path / "clips").mkdir()
+    for name in ("a", "b"):
+        write_image(tmp_path / "imgs" / f"{name}.png", 32, 32, seed=len(name))
+        (tmp_path / "imgs" / f"{name}.txt").write_text(f"a {name} cat")
+    write_video(tmp_path / "clips" / "v.mp4", 9, seed=3)
+    (tmp_path / "clips.jsonl").write_text('{"video_path": "clips/v.mp4", "caption": "a man walks"}\n')
+    data = tmp_path / "dataset.toml"
+    data.write_text(
+        '[general]\nresolution = [32, 32]\ncaption_extension = ".txt"\nbatch_size = 2\nenable_bucket = true\n'
+        'bucket_no_upscale = false\n\n[[datasets]]\nimage_directory = "imgs"\ncache_directory = "cache/imgs"\n'
+        'num_repeats = 1\n\n[[datasets]]\nvideo_jsonl_file = "clips.jsonl"\ntarget_frames = [1, 5]\n'
+        'frame_extraction = "slide"\nframe_stride = 4\ncache_directory = "cache/clips"\n'
+    )
+    out = tmp_path / "a.slot"
+    r = CliRunner().invoke(main, [
+        "train", "-b", str(world["base"]), "--data", str(data), "--vae", str(tiny_models["vae_pth"]),
+        "--t5", str(tiny_models["t5_pth"]), "--tokenizer", str(tiny_models["tok"]), "--ff", str(FF), "--ffid",
+        str(FFID), "--epochs", "1", "-o", str(out), "-q",
+    ])
+    assert r.exit_code == 0, r.output
+    index = cache.load_index(tmp_path / "cache" / "imgs" / "slotsmith-cache")
+    # Two images; of the 9-frame clip, 1-frame clips from frames 0, 4, 8 and 5-frame clips from 0 and 4.
+    assert len(index["items"]) == 2 + 3 + 2
+    assert "batch size: 2 per process (from the dataset's batch_size)" in r.output
+    # One-frame items (5) fill 3 pairs, 5-frame clips (2) one: an epoch is 4 steps.
+    assert read_slot(out).manifest.provenance["steps"] == 4
