@@ -25,7 +25,7 @@ from click.core import ParameterSource
 
 from slotsmith import __version__
 from slotsmith.errors import SlotsmithError, printable
-from slotsmith.train import EXPERTS, TrainSettings, load_settings
+from slotsmith.train import EXPERTS, TrainSettings, load_settings, unknown_option_hint
 
 
 class Terminated(KeyboardInterrupt):
@@ -390,7 +390,19 @@ def _train_options(fn):
     return fn
 
 
-@main.command()
+class _TrainCommand(click.Command):
+    """``train``, whose unknown options get a hint (musubi-tuner's names are mapped to ours)."""
+
+    def parse_args(self, ctx: click.Context, args: list[str]) -> list[str]:
+        try:
+            return super().parse_args(ctx, args)
+        except click.NoSuchOption as e:
+            known = [f.name for f in dataclasses.fields(TrainSettings)]
+            hint = unknown_option_hint(e.option_name.lstrip("-"), known, flags=True)
+            raise click.NoSuchOption(e.option_name, f"No such option: {e.option_name} ({hint})", ctx=ctx) from None
+
+
+@main.command(cls=_TrainCommand)
 @_train_options
 @click.option("--cast", "cast_file", metavar="CAST.yaml", help="Take --base, --out, --ff, --ffid and --expert "
               "from a cast file (with --character); contradicting them is refused.")

@@ -254,21 +254,36 @@ MUSUBI_NO_EQUIVALENT = {
 """musubi-tuner options slotsmith has no counterpart for, with what to do instead."""
 
 
-def _unknown_option_hint(key: str, known: list[str]) -> str:
-    """How to spell an unknown config key: its musubi-tuner counterpart, or the nearest known name."""
+def unknown_option_hint(key: str, known: list[str], flags: bool = False) -> str:
+    """How to spell an unknown option: its musubi-tuner counterpart, or the nearest known name.
+
+    Args:
+        key: The unknown name (a config key, or a command-line flag without its dashes).
+        known: The names there are.
+        flags: Word the hint as command-line flags (``--max-train-steps``) rather than config keys.
+
+    Returns:
+        The hint, e.g. ``musubi-tuner's max_train_steps is steps here``.
+    """
     import difflib
+
+    def spell(name: str) -> str:
+        return "--" + name.replace("_", "-") if flags else name
+
+    def theirs(name: str) -> str:  # musubi-tuner's flags keep their underscores
+        return "--" + name if flags else name
 
     name = key.replace("-", "_")
     if name in MUSUBI_NO_EQUIVALENT:
-        return f"musubi-tuner's {name} has no counterpart here: {MUSUBI_NO_EQUIVALENT[name]}"
+        return f"musubi-tuner's {theirs(name)} has no counterpart here: {MUSUBI_NO_EQUIVALENT[name]}"
     if name in MUSUBI_OPTIONS:
-        return f"musubi-tuner's {name} is {MUSUBI_OPTIONS[name]} here"
+        return f"musubi-tuner's {theirs(name)} is {spell(MUSUBI_OPTIONS[name])} here"
     near = difflib.get_close_matches(name, [*known, *MUSUBI_OPTIONS], n=1, cutoff=0.6)
     if not near:
         return "see `slotsmith train --help` for the options"
     if near[0] in MUSUBI_OPTIONS:
-        return f"did you mean {MUSUBI_OPTIONS[near[0]]!r}? (musubi-tuner's {near[0]})"
-    return f"did you mean {near[0]!r}?"
+        return f"did you mean {spell(MUSUBI_OPTIONS[near[0]])!r}? (musubi-tuner's {theirs(near[0])})"
+    return f"did you mean {spell(near[0])!r}?"
 
 
 def _yaml_settings(path: Path) -> dict:
@@ -284,7 +299,7 @@ def _yaml_settings(path: Path) -> dict:
         if name in known:
             out[name] = value
         else:
-            unknown.append(f"{path}: unknown option {safe_repr(key)} ({_unknown_option_hint(str(key), known)})")
+            unknown.append(f"{path}: unknown option {safe_repr(key)} ({unknown_option_hint(str(key), known)})")
     if unknown:  # every one at once: a config ported from elsewhere often has several
         raise SlotsmithError("\n".join(unknown))
     return out

@@ -2,7 +2,9 @@
 
 from dataclasses import fields
 
-from slotsmith.cli import train
+from click.testing import CliRunner
+
+from slotsmith.cli import main, train
 from slotsmith.train import TrainSettings
 
 
@@ -24,3 +26,17 @@ def test_option_spellings_stay_as_documented():
     assert params["resume"].secondary_opts == ["--no-resume"]
     assert list(params["optimizer"].type.choices) == ["adamw", "adamw8bit", "adafactor"]
     assert params["lr"].type.name == "float" and params["steps"].type.name == "integer"
+
+
+def test_offload_blocks_takes_an_optional_count():
+    for argv, value in (([], 0), (["--offload-blocks"], -1), (["--offload-blocks", "3"], 3),
+                        (["--offload-blocks", "--seed", "1"], -1)):
+        assert train.make_context("train", list(argv)).params["offload_blocks"] == value
+
+
+def test_musubi_flags_on_the_command_line_get_ours():
+    r = CliRunner().invoke(main, ["train", "--max_train_steps", "10"])
+    assert r.exit_code == 2
+    assert "No such option: --max_train_steps (musubi-tuner's --max_train_steps is --steps here)" in r.output
+    r = CliRunner().invoke(main, ["train", "--stpes", "10"])
+    assert "No such option: --stpes (did you mean '--steps'?)" in r.output
