@@ -180,12 +180,13 @@ class TrainSettings:
         _choice("mixed-precision", self.mixed_precision, MIXED_PRECISIONS)
         if self.expert is not None:
             _choice("expert", self.expert, EXPERTS)
-        for name in ("batch_size", "grad_accum"):
+        # The flags spelled out: the messages stay findable in the code (docs/troubleshooting.md is checked against it).
+        for name, flag in (("batch_size", "--batch-size"), ("grad_accum", "--grad-accum")):
             if getattr(self, name) is not None and getattr(self, name) < 1:
-                raise SlotsmithError(f"--{name.replace('_', '-')} must be at least 1")
-        for name in ("warmup_steps", "save_every"):
+                raise SlotsmithError(f"{flag} must be at least 1")
+        for name, flag in (("warmup_steps", "--warmup-steps"), ("save_every", "--save-every")):
             if getattr(self, name) < 0:
-                raise SlotsmithError(f"--{name.replace('_', '-')} must not be negative")
+                raise SlotsmithError(f"{flag} must not be negative")
         if not self.lr > 0:
             raise SlotsmithError(f"--lr {self.lr} must be a positive number")
         if not 0 <= self.min_timestep < self.max_timestep <= 1000:

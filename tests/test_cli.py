@@ -15,7 +15,7 @@ def test_every_setting_is_a_train_option_with_its_default_and_help():
         assert option.opts[0] == "--" + f.name.replace("_", "-")
         assert option.default == f.metadata.get("cli_default", f.default)
         assert (option.help or "") == f.metadata["help"]
-    assert set(params) == {f.name for f in fields(TrainSettings)} | {"config"}
+    assert set(params) == {f.name for f in fields(TrainSettings)} | {"config", "cast_file", "character"}
 
 
 def test_option_spellings_stay_as_documented():

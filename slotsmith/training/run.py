@@ -389,7 +389,9 @@ def _step_loop(run: _Run, loop: _Loop) -> int:
             if stop.item() > 0:
                 interrupted = stop_flag[0] or int(signal.SIGINT)  # another process may have had the signal
                 break
-    accelerator.end_training()
+    # Not accelerator.end_training(): it also ends the process group, which _finish still needs.
+    for tracker in accelerator.trackers:
+        tracker.finish()
     return interrupted
 
 

@@ -98,7 +98,7 @@ def test_the_demo_cast_plans_splices_and_verifies(demo, tmp_path):
     assert [c["ffid"] for c in json.loads(plan.output)["characters"]] == [1, 2]
     verify = runner.invoke(main, ["verify", "--cast", str(cast), "--json"])
     assert verify.exit_code == 0, verify.output
-    checks = {(c["check"], c["result"]) for c in json.loads(verify.output)["checks"]}
+    checks = {(c["check"], c["result"]) for c in json.loads(verify.stdout)["checks"]}  # progress goes to stderr
     assert {("seal", "pass"), ("output", "pass"), ("pin", "pass")} <= checks
     again = runner.invoke(main, ["splice", "--cast", str(cast), "-o", str(tmp_path / "again.safetensors"), "-q"])
     assert again.exit_code == 0, again.output
