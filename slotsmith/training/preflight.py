@@ -256,7 +256,7 @@ def _batch_size(settings: TrainSettings, index: dict) -> tuple[int, str]:
         return settings.batch_size, "--batch-size"
     asked = sorted({item["batch_size"] for item in index["items"] if isinstance(item.get("batch_size"), int)})
     if not asked:
-        return 1, "the default (the cache records no batch size)"
+        return 1, "the default: the cache records no batch size"
     if len(asked) > 1:
         raise SlotsmithError(
             f"{settings.cache}: its datasets ask for different batch sizes ({', '.join(map(str, asked))}); one run "
