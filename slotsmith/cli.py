@@ -167,7 +167,7 @@ def plan(model: str | None, ff: float | None, ffid: tuple[int, ...], cast_file: 
 @click.option("--seal", is_flag=True, help="Record every output tensor's digest, so `verify` detects a byte "
               "changed anywhere without the base (reads the base once more).")
 @click.option("--force", is_flag=True, help="Overwrite an existing OUT.")
-@click.option("--quiet", "-q", is_flag=True, help="No progress bar.")
+@click.option("--quiet", "-q", is_flag=True, help="No progress (a bar on a terminal, lines in a log otherwise).")
 @user_errors
 def splice(
     base: str | None, slots: tuple[str, ...], out: str | None, cast_file: str | None, seal: bool, force: bool,
@@ -213,7 +213,7 @@ def splice(
 @click.option("--ffid", type=int, default=None, help="Pool id of the selection (with --ff).")
 @click.option("--expert", type=click.Choice(EXPERTS), help="Wan 2.2 expert the slot is for, recorded in the manifest.")
 @click.option("--force", is_flag=True, help="Overwrite an existing output.")
-@click.option("--quiet", "-q", is_flag=True, help="No progress bar.")
+@click.option("--quiet", "-q", is_flag=True, help="No progress (a bar on a terminal, lines in a log otherwise).")
 @user_errors
 def extract(
     base: str,
@@ -282,7 +282,7 @@ def inspect(file: str, as_json: bool, as_yaml: bool, strict: bool) -> None:
 @click.option("--cast", "cast_file", metavar="CAST.yaml", help="Verify what a cast file names: its slots against "
               "their pins, its allocations, its output (instead of PATHs).")
 @click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
-@click.option("--quiet", "-q", is_flag=True, help="No progress bar; print only failed checks and the summary.")
+@click.option("--quiet", "-q", is_flag=True, help="No progress (bar or log lines); print only failed checks and the summary.")
 @user_errors
 def verify(paths: tuple[str, ...], base: str | None, cast_file: str | None, as_json: bool, quiet: bool) -> None:
     """Check slots and spliced checkpoints; exit 1 if any check fails (for CI).
@@ -450,7 +450,8 @@ def train(ctx: click.Context, config: str | None, cast_file: str | None, charact
 
 
 @main.command()
-@click.option("--data", "data_yaml", required=True, type=click.Path(dir_okay=False), help="Dataset YAML.")
+@click.option("--data", "data_yaml", required=True, type=click.Path(dir_okay=False),
+              help="Dataset YAML, or a musubi-tuner dataset TOML (see docs/musubi.md).")
 @click.option("--vae", required=True, type=click.Path(), help="Wan VAE: Wan2.1_VAE.pth/.safetensors or a diffusers folder.")
 @click.option("--t5", required=True, type=click.Path(), help="UMT5 encoder: Wan's .pth, a safetensors file or a transformers folder.")
 @click.option("--tokenizer", required=True, type=click.Path(file_okay=False), help="Tokenizer folder (google/umt5-xxl's files).")
@@ -458,7 +459,7 @@ def train(ctx: click.Context, config: str | None, cast_file: str | None, charact
 @click.option("--batch-size", default=1, show_default=True, type=click.IntRange(min=1), help="Clips and captions encoded at once.")
 @click.option("--dtype", type=click.Choice(["float32", "bfloat16", "float16"]), default=None, help="Encoder dtype [default: bfloat16 on cuda, float32 on cpu].")
 @click.option("--skip-bad", is_flag=True, help="Leave bad items out (and list them) instead of failing.")
-@click.option("-q", "--quiet", is_flag=True, help="No progress bar.")
+@click.option("-q", "--quiet", is_flag=True, help="No progress (a bar on a terminal, lines in a log otherwise).")
 @user_errors
 def cache(data_yaml, vae, t5, tokenizer, device, batch_size, dtype, skip_bad, quiet) -> None:
     """Encode a dataset's images and clips (VAE) and captions (UMT5) into its cache folder.

@@ -75,8 +75,9 @@ class TrainSettings:
                         metavar="CKPT", cli_default=None)
     cache: str = _option("", "Cache folder (latents + text embeddings, see `slotsmith cache`).", metavar="DIR",
                          cli_default=None)
-    data: str = _option("", "Dataset YAML instead of --cache: its cache is used, and what is missing is encoded "
-                        "first when --vae, --t5 and --tokenizer are given.", metavar="YAML", cli_default=None)
+    data: str = _option("", "Dataset YAML (or musubi-tuner dataset TOML) instead of --cache: its cache is used, and "
+                        "what is missing is encoded first when --vae, --t5 and --tokenizer are given.", metavar="YAML",
+                        cli_default=None)
     vae: str | None = _option(None, "With --data: the Wan VAE (as for `slotsmith cache`).", metavar="PATH")
     t5: str | None = _option(None, "With --data: the UMT5 text encoder.", metavar="PATH")
     tokenizer: str | None = _option(None, "With --data: the tokenizer folder.", metavar="DIR")
@@ -136,7 +137,8 @@ class TrainSettings:
     log_name: str | None = _option(None, "The run's folder under --log-dir, instead of OUT's name and the time.",
                                    metavar="NAME")
     force: bool = _option(False, "Replace OUT; skip the taken-ffid check.")
-    quiet: bool = _option(False, "No progress bar.", aliases=("-q",), flag=True)
+    quiet: bool = _option(False, "No progress (a bar on a terminal, lines in a log otherwise).", aliases=("-q",),
+                          flag=True)
 
     def to_json(self) -> dict:
         """The settings as a JSON-able dict (for provenance and the resume check)."""
