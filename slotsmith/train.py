@@ -347,7 +347,7 @@ def _coerce(name: str, value, path: Path):
     elif base == "int":
         number = _number(value)
         # 2.0 and "1e3" are whole numbers; 2.5 is not, and rounding it would be a guess.
-        if number is not None and float(number).is_integer():
+        if isinstance(number, int) or isinstance(number, float) and number.is_integer():
             result = int(number)
     elif base == "float":
         number = _number(value)
@@ -355,7 +355,7 @@ def _coerce(name: str, value, path: Path):
     elif isinstance(value, (str, int, float)) and not isinstance(value, bool):
         result = str(value)
     if result is None:
-        raise SlotsmithError(f"{path}: option {name!r} wants {_TYPE_WORDS[base]}, got {value!r}")
+        raise SlotsmithError(f"{path}: option {name!r} wants {_TYPE_WORDS[base]}, got {safe_repr(value)}")
     return result
 
 

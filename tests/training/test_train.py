@@ -828,3 +828,11 @@ def test_a_musubi_dataset_toml_caches_and_trains(world, tiny_models, tmp_path):
     assert "batch size: 2 per process (from the dataset's batch_size)" in r.output
     # One-frame items (5) fill 3 pairs, 5-frame clips (2) one: an epoch is 4 steps.
     assert read_slot(out).manifest.provenance["steps"] == 4
+
+
+def test_config_numbers_too_large_are_refused_in_one_line(tmp_path):
+    """Long digit runs are refused by the YAML reader before they reach the types (the reader rule)."""
+    for text in (f"steps: {'9' * 400}\n", f"steps: 10\nlr: '{'9' * 400}'\n"):
+        with pytest.raises(SlotsmithError) as e:
+            _from_yaml(tmp_path, text)
+        assert "integer of 400 digits" in str(e.value) and "\n" not in str(e.value)
