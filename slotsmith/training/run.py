@@ -193,7 +193,10 @@ def train(settings: TrainSettings, progress: bool | None = None) -> TrainResult:
     start_step = loop.step
     started = time.perf_counter()
     interrupted = _step_loop(run, loop)
-    return _finish(run, loop, start_step, time.perf_counter() - started, interrupted)
+    result = _finish(run, loop, start_step, time.perf_counter() - started, interrupted)
+    # Trackers closed, and the process group (of a multi-process run) ended before the interpreter exits.
+    accelerator.end_training()
+    return result
 
 
 def _start_logs(run: _Run, folder: Path) -> None:
@@ -389,9 +392,6 @@ def _step_loop(run: _Run, loop: _Loop) -> int:
             if stop.item() > 0:
                 interrupted = stop_flag[0] or int(signal.SIGINT)  # another process may have had the signal
                 break
-    # Not accelerator.end_training(): it also ends the process group, which _finish still needs.
-    for tracker in accelerator.trackers:
-        tracker.finish()
     return interrupted
 
 
