@@ -295,7 +295,10 @@ def _read_document(config_path: Path):
     """The dataset file's document: YAML, or TOML (musubi-tuner's format) for a ``.toml`` file."""
     if config_path.suffix.lower() != ".toml":
         return load_yaml(config_path, CONFIG_CAP, "dataset config")
-    import tomllib
+    try:
+        import tomllib
+    except ModuleNotFoundError:  # Python 3.10: the same parser, as a package
+        import tomli as tomllib
 
     raw = read_input(config_path, CONFIG_CAP, "dataset config")
     try:
