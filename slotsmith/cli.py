@@ -486,6 +486,74 @@ def cache(data_yaml, vae, t5, tokenizer, device, batch_size, dtype, skip_bad, qu
 
 
 @main.command()
+@click.option("--base", "-b", required=True, metavar="CKPT",
+              help="Wan DiT checkpoint, as `train` takes it: any convention, sharded set or folder, a spliced one too.")
+@click.option("--slot", "slots", multiple=True, metavar="X.slot[:S]",
+              help="Overlay a slot in memory (repeatable); :S applies base + S*(slot - base), S in [0, 2] "
+              "(default 1: exactly the slot). Checked as `splice` checks it, before any weight loads.")
+@click.option("--vae", required=True, metavar="PATH", help="The Wan VAE, as `slotsmith cache` takes it.")
+@click.option("--t5", required=True, metavar="PATH", help="The UMT5 text encoder, as `slotsmith cache` takes it.")
+@click.option("--tokenizer", required=True, metavar="DIR", help="The tokenizer folder, as `slotsmith cache` takes it.")
+@click.option("--prompt", "-p", "prompts", multiple=True, metavar="TEXT", help="A prompt (repeatable).")
+@click.option("--prompts", "prompts_file", metavar="FILE", help="One prompt per line, each with optional "
+              "musubi-style overrides: --w --h --f --d --s --g --fs --n (see docs/sampling.md).")
+@click.option("--negative-prompt", default="", help="What to steer away from (with --guidance above 1).")
+@click.option("--width", default=832, show_default=True, type=int, help="Pixels (a multiple of 16; 32 for TI2V).")
+@click.option("--height", default=480, show_default=True, type=int, help="Pixels (a multiple of 16; 32 for TI2V).")
+@click.option("--frames", default=1, show_default=True, type=int, help="1 writes a PNG; 4N+1 (e.g. 81) an MP4.")
+@click.option("--steps", default=30, show_default=True, type=int, help="Denoising steps.")
+@click.option("--guidance", default=5.0, show_default=True, type=float, help="Guidance scale (1: none).")
+@click.option("--flow-shift", default=5.0, show_default=True, type=float, help="Scheduler timestep shift.")
+@click.option("--seed", default=42, show_default=True, type=int, help="Noise seed (the same for every prompt).")
+@click.option("--grid", is_flag=True, help="Write one labelled contact sheet, grid.png: a row per prompt.")
+@click.option("--compare", metavar="LIST", help="With --grid: a column per item, e.g. "
+              "base,char1.slot,char2.slot,char1.slot+char2.slot (same seed along a row).")
+@click.option("--fp8-base/--no-fp8-base", default=False, help="Store the frozen base in float8, compute in bf16.")
+@click.option("--offload-blocks/--no-offload-blocks", default=False,
+              help="Keep blocks in CPU memory, one on the device at a time.")
+@click.option("--mixed-precision", type=click.Choice(MIXED_PRECISIONS), default="no", show_default=True,
+              help="Autocast the denoising to bf16 or fp16.")
+@click.option("--head-dim", type=int, help="Attention head size (default: config.json, metadata, or 128).")
+@click.option("--device", default=None, help="Torch device [default: cuda if available, else cpu].")
+@click.option("--out", "--output", "-o", "out", default="samples", show_default=True, type=click.Path(file_okay=False),
+              help="Folder for the samples.")
+@click.option("--force", is_flag=True, help="Replace samples of the same name.")
+@click.option("--quiet", "-q", is_flag=True, help="No progress messages or bar.")
+@user_errors
+def sample(base, slots, vae, t5, tokenizer, prompts, prompts_file, negative_prompt, width, height, frames, steps,
+           guidance, flow_shift, seed, grid, compare, fp8_base, offload_blocks, mixed_precision, head_dim, device,
+           out, force, quiet) -> None:
+    """Sample images (PNG) or videos (MP4) from BASE plus slots, without writing a checkpoint.
+
+    Each file records its prompt, seed, settings and the base's and slots'
+    digests (PNG text chunk "slotsmith"; MP4 comment). Everything loads from
+    local files; nothing is downloaded.
+
+    \b
+    Examples:
+      slotsmith sample -b dit.safetensors --slot char1.slot --vae Wan2.1_VAE.pth \\
+        --t5 models_t5_umt5-xxl-enc-bf16.pth --tokenizer umt5-xxl/ -p "character1 walks" -o samples/
+      slotsmith sample -b dit.safetensors --vae ... --t5 ... --tokenizer ... --prompts prompts.txt \\
+        --grid --compare base,char1.slot,char2.slot,char1.slot+char2.slot
+    """
+    with training_extra("sample"):
+        from slotsmith.sampling.prompts import SampleSpec
+        from slotsmith.sampling.run import SampleOptions, run_sample
+
+    defaults = SampleSpec(prompt="", negative_prompt=negative_prompt, width=width, height=height, frames=frames,
+                          steps=steps, guidance=guidance, seed=seed, flow_shift=flow_shift)
+    opts = SampleOptions(
+        base=base, vae=vae, t5=t5, tokenizer=tokenizer, out=out, slots=slots, prompts=prompts,
+        prompts_file=prompts_file, defaults=defaults, grid=grid, compare=compare, fp8_base=fp8_base,
+        offload_blocks=offload_blocks, mixed_precision=mixed_precision, head_dim=head_dim, device=device,
+        force=force, quiet=quiet,
+    )
+    say = (lambda _: None) if quiet else (lambda msg: click.echo(msg, err=True))
+    for path in run_sample(opts, say):
+        click.echo(f"wrote {path}")
+
+
+@main.command()
 @click.option("--out", "--output", "-o", "out", default="demo-out", show_default=True, type=click.Path(file_okay=False, path_type=str),
               help="Folder for everything the demo makes (a re-run replaces the demo's files there).")
 @click.option("--steps", default=200, show_default=True, type=click.IntRange(min=1), help="Training steps per slot.")

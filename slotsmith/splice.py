@@ -124,6 +124,42 @@ def _tensor_parts(info_start: int, nbytes: int, base_fd: int, covers: list[tuple
     return tuple(parts)
 
 
+def check_slots(base: Inventory, slots: Sequence[Slot], files: InputFiles) -> SpliceRecord | None:
+    """Every check slots must pass before they go into ``base``; ``splice`` and ``sample`` both run exactly these.
+
+    In order (the first failure raises): an already spliced base passes
+    verify's own checks of its record; each slot's tensors are in the base
+    with equal shape and dtype; the slots are pairwise disjoint (slots
+    already spliced into the base included); every slot tensor's hash; the
+    base fingerprint. No weights are loaded: only the compared regions are read.
+
+    Args:
+        base: The base's inventory.
+        slots: The slots (structure and manifest digest already checked by ``read_slot``).
+        files: Where to open the base's and the slots' files.
+
+    Returns:
+        The base's own splice record, when it is a spliced checkpoint.
+
+    Raises:
+        SlotsmithError: The first failed check, naming files and tensors.
+    """
+    previous, differ = read_splice_record(base.checkpoint)
+    if previous is not None:
+        # An already spliced base must pass verify's own checks before more is spliced in.
+        raise_problems(differ + record_problems(str(base.source), previous) + spliced_problems(base, previous, files))
+    labelled = [(str(s.path), s.manifest) for s in slots]
+    earlier = [(f"{base.source} (spliced slot {f})", m) for f, m in previous.slots] if previous else []
+    for s in slots:
+        raise_problems(shape_problems(s, base))
+    raise_problems(overlap_problems(earlier + labelled))
+    for s in slots:
+        raise_problems(s.hash_problems(files))
+    for s in slots:
+        raise_problems(fingerprint_problems(s, base, files))
+    return previous
+
+
 def plan_splice(
     base_path: str | os.PathLike,
     slot_paths: Sequence[str | os.PathLike],
@@ -169,19 +205,7 @@ def plan_splice(
         files.fd(path)
     stamps = files.stamps()
 
-    previous, differ = read_splice_record(ckpt)
-    if previous is not None:
-        # An already spliced base must pass verify's own checks before more is spliced in.
-        raise_problems(differ + record_problems(str(base.source), previous) + spliced_problems(base, previous, files))
-    labelled = [(str(s.path), s.manifest) for s in slots]
-    earlier = [(f"{base.source} (spliced slot {f})", m) for f, m in previous.slots] if previous else []
-    for s in slots:
-        raise_problems(shape_problems(s, base))
-    raise_problems(overlap_problems(earlier + labelled))
-    for s in slots:
-        raise_problems(s.hash_problems(files))
-    for s in slots:
-        raise_problems(fingerprint_problems(s, base, files))
+    previous = check_slots(base, slots, files)
 
     covers: dict[str, list[tuple[Entry, FileRange]]] = {}
     for s in slots:

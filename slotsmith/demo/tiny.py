@@ -54,6 +54,95 @@ def build_tiny_vae(out_dir, *, base_dim: int = 8, seed: int = 0) -> Path:
     return Path(out_dir)
 
 
+MOSAIC_GAIN = 1e-3
+"""Scale of the colour signal inside the mosaic VAE, next to a carrier of 1 (see ``build_mosaic_vae``)."""
+
+
+def _mosaic_head(norm, conv, gain: float, rows: range, channels: int = 3) -> None:
+    """RMS norm -> SiLU -> conv reads colour back from the (+c, -c) channel pairs 1..6.
+
+    ``silu(x) - silu(-x) == x`` exactly, so the pair survives the SiLU; next to
+    the carrier the RMS norm divides by ``sqrt(1 + 2 gain^2 |c|^2)``, 1 to within 1e-5.
+    """
+    norm.gamma.data.fill_(1 / norm.scale)
+    t = conv.weight.shape[2] - 1  # the current frame's tap of a causal kernel
+    for j, row in zip(range(channels), rows):
+        conv.weight.data[row, 1 + j, t, conv.weight.shape[3] // 2, conv.weight.shape[4] // 2] = 1 / gain
+        conv.weight.data[row, 4 + j, t, conv.weight.shape[3] // 2, conv.weight.shape[4] // 2] = -1 / gain
+
+
+def _mosaic_entry(conv, gain: float, channels: int = 3) -> None:
+    """A causal conv writing the carrier (channel 0, bias 1) and ``(+gain c, -gain c)`` to channels 1..6."""
+    t, h, w = conv.weight.shape[2] - 1, conv.weight.shape[3] // 2, conv.weight.shape[4] // 2
+    conv.bias.data[0] = 1.0
+    for j in range(channels):
+        conv.weight.data[1 + j, j, t, h, w] = gain
+        conv.weight.data[4 + j, j, t, h, w] = -gain
+
+
+def build_mosaic_vae(out_dir, *, base_dim: int = 8) -> Path:
+    """Save a tiny ``AutoencoderKLWan`` that really decodes what it encodes: each 8x8 block's mean colour.
+
+    Constructed, not trained: training even this small Wan VAE costs seconds
+    per step on a CPU (its causal 3D convolutions are slow there), and the
+    demo has two minutes. Every weight is set by hand inside the real Wan
+    2.1 structure, so every loader and the pipeline treat it as any Wan VAE:
+
+    - residual blocks and attention add zero (their last conv/projection is
+      zero), leaving their shortcuts, which copy channels;
+    - each 2x downsampling averages 2x2 pixels, each 2x upsampling repeats them;
+    - colour travels as ``(+g c, -g c)`` channel pairs beside a carrier of 1,
+      because the heads' RMS norm and SiLU would bend a plain signal, while
+      ``silu(x) - silu(-x) = x`` and the carrier holds the norm at ~1.
+
+    Latent channels 0-2 hold a block's mean RGB (in [-1, 1]); the others are
+    zero. Decoding gives the 8x8 mosaic back, to within 1e-4.
+
+    Args:
+        out_dir: Folder to create (a diffusers folder).
+        base_dim: Channel width; at least 7 (carrier plus three channel pairs).
+
+    Returns:
+        ``out_dir``.
+    """
+    from diffusers import AutoencoderKLWan
+
+    vae = AutoencoderKLWan(base_dim=base_dim, z_dim=16)
+    g = MOSAIC_GAIN
+    with torch.no_grad():
+        for p in vae.parameters():
+            p.zero_()
+        for coder in (vae.encoder, vae.decoder):
+            for name, module in coder.named_modules():
+                cls = type(module).__name__
+                if cls == "WanResidualBlock" and hasattr(module.conv_shortcut, "weight"):
+                    for c in range(7):  # 1x1 shortcut between widths: copy the carrier and the pairs
+                        module.conv_shortcut.weight[c, c] = 1.0
+                elif cls == "WanResample":
+                    conv = module.resample[1]
+                    for c in range(7):
+                        if module.mode.startswith("down"):
+                            conv.weight[c, c, 0:2, 0:2] = 0.25  # the 2x2 block's mean
+                        else:
+                            conv.weight[c, c, 1, 1] = 1.0  # nearest upsampling, copied
+                    if hasattr(module, "time_conv"):  # later chunks of a video: carry the newest frame
+                        width = module.time_conv.weight.shape[1]
+                        for k in range(module.time_conv.weight.shape[0] // width):
+                            for c in range(7):
+                                module.time_conv.weight[k * width + c, c, -1] = 1.0
+        _mosaic_entry(vae.encoder.conv_in, g)
+        _mosaic_head(vae.encoder.norm_out, vae.encoder.conv_out, g, range(3))
+        vae.encoder.conv_out.bias[16:] = -30.0  # log-variance: a sharp posterior
+        for c in range(vae.quant_conv.weight.shape[0]):
+            vae.quant_conv.weight[c, c] = 1.0
+        for c in range(16):
+            vae.post_quant_conv.weight[c, c] = 1.0
+        _mosaic_entry(vae.decoder.conv_in, g)
+        _mosaic_head(vae.decoder.norm_out, vae.decoder.conv_out, g, range(3))
+    vae.save_pretrained(str(out_dir))
+    return Path(out_dir)
+
+
 def vae_to_native(state_dict: dict) -> dict:
     """diffusers ``AutoencoderKLWan`` keys -> Wan's native VAE keys (Wan 2.1 structure).
 

@@ -1,0 +1,1 @@
+"""``slotsmith sample``: pictures and videos from a base plus slots, in memory, offline."""
