@@ -32,6 +32,7 @@ INT_RANGES = {
     "grad_accum": (1, 65536),
     "warmup_steps": (0, 10**9),
     "save_every": (0, 10**9),
+    "sample_every": (0, 10**9),
     "stop_after": (1, 10**9),
     "head_dim": (1, 4096),
 }
@@ -41,7 +42,7 @@ MAX_EPOCHS = 1e6
 """Most ``--epochs``."""
 
 LOG_TRACKERS = ("jsonl", "tensorboard", "wandb")
-PATH_OPTIONS = ("base", "cache", "data", "vae", "t5", "tokenizer", "out", "log_dir")
+PATH_OPTIONS = ("base", "cache", "data", "vae", "t5", "tokenizer", "out", "log_dir", "sample_prompts")
 """Options naming files or folders: relative ones in a config file are relative to its folder."""
 
 
@@ -136,6 +137,11 @@ class TrainSettings:
         metavar="LIST")
     log_name: str | None = _option(None, "The run's folder under --log-dir, instead of OUT's name and the time.",
                                    metavar="NAME")
+    sample_prompts: str | None = _option(
+        None, "Sample these prompts (a `slotsmith sample --prompts` file) at the start, every --sample-every steps "
+        "and at the end, into OUT.samples/stepNNNNNN/; needs --vae, --t5 and --tokenizer.", metavar="FILE")
+    sample_every: int = _option(0, "With --sample-prompts: every N steps (0: only at the start and the end).",
+                                show_default=True)
     force: bool = _option(False, "Replace OUT; skip the taken-ffid check.")
     quiet: bool = _option(False, "No progress (a bar on a terminal, lines in a log otherwise).", aliases=("-q",),
                           flag=True)
@@ -167,8 +173,14 @@ class TrainSettings:
             raise SlotsmithError(f"--epochs {self.epochs} is out of range (at most {MAX_EPOCHS:g})")
         if bool(self.cache) == bool(self.data):
             raise SlotsmithError("give exactly one of --cache (a cache folder) and --data (a dataset YAML)")
-        if not self.data and (self.vae or self.t5 or self.tokenizer):
-            raise SlotsmithError("--vae, --t5 and --tokenizer go with --data (they encode what is not cached yet)")
+        if not self.data and not self.sample_prompts and (self.vae or self.t5 or self.tokenizer):
+            raise SlotsmithError(
+                "--vae, --t5 and --tokenizer go with --data (they encode what is not cached yet) or --sample-prompts"
+            )
+        if self.sample_prompts and not (self.vae and self.t5 and self.tokenizer):
+            raise SlotsmithError("--sample-prompts needs --vae, --t5 and --tokenizer (to encode prompts and decode samples)")
+        if self.sample_every and not self.sample_prompts:
+            raise SlotsmithError("--sample-every goes with --sample-prompts FILE")
         if not self.data and self.skip_bad:
             raise SlotsmithError("--skip-bad goes with --data (a --cache folder holds only the items it was made of)")
         check_ff_ffid(self.ff, self.ffid)
@@ -186,7 +198,8 @@ class TrainSettings:
         for name, flag in (("batch_size", "--batch-size"), ("grad_accum", "--grad-accum")):
             if getattr(self, name) is not None and getattr(self, name) < 1:
                 raise SlotsmithError(f"{flag} must be at least 1")
-        for name, flag in (("warmup_steps", "--warmup-steps"), ("save_every", "--save-every")):
+        for name, flag in (("warmup_steps", "--warmup-steps"), ("save_every", "--save-every"),
+                           ("sample_every", "--sample-every")):
             if getattr(self, name) < 0:
                 raise SlotsmithError(f"{flag} must not be negative")
         if not self.lr > 0:

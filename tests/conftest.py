@@ -14,7 +14,7 @@ import os
 
 import pytest
 
-TORCH_SIDE = ["training", "data", "demo"]
+TORCH_SIDE = ["training", "data", "demo", "sampling"]
 _HAS_TORCH = importlib.util.find_spec("torch") is not None
 
 if os.environ.get("SLOTSMITH_LIGHT_TESTS") == "1" and _HAS_TORCH:

@@ -8,7 +8,7 @@ from pathlib import Path
 import slotsmith
 
 PACKAGE = Path(slotsmith.__file__).parent
-TORCH_SIDE = ("training", "data", "demo")
+TORCH_SIDE = ("training", "data", "demo", "sampling")
 """The subpackages that may import torch; everything else is the light core."""
 HEAVY = ("torch", "diffusers", "transformers", "accelerate", "safetensors", "numpy")
 

@@ -44,6 +44,7 @@ from slotsmith.data.config import load_data_config
 from slotsmith.data.encoders import encode_pixels, load_vae
 from slotsmith.data.media import discover, read_clips
 from slotsmith.demo import tiny
+from slotsmith.demo.samples import SHEET_NAME, demo_samples, render_accuracy
 from slotsmith.errors import SlotsmithError
 from slotsmith.io.writer import TensorOut, atomic_file, write_all, write_safetensors
 from slotsmith.layout import WanConfig
@@ -123,7 +124,7 @@ def build_encoders(models: Path, seed: int) -> dict[str, Path]:
     # save_pretrained's per-shard bar is noise next to the demo's own messages.
     transformers.utils.logging.disable_progress_bar()
     paths = {"vae": models / "vae", "t5": models / "umt5", "tokenizer": models / "tokenizer"}
-    tiny.build_tiny_vae(paths["vae"], seed=seed)
+    tiny.build_mosaic_vae(paths["vae"])  # a VAE that decodes what it encodes, so samples can be looked at
     tiny.build_tiny_text_encoder(paths["t5"], paths["tokenizer"], d_model=DEMO_CONFIG.text_dim, seed=seed)
     return paths
 
@@ -397,6 +398,8 @@ def render_table(report: dict) -> str:
             lines.append(f"retention {char}: n/a (its slot did not lower its loss; train longer)")
         else:
             lines.append(f"retention {char}: {value:.1%} of its own slot's gain survives in the splice")
+    if "samples" in report:
+        lines += ["", render_accuracy(report["samples"])]
     return "\n".join(lines)
 
 
@@ -413,7 +416,7 @@ def _prepare_folder(out: Path) -> None:
     (out / MARKER).write_text("made by slotsmith demo; a re-run replaces the files here\n", encoding="utf-8")
     # A re-run starts clean: stale slots of another --ff would collide with the new ones.
     for name in (*(f"{c}.slot" for c in CHARACTERS), *(f"{c}.slot.state" for c in CHARACTERS),
-                 "spliced.safetensors", "report.json", "cast.yaml"):
+                 "spliced.safetensors", "report.json", "cast.yaml", SHEET_NAME):
         (out / name).unlink(missing_ok=True)
     for sub in ("data", "models", "logs"):
         shutil.rmtree(out / sub, ignore_errors=True)
@@ -493,10 +496,15 @@ def run_demo(settings: DemoSettings, say: Callable[[str], None] = lambda _: None
         data = {char: (caches[char], folders[char] / "images") for char in CHARACTERS}
         losses = evaluate({"base": base, **singles, "both": spliced}, data, settings.seed)
     lap("evaluate")
+    say(f"      sampling each model into {SHEET_NAME}")
+    samples = demo_samples(out, base, slots, spliced, encoders, {c: folders[c] / "images" for c in CHARACTERS},
+                           IMAGE_SIZE)
+    lap("sample")
 
     report = {
         "loss": losses,
         "retention": {char: retention(losses[char], char) for char in CHARACTERS},
+        "samples": samples,
         "settings": {"steps": settings.steps, "seed": settings.seed, "ff": settings.ff, "lr": settings.lr},
         "seconds": seconds,
     }

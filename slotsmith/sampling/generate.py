@@ -108,7 +108,7 @@ class Renderer:
         )
         pipe = WanPipeline(tokenizer=None, text_encoder=None, vae=self.vae, scheduler=scheduler, transformer=model)
         pipe.set_progress_bar_config(disable=not self.progress, leave=False, desc=first.prompt[:30])
-        dtype = next(model.parameters()).dtype if self.amp_dtype is None else torch.float32
+        dtype = model.dtype if self.amp_dtype is None else torch.float32
         guided = first.guidance > 1.0
         was_training = model.training
         model.eval()

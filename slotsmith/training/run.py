@@ -29,6 +29,7 @@ from slotsmith.data.cache_builder import ensure_cache
 from slotsmith.errors import SlotsmithError
 from slotsmith.manifest import Manifest
 from slotsmith.progress import Progress, phase
+from slotsmith.sampling.training import TrainingSampler, training_sampler
 from slotsmith.slot import write_slot
 from slotsmith.train import TrainSettings
 from slotsmith.training.flow import flow_loss, sample_t
@@ -180,6 +181,9 @@ def train(settings: TrainSettings, progress: bool | None = None) -> TrainResult:
     run = _prepare(settings, accelerator, show)
     if trackers:
         _start_logs(run, log_folder)
+    sampler = None
+    if accelerator.is_main_process:  # before the base loads: a bad prompt file fails first
+        sampler = training_sampler(run.given, Path(run.plan.inventory.source).name, accelerator.device)
     with phase("loading the base", show):
         model, slot, compute_dtype = _load(run)
     apply_attention(model, attention)
@@ -192,7 +196,7 @@ def train(settings: TrainSettings, progress: bool | None = None) -> TrainResult:
     loop = _restore(run, model, slot, compute_dtype)
     start_step = loop.step
     started = time.perf_counter()
-    interrupted = _step_loop(run, loop)
+    interrupted = _step_loop(run, loop, sampler)
     result = _finish(run, loop, start_step, time.perf_counter() - started, interrupted)
     # Trackers closed, and the process group (of a multi-process run) ended before the interpreter exits.
     accelerator.end_training()
@@ -318,8 +322,10 @@ def _restore(run: _Run, model: torch.nn.Module, slot: SlotParams, compute_dtype:
     return loop
 
 
-def _step_loop(run: _Run, loop: _Loop) -> int:
+def _step_loop(run: _Run, loop: _Loop, sampler: TrainingSampler | None = None) -> int:
     """Train until the run's last step (or ``--stop-after``, or a Ctrl-C or SIGTERM).
+
+    With a ``sampler`` (``--sample-prompts``), samples the model at the first step, its due steps and the last.
 
     Returns:
         The signal that interrupted it, or 0.
@@ -339,6 +345,8 @@ def _step_loop(run: _Run, loop: _Loop) -> int:
     autocast = (lambda: torch.autocast(device.type, dtype=amp_dtype)) if amp_dtype else nullcontext
     input_dtype = loop.compute_dtype if amp_dtype is None else torch.float32
     interrupted = 0
+    if sampler is not None and sampler.due(loop.step, start=True):
+        sampler.sample(model, loop.step)
     bar = Progress("train", plan.total_steps, initial=loop.step, show=run.show)
     with bar, _graceful_interrupt() as stop_flag:
         while loop.step < end_step:
@@ -382,6 +390,8 @@ def _step_loop(run: _Run, loop: _Loop) -> int:
             bar.update(1, loss=f"{loss:.4f}", lr=f"{lr:.2e}")
             if accelerator.trackers:
                 accelerator.log({"loss": loss, "lr": lr}, step=step)
+            if sampler is not None and sampler.due(step, end=step == end_step):
+                sampler.sample(model, step)
             if settings.save_every and step % settings.save_every == 0 and step < plan.total_steps:
                 if accelerator.is_main_process:
                     save_state(plan.state_path, run.identity, step, slot, optimizer, scaler, loop.losses)
