@@ -34,6 +34,7 @@ def demo(tmp_path_factory):
 def test_demo_writes_every_artifact(demo):
     out, _ = demo
     for rel in ("base.safetensors", "char1.slot", "char2.slot", "spliced.safetensors", "report.json", "cast.yaml",
+                "samples.png",
                 "models/vae/config.json", "models/umt5/config.json", "models/tokenizer/tokenizer.json",
                 "data/char1/data.yaml", "data/char2/data.yaml", "data/char1/cache/index.json",
                 "data/char2/cache/index.json"):
@@ -132,3 +133,17 @@ def test_cli_defaults_match_the_demo_settings():
     params = {p.name: p.default for p in main.commands["demo"].params}
     defaults = DemoSettings(out=None)
     assert (params["steps"], params["seed"]) == (defaults.steps, defaults.seed)
+
+
+@pytest.mark.slow
+def test_report_scores_the_samples_of_every_model(demo):
+    out, printed = demo
+    samples = json.loads(printed)["samples"]
+    assert samples["sheet"] == "samples.png"
+    assert set(samples["accuracy"]) == {"base", "char1", "char2", "spliced"}
+    for row in samples["accuracy"].values():
+        assert set(row) == {"char1", "char2"} and all(0 <= v <= 1 for v in row.values())
+    from PIL import Image
+
+    width, height = Image.open(out / "samples.png").size
+    assert width > 4 * 64 and height > 12 * 64  # 4 model columns, 3 prompts x 4 seeds
