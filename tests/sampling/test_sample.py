@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import random
+import shutil
 
 import numpy as np
 import pytest
@@ -40,14 +41,12 @@ def _slot(path, base_path, ffid, seed):
 
 
 @pytest.fixture(scope="module")
-def world(tmp_path_factory, tiny_models):
+def world(tmp_path_factory, tiny_models, tiny_base):
     root = tmp_path_factory.mktemp("sample")
-    torch.manual_seed(0)
-    model = wan.build_model(tiny.TINY_CONFIG, tiny.TINY_HEAD_DIM)
     base = root / "base" / "dit.safetensors"
     base.parent.mkdir()
-    save_file({k: v.contiguous() for k, v in wan.native_state_dict(model).items()}, base)
-    (base.parent / "config.json").write_text(json.dumps({"attention_head_dim": tiny.TINY_HEAD_DIM}))
+    for f in tiny_base.parent.iterdir():
+        shutil.copy(f, base.parent / f.name)  # splices are written beside it
     return {
         "root": root, "base": base,
         "one": _slot(root / "one.slot", base, 1, 1), "two": _slot(root / "two.slot", base, 2, 2),
@@ -94,6 +93,7 @@ def test_sample_writes_a_png_that_records_what_made_it(world, tmp_path):
     assert Image.open(png).size == (SIZE, SIZE)
 
 
+@pytest.mark.slow  # trains or samples several models
 def test_overlay_at_strength_one_samples_exactly_as_the_spliced_checkpoint(world, tmp_path):
     spliced = splice(world["base"], [world["one"], world["two"]], world["base"].parent / "spliced.safetensors", force=True)
     renderer = _renderer(world, [SPEC])
@@ -152,6 +152,7 @@ def test_video_is_an_mp4_with_its_record_as_comment(world, tmp_path):
     assert meta["prompt"] == "a dog runs" and meta["settings"]["frames"] == 5 and meta["slots"] == []
 
 
+@pytest.mark.slow  # trains or samples several models
 def test_grid_is_one_sheet_with_a_column_per_variant_and_a_row_per_prompt(world, tmp_path):
     out = tmp_path / "out"
     prompts = tmp_path / "prompts.txt"

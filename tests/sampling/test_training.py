@@ -2,32 +2,23 @@
 
 from __future__ import annotations
 
-import json
-
 import pytest
 import torch
-from safetensors.torch import save_file
 
 from slotsmith.data import cache
-from slotsmith.demo import tiny
 from slotsmith.errors import SlotsmithError
 from slotsmith.sampling.generate import read_metadata
 from slotsmith.sampling.training import samples_dir
 from slotsmith.train import TrainSettings
 from slotsmith.training import run as train_run
-from slotsmith.training import wan
 from slotsmith.training.run import train
 
 
 @pytest.fixture(scope="module")
-def world(tmp_path_factory, tiny_models):
+def world(tmp_path_factory, tiny_models, tiny_base):
     root = tmp_path_factory.mktemp("train-samples")
     torch.manual_seed(0)
-    base = root / "base" / "dit.safetensors"
-    base.parent.mkdir()
-    model = wan.build_model(tiny.TINY_CONFIG, tiny.TINY_HEAD_DIM)
-    save_file({k: v.contiguous() for k, v in wan.native_state_dict(model).items()}, base)
-    (base.parent / "config.json").write_text(json.dumps({"attention_head_dim": tiny.TINY_HEAD_DIM}))
+    base = tiny_base
     items = []
     for i in range(4):
         lat = cache.write_latents(root / "cache", f"{i:032x}", torch.randn(16, 1, 4, 4))
@@ -49,6 +40,7 @@ def _sampling(world):
             "tokenizer": str(world["tok"])}
 
 
+@pytest.mark.slow  # trains or samples several models
 def test_sampling_does_not_change_the_trained_slot_and_writes_each_due_step(world, tmp_path):
     plain, sampled = tmp_path / "a" / "x.slot", tmp_path / "b" / "x.slot"
     plain.parent.mkdir(), sampled.parent.mkdir()
