@@ -84,7 +84,7 @@ def test_bad_prompt_file_fails_before_the_base_loads(world, tmp_path, monkeypatc
         ({"sample_prompts": "p.txt"}, "--sample-prompts needs --vae, --t5 and --tokenizer"),
         ({"sample_every": 3}, "--sample-every goes with --sample-prompts"),
         ({"sample_every": -1, "sample_prompts": "p", "vae": "v", "t5": "t", "tokenizer": "k"},
-         "--sample-every must not be negative"),
+         "--sample-every -1 is out of range"),
     ],
 )
 def test_sampling_options_are_checked(world, tmp_path, kw, message):
