@@ -77,7 +77,7 @@ class Variant:
 
 
 def parse_compare(text: str) -> list[tuple[str, list[SlotSpec]]]:
-    """``base,a.slot,b.slot:0.5,a.slot+b.slot`` -> (label, slot specs) per column.
+    """``base,a.slot,b.slot:0.5,a.slot+b.slot`` -> (label, slot specs) per column, labelled by file names.
 
     Raises:
         SlotsmithError: An empty item, or a bad strength.
@@ -88,7 +88,7 @@ def parse_compare(text: str) -> list[tuple[str, list[SlotSpec]]]:
         if not item:
             raise SlotsmithError(f"--compare {text!r}: an empty item (write e.g. base,char1.slot,char1.slot+char2.slot)")
         specs = [] if item == BASE_LABEL else [parse_slot_spec(part.strip()) for part in item.split("+")]
-        columns.append((item, specs))
+        columns.append(("+".join(s.label for s in specs) or BASE_LABEL, specs))  # file names: short column heads
     return columns
 
 
