@@ -18,9 +18,14 @@ import torch
 
 from slotsmith.data.encoders import load_text_encoder, load_tokenizer, load_vae
 from slotsmith.io.writer import atomic_file, write_all
-from slotsmith.sampling.generate import Renderer, contact_sheet, encode_prompts, png_bytes
+from slotsmith.sampling.generate import (
+    Renderer,
+    contact_sheet,
+    encode_prompts,
+    png_bytes,
+)
 from slotsmith.sampling.prompts import SampleSpec
-from slotsmith.sampling.run import SlotOverlay, Variant, check_variants
+from slotsmith.sampling.run import SlotOverlay, check_variants
 from slotsmith.slotspec import SlotSpec
 from slotsmith.training.wan import inspect_base, load_base, load_inspected
 

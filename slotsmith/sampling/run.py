@@ -19,7 +19,16 @@ import torch
 
 from slotsmith import __version__
 from slotsmith.errors import SlotsmithError
-from slotsmith.sampling.generate import AMP_DTYPES, Renderer, contact_sheet, encode_prompts, png_bytes, record, sample_name, write_sample
+from slotsmith.sampling.generate import (
+    AMP_DTYPES,
+    Renderer,
+    contact_sheet,
+    encode_prompts,
+    png_bytes,
+    record,
+    sample_name,
+    write_sample,
+)
 from slotsmith.sampling.prompts import SampleSpec, check_spec, read_prompt_file
 from slotsmith.slot import InputFiles, Slot, read_slot
 from slotsmith.slotspec import SlotSpec, parse_slot_spec

@@ -16,7 +16,13 @@ import torch
 
 from slotsmith import __version__
 from slotsmith.errors import SlotsmithError
-from slotsmith.sampling.generate import Renderer, encode_prompts, record, sample_name, write_sample
+from slotsmith.sampling.generate import (
+    Renderer,
+    encode_prompts,
+    record,
+    sample_name,
+    write_sample,
+)
 from slotsmith.sampling.prompts import SampleSpec, read_prompt_file
 from slotsmith.train import TrainSettings
 
