@@ -25,7 +25,7 @@ from click.core import ParameterSource
 
 from slotsmith import __version__
 from slotsmith.errors import SlotsmithError, printable
-from slotsmith.train import EXPERTS, TrainSettings, load_settings, unknown_option_hint
+from slotsmith.train import EXPERTS, MIXED_PRECISIONS, TrainSettings, load_settings, unknown_option_hint
 
 
 class Terminated(KeyboardInterrupt):
