@@ -23,6 +23,10 @@ TINY = WanConfig(dim=64, ffn_dim=128, num_layers=2, text_dim=32, freq_dim=16)
 
 _SIZES = {"F32": 4, "BF16": 2, "F16": 2}
 
+HANG_SECONDS = 30
+"""A hostile input must be refused well within this; it guards against hangs and
+quadratic blow-ups (which take minutes), not speed, so a loaded machine does not fail it."""
+
 
 @dataclass
 class Built:

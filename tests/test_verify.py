@@ -8,6 +8,7 @@ import pytest
 import xxhash
 from click.testing import CliRunner
 from helpers import (
+    HANG_SECONDS,
     make_checkpoint,
     random_bytes,
     read_raw_safetensors,
@@ -546,7 +547,7 @@ def test_selection_fields_of_hostile_types_fail_cleanly(tmp_path, base):
         rewrite_metadata(copy, copy, METADATA_KEY, json.dumps(_reseal({**_manifest(copy), "selection": sel})))
         t0 = time.perf_counter()
         code, doc = _json("verify", copy, "--base", base.path)
-        assert time.perf_counter() - t0 < 10
+        assert time.perf_counter() - t0 < HANG_SECONDS
         assert code == 1 and _failed(doc) == {(str(copy), "selection")}, sel
 
 
@@ -580,7 +581,7 @@ def test_manifest_with_very_many_entries_is_refused_fast():
     t0 = time.perf_counter()
     with pytest.raises(SlotsmithError, match="twice"):
         manifest_from_json(obj, "big")
-    assert time.perf_counter() - t0 < 5
+    assert time.perf_counter() - t0 < HANG_SECONDS
 
 
 def test_quiet_prints_only_failures(tmp_path, base):

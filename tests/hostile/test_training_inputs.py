@@ -16,7 +16,7 @@ import pytest
 
 torch = pytest.importorskip("torch")
 
-from helpers import make_checkpoint
+from helpers import HANG_SECONDS, make_checkpoint
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -43,7 +43,7 @@ def _refused(fn, *words):
     started = time.perf_counter()
     with pytest.raises(SlotsmithError) as e:
         fn()
-    assert time.perf_counter() - started < 5
+    assert time.perf_counter() - started < HANG_SECONDS
     message = str(e.value)
     assert "\n" not in message and "Traceback" not in message
     for w in words:
@@ -320,7 +320,7 @@ def test_hostile_captions_and_jsonl_lines_are_bad_items_not_hangs(tmp_path):
                               "  - jsonl_file: list.jsonl\n    resolution: [64, 64]\n")
     started = time.perf_counter()
     sources, bad = discover(load_data_config(path))
-    assert time.perf_counter() - started < 5
+    assert time.perf_counter() - started < HANG_SECONDS
     assert sorted(s.path.name for s in sources) == ["good.png", "good.png"]
     reasons = sorted(f"{b.path.name} {b.problem}" for b in bad)
     assert [r.split()[0] for r in reasons] == ["fifo.png", "list.jsonl:2", "list.jsonl:3", "zero.png"], reasons
