@@ -315,9 +315,12 @@ def _yaml_settings(path: Path) -> dict:
         if name in known:
             out[name] = value
         else:
-            unknown.append(f"{path}: unknown option {safe_repr(key)} ({unknown_option_hint(str(key), known)})")
-    if unknown:  # every one at once: a config ported from elsewhere often has several
-        raise SlotsmithError("\n".join(unknown))
+            unknown.append(f"{safe_repr(key)} ({unknown_option_hint(str(key), known)})")
+    # Every one at once, on one line: a config ported from elsewhere often has several.
+    if len(unknown) == 1:
+        raise SlotsmithError(f"{path}: unknown option {unknown[0]}")
+    if unknown:
+        raise SlotsmithError(f"{path}: {len(unknown)} unknown options: {'; '.join(unknown)}")
     return out
 
 
