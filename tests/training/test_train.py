@@ -535,7 +535,7 @@ def test_resume_beyond_the_total_is_refused_and_at_the_total_rewrites_the_slot(w
         raise AssertionError("the weights were loaded before the saved step was checked")
 
     with monkeypatch.context() as m:
-        m.setattr("slotsmith.training.run.load_inspected", never)
+        m.setattr("slotsmith.training.run.load_for_training", never)
         # --epochs 1: 4 cache items at batch 2 are 2 steps.
         for options, asked in ((dict(steps=2), "--steps 2"), (dict(steps=None, epochs=1.0), "--epochs 1")):
             with pytest.raises(SlotsmithError) as e:
