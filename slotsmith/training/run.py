@@ -305,6 +305,7 @@ def _load(run: _Run) -> tuple[torch.nn.Module, SlotParams, torch.dtype]:
     device = accelerator.device
     torch.manual_seed(settings.seed)
     random.seed(settings.seed)
+    memory.release_freed_memory_promptly()
     file_dtype = base_dtype(plan.inventory)
     model, compute_dtype = empty_training_model(plan.config, plan.head_dim, file_dtype, settings.fp8_base)
     processes = accelerator.num_processes
