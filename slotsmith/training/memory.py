@@ -12,6 +12,8 @@ The estimate adds up, per place (host RAM, the training device):
   bytes a parameter, 8-bit AdamW 2, Adafactor about 1) and a compute-dtype
   copy, on the device;
 - activations of the largest cached latent (see ``activation_bytes``);
+- while a float8 block runs, its weights in the compute dtype, and a fixed
+  256 MiB of kernel workspace;
 - on the host, what the process holds already (Python, torch, diffusers) and
   the load's one read buffer.
 
@@ -45,6 +47,9 @@ OPTIMIZER_BYTES_PER_PARAM = {"adamw": 8.0, "adamw8bit": 2.0, "adafactor": 1.0}
 """Optimizer state per trained parameter (Adafactor's factored moments: about one byte, rounded up)."""
 
 GB = 1e9
+
+WORKSPACE_BYTES = 256 * 2**20
+"""What a first step adds beyond its tensors (kernel libraries' workspaces, autograd), measured on CPU runs."""
 
 
 @dataclass
@@ -248,6 +253,7 @@ def estimate(
         "slot (masters, grads, optimizer)": (dev, slot_bytes),
         "activations": (dev, acts),
         "cast block": (dev, transient),
+        "workspace": (dev, WORKSPACE_BYTES),
     }
     if offload and not on_cpu:
         # Two blocks (the one running, the one arriving) and everything outside the blocks.
