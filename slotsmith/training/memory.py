@@ -180,10 +180,16 @@ def activation_bytes(
     return cfg.num_layers * per_block
 
 
-def _frozen_bytes(model: torch.nn.Module, slot: set[str]) -> tuple[int, int, int]:
-    """(all frozen weights, those in blocks, the largest block) in bytes, as the empty model stores them."""
+def _frozen_bytes(model: torch.nn.Module, slot: set[str], compute_bytes: int) -> tuple[int, int, int, int]:
+    """Frozen weights as the empty model stores them, in bytes.
+
+    Returns:
+        (all of them, those in blocks, the largest block, the largest block's
+        float8 part at the compute dtype: what casting it for its forward adds).
+    """
     total = blocks = 0
     per_block: dict[str, int] = {}
+    cast: dict[str, int] = {}
     for name, p in model.named_parameters():
         if name in slot:
             continue
@@ -193,7 +199,9 @@ def _frozen_bytes(model: torch.nn.Module, slot: set[str]) -> tuple[int, int, int
             blocks += n
             key = name.split(".")[1]
             per_block[key] = per_block.get(key, 0) + n
-    return total, blocks, max(per_block.values(), default=0)
+            if p.element_size() < compute_bytes:
+                cast[key] = cast.get(key, 0) + p.numel() * compute_bytes
+    return total, blocks, max(per_block.values(), default=0), max(cast.values(), default=0)
 
 
 def estimate(
@@ -233,16 +241,13 @@ def estimate(
         The estimate.
     """
     slot = {native_to_diffusers(n) for n in slot_names}
-    frozen, in_blocks, largest_block = _frozen_bytes(model, slot)
-    slot_params = sum(inventory.tensors[n].numel for n in slot_names)
     compute_bytes = torch.empty((), dtype=compute_dtype).element_size()
+    frozen, in_blocks, largest_block, transient = _frozen_bytes(model, slot, compute_bytes)
+    slot_params = sum(inventory.tensors[n].numel for n in slot_names)
     # Masters + gradients in fp32, the optimizer's state, and the compute-dtype copy the forward reads.
     slot_bytes = int(slot_params * (8 + OPTIMIZER_BYTES_PER_PARAM[optimizer] + (compute_bytes if compute_bytes != 4 else 0)))
     on_cpu = device.type == "cpu"
     acts = activation_bytes(cfg, latent, batch, 512, compute_bytes, checkpointing, materialized_attention=on_cpu)
-    # A float8 block is cast to the compute dtype while it runs (and recomputed, with checkpointing).
-    stored = max((p.element_size() for p in model.parameters()), default=compute_bytes)
-    transient = largest_block * compute_bytes // stored if stored < compute_bytes else 0
     buffer = max((info.nbytes for _, info in inventory.checkpoint.tensors.values()), default=0)
     runtime = rss_now() if runtime_bytes is None else runtime_bytes
     dev = "host" if on_cpu else "device"

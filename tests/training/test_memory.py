@@ -48,6 +48,9 @@ def test_fp8_halves_the_frozen_weights_and_the_slot_is_counted_apart():
     assert 0.5 < fp8.parts["frozen weights"][1] / plain.parts["frozen weights"][1] < 0.75
     assert plain.parts["slot (masters, grads, optimizer)"] == ("host", slot_numel * (8 + 8 + 2))
     assert plain.device is None and plain.host == sum(n for _, n in plain.parts.values())
+    # A float8 block is cast to bf16 while it runs: one block's worth at 2 bytes a weight.
+    block = sum(t.numel for n, t in _Inventory().tensors.items() if n.startswith("blocks.1."))
+    assert plain.parts["cast block"][1] == 0 and 0 < fp8.parts["cast block"][1] <= 2 * block
 
 
 def test_offload_keeps_the_frozen_weights_on_the_host_of_a_gpu_run():
