@@ -88,7 +88,7 @@ def run_slotsmith(work: Path, case: str, options: list[str], cache_dir: Path, st
     shutil.rmtree(logs, ignore_errors=True)
     cmd = [
         sys.executable, "-m", "slotsmith", "train", "-b", str(work / "base.safetensors"), "--cache", str(cache_dir),
-        "--ff", "0.01", "--ffid", "1", "--steps", str(steps), "-o", str(work / f"{case}.slot"), "--force", "--quiet",
+        "--ff", "0.01", "--ffid", "1", "--steps", str(steps), "-o", str(work / f"{case}.slot"), "--force",
         "--log-dir", str(logs), *options,
     ]
     code, rss, out = child(cmd)

@@ -194,7 +194,7 @@ def run(args, work: Path) -> dict:
             slot.unlink(missing_ok=True)
             cmd = slotsmith(
                 "train", "-b", str(base), "--cache", str(cache_dir), "--ff", "0.01", "--ffid", str(ffid), "--steps",
-                str(steps), "--fp8-base", "--offload-blocks", "--gradient-checkpointing", "-o", str(slot), "--quiet",
+                str(steps), "--fp8-base", "--offload-blocks", "--gradient-checkpointing", "-o", str(slot),
                 "--force",
             )
             r = timed(cmd, f"train ffid {ffid}", logs / f"train{ffid}.txt")

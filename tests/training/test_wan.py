@@ -140,7 +140,9 @@ def test_load_for_training_puts_each_tensor_in_its_final_form(tmp_path, fp8, off
     inventory, cfg, head_dim = wan.inspect_base(path)
     slot_names = ["blocks.0.ffn.0.weight", "head.head.bias"]
     empty, compute = wan.empty_training_model(cfg, head_dim, torch.bfloat16, fp8)
-    slot, stats = wan.load_for_training(empty, inventory, slot_names, torch.device("cpu"), compute, offload=offload)
+    slot, stats = wan.load_for_training(
+        empty, inventory, slot_names, torch.device("cpu"), compute, offload_blocks=-1 if offload else 0
+    )
     theirs = wan.native_state_dict(model)
     assert stats.nbytes == sum(t.numel() * 2 for t in theirs.values())
     for name in slot_names:  # fp32 masters holding the file's exact values
@@ -177,7 +179,7 @@ inventory, cfg, head_dim = wan.inspect_base(sys.argv[1])
 model, compute = wan.empty_training_model(cfg, head_dim, torch.bfloat16, True)
 open("/proc/self/clear_refs", "w").write("5")
 before = rss_now()
-wan.load_for_training(model, inventory, ["head.head.bias"], torch.device("cpu"), compute, offload=True)
+wan.load_for_training(model, inventory, ["head.head.bias"], torch.device("cpu"), compute, offload_blocks=-1)
 print(hwm() - before)
 """
 
