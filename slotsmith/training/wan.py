@@ -328,6 +328,19 @@ def stream_tensors(
     stats.seconds = time.perf_counter() - started
 
 
+def read_tensors(inventory: Inventory, names: Iterable[str]) -> dict[str, torch.Tensor]:
+    """Read tensors of a checkpoint by canonical name, each in its stored dtype (``stream_tensors``, kept).
+
+    Args:
+        inventory: Inventory of a real checkpoint.
+        names: Canonical native names to read.
+
+    Returns:
+        Canonical name -> CPU tensor.
+    """
+    return {name: t.clone() for name, t in stream_tensors(inventory, names)}
+
+
 def _pread_exact(fd: int, view: memoryview, offset: int, path: Path) -> None:
     done = 0
     while done < len(view):
