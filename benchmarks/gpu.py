@@ -84,12 +84,12 @@ def step_seconds(times: list[float]) -> float:
 
 
 def run_slotsmith(work: Path, case: str, options: list[str], cache_dir: Path, steps: int) -> dict:
-    logs = work / "logs" / case
+    logs = work / "logs" / case  # the run folder --log-dir and --log-name make
     shutil.rmtree(logs, ignore_errors=True)
     cmd = [
         sys.executable, "-m", "slotsmith", "train", "-b", str(work / "base.safetensors"), "--cache", str(cache_dir),
         "--ff", "0.01", "--ffid", "1", "--steps", str(steps), "-o", str(work / f"{case}.slot"), "--force",
-        "--log-dir", str(logs), *options,
+        "--log-dir", str(logs.parent), "--log-name", case, *options,
     ]
     code, rss, out = child(cmd)
     if code:
