@@ -32,6 +32,7 @@ from slotsmith.progress import Progress, phase
 from slotsmith.sampling.training import TrainingSampler, training_sampler
 from slotsmith.slot import write_slot
 from slotsmith.train import TrainSettings
+from slotsmith.training import memory
 from slotsmith.training.flow import flow_loss, sample_t
 from slotsmith.training.knobs import (
     apply_attention,
@@ -45,10 +46,10 @@ from slotsmith.training.knobs import (
 from slotsmith.training.logs import make_trackers, open_run_folder, run_folder, trackers_for
 from slotsmith.training.optim import lr_factor, make_optimizer, optimizer_state_bytes
 from slotsmith.training.preflight import RunPlan, plan_base, plan_run, snapshot_path_for
-from slotsmith.training.slot_params import SlotParams, attach_slot
+from slotsmith.training.slot_params import SlotParams
 from slotsmith.training.state import load_state, restore_state, save_state, state_identity
 from slotsmith.training.stream import DataStream, sample_generator
-from slotsmith.training.wan import TORCH_DTYPES, load_inspected
+from slotsmith.training.wan import TORCH_DTYPES, base_dtype, empty_training_model, load_for_training
 
 
 @dataclass
@@ -72,6 +73,7 @@ class TrainResult:
     skipped: tuple[str, ...] = ()
     batch_note: str | None = None
     runtime_note: str | None = None
+    memory_note: str | None = None
 
 
 @contextmanager
@@ -135,6 +137,7 @@ class _Run:
     show: bool
     skipped: tuple[str, ...]
     runtime: str | None = None  # device, precision, attention, processes: said before the first step and at the end
+    memory: memory.MemoryEstimate | None = None  # made by _load, before any weight is read
 
 
 @dataclass
@@ -198,6 +201,8 @@ def train(settings: TrainSettings, progress: bool | None = None) -> TrainResult:
     started = time.perf_counter()
     interrupted = _step_loop(run, loop, sampler)
     result = _finish(run, loop, start_step, time.perf_counter() - started, interrupted)
+    how = run.runtime + (", frozen weights float8" if settings.fp8_base else "")
+    result.memory_note = memory.measured(run.memory, accelerator.device, how)
     # Trackers closed, and the process group (of a multi-process run) ended before the interpreter exits.
     accelerator.end_training()
     return result
@@ -290,22 +295,37 @@ def _resume_schedule(settings: TrainSettings, plan: RunPlan, state: dict) -> str
 
 
 def _load(run: _Run) -> tuple[torch.nn.Module, SlotParams, torch.dtype]:
-    """Load the base, move the slot out into fp32 masters and place the frozen rest (fp8, offload, device)."""
-    settings, plan, device = run.settings, run.plan, run.accelerator.device
+    """Estimate the memory (refusing a run that will not fit), then stream the base in.
+
+    The model is built empty with its final dtypes (``wan.empty_training_model``);
+    the slot becomes fp32 masters and every frozen tensor goes straight to its
+    float8 / offload / device form (``wan.load_for_training``).
+    """
+    settings, plan, accelerator = run.settings, run.plan, run.accelerator
+    device = accelerator.device
     torch.manual_seed(settings.seed)
     random.seed(settings.seed)
-    base = load_inspected(plan.inventory, plan.config, plan.head_dim)
-    model = base.model
-    compute_dtype = torch.bfloat16 if settings.fp8_base else base.dtype
-    if settings.fp8_base and base.dtype != torch.bfloat16:
-        # Parameters only: buffers (RoPE tables) stay float32, as diffusers keeps them.
-        for p in model.parameters():
-            p.data = p.data.to(torch.bfloat16)
-    slot = attach_slot(model, list(plan.selection.tensors), device, compute_dtype)
+    memory.release_freed_memory_promptly()
+    file_dtype = base_dtype(plan.inventory)
+    model, compute_dtype = empty_training_model(plan.config, plan.head_dim, file_dtype, settings.fp8_base)
+    processes = accelerator.num_processes
+    run.memory = memory.run_estimate(settings, plan, device, processes, model)
+    say(run.memory.describe(), run.show)
+    free_device = torch.cuda.mem_get_info(device)[0] if device.type == "cuda" else None
+    memory.check_fits(
+        run.memory, lambda options: memory.run_estimate(settings, plan, device, processes, **options), settings,
+        memory.available_host_bytes(), free_device,
+    )
+    slot, stats = load_for_training(
+        model, plan.inventory, list(plan.selection.tensors), device, compute_dtype,
+        offload_blocks=settings.offload_blocks, progress=run.show,
+    )
+    say(
+        f"loaded base: {stats.nbytes / 1e9:.2f} GB in {stats.seconds:.1f} s ({stats.mb_per_s:.0f} MB/s), "
+        f"host RSS {memory.rss_now() / 1e9:.2f} GB", run.show,
+    )
     if settings.gradient_checkpointing:
         model.enable_gradient_checkpointing()
-    if settings.fp8_base:
-        model.enable_layerwise_casting(storage_dtype=torch.float8_e4m3fn, compute_dtype=torch.bfloat16)
     place_model(model, device, settings.offload_blocks)
     model.train()
     return model, slot, compute_dtype
@@ -484,6 +504,8 @@ def summary(result: TrainResult) -> str:
         lines.append(result.batch_note)
     if result.expert_note is not None:
         lines.append(result.expert_note)
+    if result.memory_note is not None:
+        lines.append(result.memory_note)
     if result.first_loss is not None:
         lines.append(f"loss: first {result.first_loss:.5f}, last {result.final_loss:.5f}")
     if result.manifest is not None:

@@ -11,19 +11,20 @@ diffusers checkpoints all load the same way. Nothing is ever downloaded.
 from __future__ import annotations
 
 import os
-from collections.abc import Iterable
+import time
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from safetensors import safe_open
-
 from slotsmith.errors import SlotsmithError
 from slotsmith.inventory import Inventory, inventory_from_checkpoint
 from slotsmith.io.files import load_json, parse_json, safe_repr
 from slotsmith.io.header import is_int
 from slotsmith.layout import HEAD_DIM, WanConfig, config_from_shapes
 from slotsmith.names import diffusers_to_native, native_to_diffusers
+from slotsmith.training.knobs import ALL_BLOCKS
+from slotsmith.training.slot_params import SlotParams, attach_slot
 
 CONFIG_CAP = 1_000_000
 """Largest config.json read, in bytes."""
@@ -146,28 +147,6 @@ class WanBase:
     dtype: torch.dtype
 
 
-def read_tensors(inventory: Inventory, names: Iterable[str]) -> dict[str, torch.Tensor]:
-    """Read tensors of a checkpoint by canonical name, each in its stored dtype.
-
-    Args:
-        inventory: Inventory of a real checkpoint.
-        names: Canonical native names to read.
-
-    Returns:
-        Canonical name -> CPU tensor.
-    """
-    by_file: dict[Path, list[str]] = {}
-    for name in names:
-        header, _ = inventory.checkpoint.tensors[inventory.keys[name]]
-        by_file.setdefault(header.path, []).append(name)
-    out: dict[str, torch.Tensor] = {}
-    for path, file_names in by_file.items():
-        with safe_open(os.fspath(path), framework="pt") as f:
-            for name in file_names:
-                out[name] = f.get_tensor(inventory.keys[name])
-    return out
-
-
 def base_dtype(inventory: Inventory) -> torch.dtype:
     """The one floating dtype of a checkpoint's tensors.
 
@@ -261,6 +240,9 @@ def load_base(path: str | os.PathLike, head_dim: int | None = None) -> WanBase:
 def load_inspected(inventory: Inventory, cfg: WanConfig, head_dim: int) -> WanBase:
     """``load_base`` for a base that ``inspect_base`` already checked (its headers are not read again).
 
+    The weights are streamed in (``stream_tensors``): peak memory is the
+    model plus one tensor.
+
     Args:
         inventory: The base's inventory.
         cfg: Its sizes.
@@ -270,13 +252,232 @@ def load_inspected(inventory: Inventory, cfg: WanConfig, head_dim: int) -> WanBa
         The loaded base, weights in the checkpoint's dtype, on the CPU.
     """
     model = build_model(cfg, head_dim, empty=True)
-    tensors = read_tensors(inventory, inventory.tensors)
-    state = {native_to_diffusers(n): t for n, t in tensors.items()}
-    model.load_state_dict(state, strict=True, assign=True)
+    dtype = base_dtype(inventory)
+    for p in model.parameters():
+        p.data = p.data.to(dtype)
+    fill(model, inventory, inventory.tensors, torch.device("cpu"))
     model.requires_grad_(False)
-    return WanBase(model, inventory, cfg, head_dim, base_dtype(inventory))
+    return WanBase(model, inventory, cfg, head_dim, dtype)
+
+
+@dataclass
+class LoadStats:
+    """What streaming a base in cost.
+
+    Attributes:
+        nbytes: Bytes read from the checkpoint's files.
+        seconds: Wall time of the reads and conversions.
+        buffer_bytes: Size of the one reused read buffer.
+    """
+
+    nbytes: int = 0
+    seconds: float = 0.0
+    buffer_bytes: int = 0
+
+    @property
+    def mb_per_s(self) -> float:
+        return self.nbytes / 1e6 / self.seconds if self.seconds > 0 else 0.0
+
+
+def stream_tensors(
+    inventory: Inventory, names: Iterable[str], stats: LoadStats | None = None
+) -> Iterator[tuple[str, torch.Tensor]]:
+    """Read tensors of a checkpoint one at a time into one reused buffer.
+
+    Files are read in offset order with ``os.preadv`` (no mapping, so nothing
+    of the file counts in the process's RSS); each yielded tensor is a view of
+    the buffer, valid only until the next one is read: copy what you keep.
+
+    Args:
+        inventory: Inventory of a real checkpoint.
+        names: Canonical native names to read.
+        stats: Bytes read, time taken and buffer size are added to it.
+
+    Yields:
+        (canonical name, CPU tensor in its stored dtype).
+
+    Raises:
+        SlotsmithError: A file is shorter than its header says, or cannot be read.
+    """
+    stats = stats if stats is not None else LoadStats()
+    by_file: dict[Path, list[tuple[int, str]]] = {}
+    largest = 0
+    for name in names:
+        header, info = inventory.checkpoint.tensors[inventory.keys[name]]
+        by_file.setdefault(header.path, []).append((info.start, name))
+        largest = max(largest, info.nbytes)
+    buffer = torch.empty(largest, dtype=torch.uint8)
+    stats.buffer_bytes = max(stats.buffer_bytes, largest)
+    view = memoryview(buffer.numpy())
+    started = time.perf_counter() - stats.seconds  # stats may carry an earlier stream's time
+    for path, entries in by_file.items():
+        try:
+            fd = os.open(path, os.O_RDONLY)
+        except OSError as e:
+            raise SlotsmithError(f"{path}: cannot read ({e.strerror})") from None
+        try:
+            for start, name in sorted(entries):
+                info = inventory.checkpoint.tensors[inventory.keys[name]][1]
+                _pread_exact(fd, view[: info.nbytes], start, path)
+                stats.nbytes += info.nbytes
+                raw = buffer[: info.nbytes]
+                yield name, raw.view(TORCH_DTYPES[info.dtype]).view(info.shape)
+                stats.seconds = time.perf_counter() - started
+        finally:
+            os.close(fd)
+    stats.seconds = time.perf_counter() - started
+
+
+def read_tensors(inventory: Inventory, names: Iterable[str]) -> dict[str, torch.Tensor]:
+    """Read tensors of a checkpoint by canonical name, each in its stored dtype (``stream_tensors``, kept).
+
+    Args:
+        inventory: Inventory of a real checkpoint.
+        names: Canonical native names to read.
+
+    Returns:
+        Canonical name -> CPU tensor.
+    """
+    return {name: t.clone() for name, t in stream_tensors(inventory, names)}
+
+
+def _pread_exact(fd: int, view: memoryview, offset: int, path: Path) -> None:
+    done = 0
+    while done < len(view):
+        try:
+            n = os.preadv(fd, [view[done:]], offset + done)
+        except OSError as e:
+            raise SlotsmithError(f"{path}: cannot read ({e.strerror})") from None
+        if n == 0:
+            raise SlotsmithError(f"{path}: file is shorter than its header says (truncated?)")
+        done += n
+
+
+def fill(
+    model: torch.nn.Module,
+    inventory: Inventory,
+    names: Iterable[str],
+    device: torch.device,
+    *,
+    dtype: torch.dtype | None = None,
+    stats: LoadStats | None = None,
+    progress: bool = False,
+) -> None:
+    """Give parameters of an empty (meta) model their weights, streamed from the checkpoint.
+
+    Each tensor is read into one reused buffer and copied straight into its
+    final form: the dtype its (meta) parameter already has (float8 once
+    ``enable_layerwise_casting`` ran on the empty model), on ``device``.
+    Nothing else of the file is ever held.
+
+    Args:
+        model: A diffusers Wan model built with ``build_model(..., empty=True)``.
+        inventory: The checkpoint's inventory.
+        names: Canonical native names to fill.
+        device: Where the weights go (the CPU for an offloaded model).
+        dtype: Put every tensor in this dtype instead of its parameter's.
+        stats: Filled with what the reads cost.
+        progress: Show a progress bar (bytes).
+    """
+    from tqdm import tqdm
+
+    names = list(names)
+    total = sum(inventory.checkpoint.tensors[inventory.keys[n]][1].nbytes for n in names)
+    with tqdm(total=total, unit="B", unit_scale=True, desc="loading base", disable=not progress, leave=False) as bar:
+        for name, raw in stream_tensors(inventory, names, stats):
+            module_path, _, attr = native_to_diffusers(name).rpartition(".")
+            module = model.get_submodule(module_path)
+            target = torch.empty(raw.shape, dtype=dtype or module._parameters[attr].dtype, device=device)
+            target.copy_(raw)
+            module._parameters[attr] = torch.nn.Parameter(target, requires_grad=False)
+            bar.update(raw.numel() * raw.element_size())
 
 
 def native_state_dict(model: torch.nn.Module) -> dict[str, torch.Tensor]:
     """A diffusers Wan model's weights under canonical native names."""
     return {diffusers_to_native(k): v for k, v in model.state_dict().items()}
+
+
+def empty_training_model(
+    cfg: WanConfig, head_dim: int, file_dtype: torch.dtype, fp8: bool
+) -> tuple[torch.nn.Module, torch.dtype]:
+    """The model a training run fills: empty (meta), its parameters already in their final dtypes.
+
+    With ``fp8``, the parameters are in bf16 and diffusers' layerwise casting
+    is enabled on the empty model, so each parameter it stores in float8
+    already says so (the skipped ones, norms and embeddings, stay bf16), and
+    ``fill`` reads every tensor straight into that form. Without, the
+    parameters keep the file's dtype. Buffers (RoPE tables) are real and float32.
+
+    Args:
+        cfg: The model's sizes.
+        head_dim: Attention head size.
+        file_dtype: The checkpoint's dtype.
+        fp8: ``--fp8-base``.
+
+    Returns:
+        (empty model, compute dtype).
+    """
+    model = build_model(cfg, head_dim, empty=True)
+    compute_dtype = torch.bfloat16 if fp8 else file_dtype
+    for p in model.parameters():
+        p.data = p.data.to(compute_dtype)
+    if fp8:
+        model.enable_layerwise_casting(storage_dtype=torch.float8_e4m3fn, compute_dtype=torch.bfloat16)
+    model.requires_grad_(False)
+    return model, compute_dtype
+
+
+def load_for_training(
+    model: torch.nn.Module,
+    inventory: Inventory,
+    slot_names: list[str],
+    device: torch.device,
+    compute_dtype: torch.dtype,
+    *,
+    offload_blocks: int = 0,
+    progress: bool = False,
+) -> tuple[SlotParams, LoadStats]:
+    """Stream a base into an ``empty_training_model``: the slot as fp32 masters, the rest frozen in place.
+
+    The slot's tensors are read first (in the file's dtype) and moved out into
+    fp32 masters on ``device`` (``attach_slot``); every other tensor goes
+    straight to its final form and home: the CPU for the blocks
+    ``--offload-blocks`` keeps there (``knobs.place_model`` brings them to the
+    device for their forward; with every block offloaded, the rest of the
+    model too), else ``device``.
+    Host memory never holds more than the resident model and one tensor's buffer.
+
+    Args:
+        model: From ``empty_training_model``.
+        inventory: The base's inventory.
+        slot_names: Canonical names of the slot's tensors.
+        device: The training device.
+        compute_dtype: The dtype the model computes in.
+        offload_blocks: ``--offload-blocks``: 0 none, N the last N blocks, ``knobs.ALL_BLOCKS`` all.
+        progress: Show a progress bar.
+
+    Returns:
+        (the slot's masters, what the reads cost).
+    """
+    stats = LoadStats()
+    fill(model, inventory, slot_names, torch.device("cpu"), dtype=base_dtype(inventory), stats=stats)
+    slot = attach_slot(model, slot_names, device, compute_dtype)
+    frozen = [n for n in inventory.tensors if n not in set(slot_names)]
+    layers = len(model.blocks)
+    every = offload_blocks == ALL_BLOCKS or offload_blocks >= layers
+    first_offloaded = 0 if every else layers - offload_blocks
+
+    def offloaded(name: str) -> bool:
+        if not offload_blocks:
+            return False
+        if not name.startswith("blocks."):
+            return every
+        return int(name.split(".")[1]) >= first_offloaded
+
+    homes: dict[torch.device, list[str]] = {}
+    for name in frozen:
+        homes.setdefault(torch.device("cpu") if offloaded(name) else device, []).append(name)
+    for home, names in homes.items():
+        fill(model, inventory, names, home, stats=stats, progress=progress)
+    return slot, stats

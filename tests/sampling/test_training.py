@@ -73,7 +73,7 @@ def test_bad_prompt_file_fails_before_the_base_loads(world, tmp_path, monkeypatc
     def no_load(*args, **kwargs):
         raise AssertionError("the base loaded before the prompt file was checked")
 
-    monkeypatch.setattr(train_run, "load_inspected", no_load)
+    monkeypatch.setattr(train_run, "load_for_training", no_load)
     with pytest.raises(SlotsmithError, match=f"{bad}:1: frames must be 1 or 4N"):
         train(_settings(world, tmp_path / "x.slot", **{**_sampling(world), "sample_prompts": str(bad)}))
 

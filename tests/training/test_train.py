@@ -535,7 +535,7 @@ def test_resume_beyond_the_total_is_refused_and_at_the_total_rewrites_the_slot(w
         raise AssertionError("the weights were loaded before the saved step was checked")
 
     with monkeypatch.context() as m:
-        m.setattr("slotsmith.training.run.load_inspected", never)
+        m.setattr("slotsmith.training.run.load_for_training", never)
         # --epochs 1: 4 cache items at batch 2 are 2 steps.
         for options, asked in ((dict(steps=2), "--steps 2"), (dict(steps=None, epochs=1.0), "--epochs 1")):
             with pytest.raises(SlotsmithError) as e:
@@ -838,3 +838,23 @@ def test_config_numbers_too_large_are_refused_in_one_line(tmp_path):
         with pytest.raises(SlotsmithError) as e:
             _from_yaml(tmp_path, text)
         assert "integer of 400 digits" in str(e.value) and "\n" not in str(e.value)
+
+
+def test_a_run_too_big_for_the_machine_is_refused_before_loading(world, tmp_path, monkeypatch):
+    def never(*args, **kwargs):
+        raise AssertionError("the weights were loaded although the run cannot fit")
+
+    monkeypatch.delenv("SLOTSMITH_SKIP_MEMORY_CHECK", raising=False)
+    monkeypatch.setattr("slotsmith.training.run.load_for_training", never)
+    monkeypatch.setattr("slotsmith.training.memory.available_host_bytes", lambda: 10**6)
+    with pytest.raises(SlotsmithError, match=r"^this run needs ~[\d.]+ GB of RAM, this machine has 0\.0 GB available: "
+                       "no combination of --fp8-base, --offload-blocks and --gradient-checkpointing fits"):
+        train(_settings(world, tmp_path / "a.slot"))
+    assert not list(tmp_path.iterdir())
+
+
+def test_summary_reports_the_measured_peak_beside_the_estimate(world, tmp_path):
+    result = train(_settings(world, tmp_path / "a.slot", steps=1, fp8_base=True))
+    line = next(x for x in summary(result).splitlines() if x.startswith("memory: "))
+    assert "peak host RSS" in line and "(estimated" in line
+    assert line.endswith("; device cpu, weights bfloat16, attention native, 1 process(es), frozen weights float8")
