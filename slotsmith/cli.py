@@ -95,6 +95,19 @@ def main() -> None:
     """
 
 
+def _algorithm_options(fn):
+    """``--algorithm`` and ``--pools``: which selection picks the slot (v2, the default, or sliced v3)."""
+    fn = click.option(
+        "--pools", type=click.IntRange(2, 256), default=8, show_default=True,
+        help="v3: number of disjoint pools N (2..256); ff can reach 1/N. v2 always has 8.",
+    )(fn)
+    return click.option(
+        "--algorithm", type=click.Choice(["v2", "v3"]), default="v2", show_default=True,
+        help="v2: whole tensors, as the original --ff/--ffid (musubi-tuner). v3: the same fraction of every "
+        "tensor's rows, exact budget, up to 256 pools (docs/selection-v3.md).",
+    )(fn)
+
+
 @main.command()
 @click.option(
     "--model",
@@ -103,19 +116,24 @@ def main() -> None:
     help="A shipped layout name (e.g. wan2.2-t2v-a14b), a layout YAML, or a checkpoint "
     "(.safetensors, sharded *.index.json, or a folder).",
 )
-@click.option("--ff", type=float, help="Fraction of the model's parameters, in (0, 1].")
+@click.option("--ff", type=float,
+              help="Fraction of the model's parameters: in (0, 1] for v2, in (0, 1/POOLS] for v3.")
 @click.option(
     "--ffid",
     type=int,
     multiple=True,
-    help="Pool id 0..7. Repeat to compare several slots and get an overlap table.",
+    help="Pool id 0..POOLS-1 (0..7 for v2). Repeat to compare several slots and get an overlap table.",
 )
+@_algorithm_options
 @click.option("--cast", "cast_file", metavar="CAST.yaml",
               help="Plan a cast file's characters instead of --model/--ff/--ffid.")
 @click.option("--json", "as_json", is_flag=True, help="Print JSON instead of the report.")
 @user_errors
-def plan(model: str | None, ff: float | None, ffid: tuple[int, ...], cast_file: str | None, as_json: bool) -> None:
-    """Show exactly which tensors --ff/--ffid select on MODEL.
+def plan(
+    model: str | None, ff: float | None, ffid: tuple[int, ...], algorithm: str, pools: int, cast_file: str | None,
+    as_json: bool,
+) -> None:
+    """Show exactly which tensors (v3: which rows of them) --ff/--ffid select on MODEL.
 
     With --cast, the allocation table of a cast file: per character its ffid,
     ff, parameters and blocks covered; the free ffids; overlaps; warnings.
@@ -124,6 +142,7 @@ def plan(model: str | None, ff: float | None, ffid: tuple[int, ...], cast_file: 
     Examples:
       slotsmith plan -m wan2.2-t2v-a14b --ff 0.01 --ffid 2
       slotsmith plan -m dit.safetensors --ff 0.01 --ffid 1 --ffid 2 --json
+      slotsmith plan -m wan2.2-t2v-a14b --algorithm v3 --pools 16 --ff 0.01 --ffid 0 --ffid 15
       slotsmith plan --cast manifests/cast.yaml
     """
     if cast_file is not None:
@@ -138,11 +157,11 @@ def plan(model: str | None, ff: float | None, ffid: tuple[int, ...], cast_file: 
         raise click.UsageError("give --model, --ff and at least one --ffid (or --cast)")
     from slotsmith.inventory import load_inventory
     from slotsmith.plan import plan_json, render_plan
-    from slotsmith.select import select_v2
+    from slotsmith.select import select
 
     inventory = load_inventory(model)
-    numels = inventory.numels()
-    selections = [select_v2(numels, ff, k) for k in ffid]
+    shapes = {n: t.shape for n, t in inventory.tensors.items()}
+    selections = [select(shapes, ff, k, algorithm, pools) for k in ffid]
     if as_json:
         docs = [plan_json(inventory, s) for s in selections]
         click.echo(json.dumps(docs[0] if len(docs) == 1 else docs, indent=2))
