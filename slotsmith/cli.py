@@ -230,6 +230,7 @@ def splice(
 @click.option("--out", "--output", "-o", "out", required=True, metavar="X.slot", help="The slot file to write.")
 @click.option("--ff", type=float, default=None, help="With --ffid: refuse changes outside this selection.")
 @click.option("--ffid", type=int, default=None, help="Pool id of the selection (with --ff).")
+@_algorithm_options
 @click.option("--expert", type=click.Choice(EXPERTS), help="Wan 2.2 expert the slot is for, recorded in the manifest.")
 @click.option("--force", is_flag=True, help="Overwrite an existing output.")
 @click.option("--quiet", "-q", is_flag=True, help="No progress (a bar on a terminal, lines in a log otherwise).")
@@ -240,20 +241,28 @@ def extract(
     out: str,
     ff: float | None,
     ffid: int | None,
+    algorithm: str,
+    pools: int,
     expert: str | None,
     force: bool,
     quiet: bool,
 ) -> None:
-    """Make a slot of the tensors whose bytes differ between BASE and TUNED.
+    """Make a slot of what differs between BASE and TUNED: per tensor, its changed rows.
+
+    Each changed tensor is recorded from its first changed row to its last
+    (whole when that is all of it; with a v2 --ff/--ffid, always whole).
 
     \b
     Examples:
       slotsmith extract base.safetensors finetuned.safetensors -o char1.slot
       slotsmith extract base.safetensors finetuned.safetensors -o char1.slot --ff 0.01 --ffid 2
+      slotsmith extract base.safetensors finetuned.safetensors -o c.slot --algorithm v3 --pools 16 --ff 0.01 --ffid 9
     """
     from slotsmith.splice import extract as run_extract
 
-    manifest = run_extract(base, tuned, out, ff=ff, ffid=ffid, expert=expert, force=force, quiet=quiet)
+    manifest = run_extract(
+        base, tuned, out, ff=ff, ffid=ffid, algorithm=algorithm, pools=pools, expert=expert, force=force, quiet=quiet
+    )
     if not quiet:
         click.echo(f"wrote {out}: {len(manifest.entries)} tensor(s), {manifest.nbytes:,} bytes", err=True)
 

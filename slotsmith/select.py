@@ -207,6 +207,26 @@ def check_pools(algorithm: str, ffid: int, num_pools: int) -> None:
         raise SlotsmithError(f"--ffid {ffid} is out of range: pools are numbered 0..{num_pools - 1}")
 
 
+def check_selection_args(algorithm: str, ff: float, ffid: int, num_pools: int = NUM_POOLS) -> None:
+    """Refuse what ``select`` would refuse before looking at a model: bad algorithm, pools, ffid or ff.
+
+    Raises:
+        SlotsmithError: Names the option and its range (for v3, an ff above
+            ``1/num_pools`` names the largest ff that pool count allows).
+    """
+    check_pools(algorithm, ffid, num_pools)
+    if algorithm == ALGORITHM:
+        check_ff_ffid(ff, ffid, num_pools)
+        return
+    if not (isinstance(ff, (int, float)) and not isinstance(ff, bool) and ff > 0):
+        raise SlotsmithError(f"--ff {ff} is out of range: it must be in (0, 1/{num_pools}]")
+    if ff > 1 / num_pools:
+        raise SlotsmithError(
+            f"--ff {ff} is more than {num_pools} pools allow: each pool holds 1/{num_pools} of every sliceable "
+            f"tensor, so the largest ff for --pools {num_pools} is {1 / num_pools:g}"
+        )
+
+
 def share_rows(rows: int, ffid: int, num_pools: int) -> tuple[int, int]:
     """Pool ``ffid``'s contiguous share of a tensor's ``rows`` rows: ``floor(K*R/N) .. floor((K+1)*R/N)``."""
     return (ffid * rows // num_pools, (ffid + 1) * rows // num_pools)
@@ -246,14 +266,7 @@ def select_v3(
             above ``1/num_pools`` names the largest ff N allows), or no tensor
             with at least N rows.
     """
-    check_pools(V3, ffid, num_pools)
-    if not (isinstance(ff, (int, float)) and not isinstance(ff, bool) and ff > 0):
-        raise SlotsmithError(f"--ff {ff} is out of range: it must be in (0, 1/{num_pools}]")
-    if ff > 1 / num_pools:
-        raise SlotsmithError(
-            f"--ff {ff} is more than {num_pools} pools allow: each pool holds 1/{num_pools} of every sliceable "
-            f"tensor, so the largest ff for --pools {num_pools} is {1 / num_pools:g}"
-        )
+    check_selection_args(V3, ff, ffid, num_pools)
     # Exact arithmetic: the float 1/N may exceed the rational 1/N by an ulp.
     fraction = min(Fraction(ff), Fraction(1, num_pools))
     numels = {n: math.prod(s) for n, s in shapes.items()}

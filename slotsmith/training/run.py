@@ -118,7 +118,7 @@ def _write(path: Path, plan: RunPlan, settings: TrainSettings, slot: SlotParams,
     }
     return write_slot(
         path, plan.inventory, _slot_bytes(slot, dtypes), selection=plan.selection.record(), provenance=provenance,
-        expert=settings.expert, force=True,
+        rows=plan.selection.rows, expert=settings.expert, force=True,
     )
 
 
@@ -301,7 +301,7 @@ def _load(run: _Run) -> tuple[torch.nn.Module, SlotParams, torch.dtype]:
         # Parameters only: buffers (RoPE tables) stay float32, as diffusers keeps them.
         for p in model.parameters():
             p.data = p.data.to(torch.bfloat16)
-    slot = attach_slot(model, list(plan.selection.tensors), device, compute_dtype)
+    slot = attach_slot(model, list(plan.selection.tensors), device, compute_dtype, plan.selection.rows)
     if settings.gradient_checkpointing:
         model.enable_gradient_checkpointing()
     if settings.fp8_base:

@@ -61,7 +61,8 @@ def state_identity(settings: TrainSettings, plan: RunPlan, num_processes: int) -
         "layout": plan.inventory.layout_digest(),
         "dataset": plan.dataset_digest,
         "processes": num_processes,
-        "tensors": list(plan.selection.tensors),
+        # v3 slots are rows of tensors: the rows are part of what the run trains.
+        "tensors": [n if n not in plan.selection.rows else [n, *plan.selection.rows[n]] for n in plan.selection.tensors],
     }
 
 
