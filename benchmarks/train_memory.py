@@ -1,10 +1,13 @@
 """Memory and speed of slot training on a Wan-shaped model (CPU; figures only, never gates CI).
 
-For ff 0.001, 0.01, 0.05 (ffid 0) and full fine-tuning, each in a fresh
+For ff 0.001, 0.01, 0.05 (ffid 0) with selection v2 (whole tensors) and v3
+(rows of every tensor, ``--pools 8``), and full fine-tuning, each in a fresh
 process (peak RSS is per process): build a random bf16 Wan DiT of >= 100M
 parameters, attach the slot (fp32 masters), run a few AdamW steps of flow
 matching, and print trained parameters, optimizer-state bytes, RSS after
-loading, peak RSS, bytes per trained parameter and step time.
+loading, peak RSS, bytes per trained parameter and step time. v3 against v2
+at the same ff is the cost of training rows (each row-range Linear computes
+its rows' outputs a second time and splices them in).
 
 Usage:
     .venv/bin/python benchmarks/train_memory.py [--steps 3] [--dim 768 --ffn 3072 --layers 12]
@@ -20,7 +23,8 @@ import subprocess
 import sys
 import time
 
-CASES = ("0.001", "0.01", "0.05", "full")
+CASES = ("0.001", "0.01", "0.05", "v3:0.001", "v3:0.01", "v3:0.05", "full")
+"""ff with selection v2, ``v3:ff`` with selection v3 over 8 pools, and full fine-tuning."""
 
 
 def _rss_now() -> int:
@@ -37,7 +41,7 @@ def run_case(case: str, args) -> dict:
     import torch
 
     from slotsmith.layout import WanConfig
-    from slotsmith.select import select_v2
+    from slotsmith.select import select_v2, select_v3
     from slotsmith.training.flow import flow_loss
     from slotsmith.training.optim import make_optimizer, optimizer_state_bytes
     from slotsmith.training.slot_params import attach_slot
@@ -51,12 +55,20 @@ def run_case(case: str, args) -> dict:
     model = build_model(cfg)
     torch.set_default_dtype(torch.float32)
     model.requires_grad_(False)
+    shapes = {n: tuple(t.shape) for n, t in native_state_dict(model).items()}
     numels = {n: t.numel() for n, t in native_state_dict(model).items()}
     total = sum(numels.values())
-    names = list(numels) if case == "full" else list(select_v2(numels, float(case), 0).tensors)
+    rows = {}
+    if case == "full":
+        names = list(numels)
+    elif case.startswith("v3:"):
+        selection = select_v3(shapes, float(case[3:]), 0, 8)
+        names, rows = list(selection.tensors), selection.rows
+    else:
+        names = list(select_v2(numels, float(case), 0).tensors)
     gc.collect()
     rss_loaded = _rss_now()
-    slot = attach_slot(model, names, torch.device("cpu"), torch.bfloat16)
+    slot = attach_slot(model, names, torch.device("cpu"), torch.bfloat16, rows)
     params = slot.parameters_in_order()
     optimizer = make_optimizer("adamw", params, 1e-5, 0.0)
     latents = torch.randn(args.batch, cfg.in_dim, args.frames, args.size, args.size)
@@ -116,6 +128,11 @@ def main() -> None:
         print(f"{r['case']:>6} {r['trained_params']:>12,} {r['trained_tensors']:>7} "
               f"{r['optimizer_state_bytes'] / mib:>13.1f} {r['rss_loaded'] / mib:>10.1f} {r['peak_rss'] / mib:>9.1f} "
               f"{extra / mib:>15.1f} {extra / r['trained_params']:>9.1f} {r['step_s']:>7.2f}")
+    by_case = {r["case"]: r for r in rows}
+    for ff in ("0.001", "0.01", "0.05"):
+        v2, v3 = by_case[ff], by_case[f"v3:{ff}"]
+        print(f"ff {ff}: v3 step {v3['step_s']:.2f} s vs v2 {v2['step_s']:.2f} s "
+              f"({v3['step_s'] / v2['step_s'] - 1:+.0%}); trained {v3['trained_params']:,} vs {v2['trained_params']:,}")
     small, full = rows[0], rows[-1]
     marginal = (full["peak_rss"] - small["peak_rss"]) / (full["trained_params"] - small["trained_params"])
     print(f"marginal peak RSS per trained parameter (full vs ff {small['case']}): {marginal:.1f} bytes "

@@ -586,10 +586,11 @@ def sample(base, slots, vae, t5, tokenizer, prompts, prompts_file, negative_prom
               help="Folder for everything the demo makes (a re-run replaces the demo's files there).")
 @click.option("--steps", default=200, show_default=True, type=click.IntRange(min=1), help="Training steps per slot.")
 @click.option("--seed", default=0, show_default=True, type=int, help="Seed of the model, the data and the training.")
+@_algorithm_options
 @click.option("--json", "as_json", is_flag=True, help="Print the report as JSON on stdout.")
 @click.option("--quiet", "-q", is_flag=True, help="No progress messages.")
 @user_errors
-def demo(out: str, steps: int, seed: int, as_json: bool, quiet: bool) -> None:
+def demo(out: str, steps: int, seed: int, algorithm: str, pools: int, as_json: bool, quiet: bool) -> None:
     """Train two characters into disjoint slots at once, splice them, measure what survives.
 
     Everything is built on the spot (a tiny Wan DiT, VAE, UMT5 and two
@@ -598,15 +599,19 @@ def demo(out: str, steps: int, seed: int, as_json: bool, quiet: bool) -> None:
     (loss_base - loss_spliced) / (loss_base - loss_own_slot), are printed and
     written to OUT/report.json.
 
+    Both slots take ff 0.1 (v3: at most 1/POOLS).
+
     \b
-    Example:
+    Examples:
       slotsmith demo --out demo-out
+      slotsmith demo --out demo-v3 --algorithm v3 --pools 8
     """
     with training_extra("demo"):
         from slotsmith.demo.run import DemoSettings, render_table, run_demo
 
     say = (lambda _: None) if quiet else (lambda msg: click.echo(msg, err=True))
-    report = run_demo(DemoSettings(out=Path(out), steps=steps, seed=seed), say)
+    settings = DemoSettings(out=Path(out), steps=steps, seed=seed, algorithm=algorithm, pools=pools)
+    report = run_demo(settings, say)
     if as_json:
         click.echo(json.dumps(report, indent=2))
     else:

@@ -134,3 +134,33 @@ def test_v3_bad_settings_fail_before_loading(world, tmp_path, change, message):
     with pytest.raises(SlotsmithError) as info:
         train(_settings(world, tmp_path / "a.slot", **{**V3, **change}))
     assert message in str(info.value)
+
+
+@pytest.mark.slow
+def test_sixteen_characters_train_splice_and_verify_together(world, tmp_path):
+    pools = 16
+    slots = []
+    for ffid in range(pools):
+        out = tmp_path / f"char{ffid:02d}.slot"
+        train(_settings(world, out, steps=1, batch_size=1, algorithm="v3", pools=pools, ff=1 / pools, ffid=ffid))
+        slots.append(out)
+    spliced = tmp_path / "all.safetensors"
+    r = CliRunner().invoke(main, ["splice", str(world["base"]), *map(str, slots), "-o", str(spliced), "-q"])
+    assert r.exit_code == 0, r.output
+    r = CliRunner().invoke(main, ["verify", "--base", str(world["base"]), str(tmp_path)])
+    assert r.exit_code == 0, r.output
+    assert "disjoint" in r.output
+    with safe_open(str(spliced), framework="pt") as f:
+        tuned = {k: f.get_tensor(k) for k in f.keys()}
+    base = _base_tensors(world)
+    covered = {}
+    for path in slots:
+        for name, ((a, b), rows) in _rows_of(path).items():
+            assert torch.equal(tuned[name][a:b], rows)
+            covered.setdefault(name, []).append((a, b))
+    # ff = 1/16 takes each pool's whole share: together the 16 slots cover every row of every sliceable tensor.
+    for name, spans in covered.items():
+        assert sorted(spans)[0][0] == 0 and sorted(spans)[-1][1] == base[name].shape[0]
+        assert all(x[1] == y[0] for x, y in zip(sorted(spans), sorted(spans)[1:]))
+    for name in set(base) - set(covered):
+        assert base[name].shape[0] < pools and torch.equal(tuned[name], base[name])
