@@ -91,7 +91,8 @@ def main() -> None:
     A slot is a deterministic set of the model's own tensors, chosen by --ff
     (fraction of the model) and --ffid (one of 8 disjoint pools). Slots of
     different ffids never share a tensor, so they can be trained apart and
-    spliced into one checkpoint.
+    spliced into one checkpoint. --algorithm v3 --pools N slices instead: the
+    same rows' share of every tensor, up to 256 pools.
     """
 
 

@@ -256,7 +256,8 @@ def _selection_check(report: Report, file: str, m: Manifest, layouts: _Layouts, 
         file,
         "selection",
         selection_problems(label, m, layout),
-        f"{who}{len(m.entries)} tensor(s), {kind} {sel['algorithm']} --ff {sel.get('ff')} "
+        f"{who}{len(m.entries)} tensor(s), {kind} {sel['algorithm']}"
+        f"{' --pools ' + str(sel.get('num_pools')) if sel['algorithm'] == 'v3' else ''} --ff {sel.get('ff')} "
         f"--ffid {sel.get('ffid')} on {layout.source}",
     )
 

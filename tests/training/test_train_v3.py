@@ -99,6 +99,17 @@ def test_outside_the_rows_the_model_stays_bit_identical():
                                   flow_loss(reference, latents, context, t, noise, torch.float32), atol=1e-6)
 
 
+def test_v3_resume_continues_exactly_and_refuses_other_pools(world, tmp_path):
+    (tmp_path / "straight").mkdir()
+    train(_settings(world, tmp_path / "straight" / "s.slot", steps=3, **V3))
+    train(_settings(world, tmp_path / "r.slot", steps=3, stop_after=1, **V3))
+    with pytest.raises(SlotsmithError, match="another selection of tensors"):
+        train(_settings(world, tmp_path / "r.slot", steps=3, resume=True, **{**V3, "pools": 9}))
+    train(_settings(world, tmp_path / "r.slot", steps=3, resume=True, **V3))
+    a, b = _rows_of(tmp_path / "straight" / "s.slot"), _rows_of(tmp_path / "r.slot")
+    assert all(a[n][0] == b[n][0] and torch.equal(a[n][1], b[n][1]) for n in a)
+
+
 @pytest.mark.parametrize(
     "options", [dict(gradient_checkpointing=True, offload_blocks=True)], ids=["checkpointing+offload"]
 )
