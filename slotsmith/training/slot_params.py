@@ -147,7 +147,7 @@ def _row_forward(module: nn.Module, parts: dict[str, tuple[tuple[int, int], nn.P
         try:
             if linear_weight is None:
                 return original(module, *args, **kwargs)
-            (x,) = args
+            x = args[0] if args else kwargs["input"]
             (start, stop), master = linear_weight
             weight, bias = module._parameters["weight"], module.bias
             out = F.linear(x, weight.detach(), bias)
