@@ -292,7 +292,7 @@ def train_concurrently(jobs: dict[str, list[str]], logs: Path) -> None:
         raise SlotsmithError(f"training {label} failed (see {logs / (label + '.log')}):\n  " + "\n  ".join(tail))
 
 
-def write_demo_cast(out: Path, ff: float) -> Path:
+def write_demo_cast(out: Path, ff: float, algorithm: str = "v2", pools: int = 8) -> Path:
     """Write ``OUT/cast.yaml`` naming the two characters' slots, and pin them.
 
     Returns:
@@ -302,6 +302,7 @@ def write_demo_cast(out: Path, ff: float) -> Path:
         base="base.safetensors", layout=None, expert=None, ff=ff,
         characters={char: (i + 1, f"{char}.slot") for i, char in enumerate(CHARACTERS)},
         output="spliced.safetensors", comment="The demo's cast: `slotsmith plan/splice/verify --cast cast.yaml`.",
+        algorithm=algorithm, num_pools=pools,
     )
     path = write_new_cast(out / "cast.yaml", text, force=True)
     pin_cast(path)
@@ -499,7 +500,7 @@ def run_demo(settings: DemoSettings, say: Callable[[str], None] = lambda _: None
     lap("train")
 
     say("[4/5] pinning both slots in cast.yaml, splicing it into spliced.safetensors and verifying")
-    cast = write_demo_cast(out, settings.ff)
+    cast = write_demo_cast(out, settings.slot_ff, settings.algorithm, settings.pools)
     spliced = splice_cast(cast, force=True, seal=True)
     say("      slotsmith verify: " + run_verify(["--cast", str(cast)], base).splitlines()[-1])
     lap("splice_verify")

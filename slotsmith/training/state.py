@@ -47,6 +47,7 @@ _RESUME_FACTS = {  # how the saved run differs, for what the identity holds besi
     "layout": "a base of another layout",
     "dataset": "other training data (the cache differs)",
     "tensors": "another selection of tensors",
+    "rows": "another selection of rows (v3: another --pools or --ff)",
 }
 
 
@@ -61,8 +62,9 @@ def state_identity(settings: TrainSettings, plan: RunPlan, num_processes: int) -
         "layout": plan.inventory.layout_digest(),
         "dataset": plan.dataset_digest,
         "processes": num_processes,
-        # v3 slots are rows of tensors: the rows are part of what the run trains.
-        "tensors": [n if n not in plan.selection.rows else [n, *plan.selection.rows[n]] for n in plan.selection.tensors],
+        "tensors": list(plan.selection.tensors),
+        # v3 slots are rows of tensors: the rows are part of what the run trains (absent for v2).
+        **({"rows": {n: list(r) for n, r in plan.selection.rows.items()}} if plan.selection.rows else {}),
     }
 
 

@@ -103,7 +103,7 @@ def test_v3_resume_continues_exactly_and_refuses_other_pools(world, tmp_path):
     (tmp_path / "straight").mkdir()
     train(_settings(world, tmp_path / "straight" / "s.slot", steps=3, **V3))
     train(_settings(world, tmp_path / "r.slot", steps=3, stop_after=1, **V3))
-    with pytest.raises(SlotsmithError, match="another selection of tensors"):
+    with pytest.raises(SlotsmithError, match="another selection of rows"):
         train(_settings(world, tmp_path / "r.slot", steps=3, resume=True, **{**V3, "pools": 9}))
     train(_settings(world, tmp_path / "r.slot", steps=3, resume=True, **V3))
     a, b = _rows_of(tmp_path / "straight" / "s.slot"), _rows_of(tmp_path / "r.slot")
