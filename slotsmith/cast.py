@@ -43,7 +43,7 @@ from slotsmith.io.files import InputFiles, check_yaml, read_input
 from slotsmith.io.writer import atomic_file, write_all
 from slotsmith.layout import KNOWN_MODELS
 from slotsmith.manifest import Manifest
-from slotsmith.select import ALGORITHM, ALGORITHMS, NUM_POOLS, Selection, select
+from slotsmith.select import ALGORITHM, ALGORITHMS, NUM_POOLS, Selection, select, shared_tensors
 from slotsmith.slot import Slot, read_slot
 from slotsmith.train import EXPERTS
 
@@ -682,7 +682,7 @@ def cast_plan_json(cast: Cast) -> dict:
     overlaps = []
     for i, a in enumerate(cast.characters):
         for b in cast.characters[i + 1 :]:
-            shared = sorted(set(selections[a.name].tensors) & set(selections[b.name].tensors))
+            shared = shared_tensors(selections[a.name], selections[b.name])
             if shared:
                 overlaps.append({"characters": [a.name, b.name], "tensors": shared})
     taken = {c.ffid for c in cast.characters}

@@ -12,7 +12,7 @@ from slotsmith.errors import SlotsmithError, printable
 from slotsmith.inventory import Inventory
 from slotsmith.layout import config_from_shapes
 from slotsmith.names import block_of
-from slotsmith.select import Selection
+from slotsmith.select import Selection, shared_tensors
 
 HIGH = 2.0
 """A block whose share exceeds HIGH x the slot's overall fraction is marked HIGH."""
@@ -126,16 +126,6 @@ def warnings_for(inventory: Inventory, selection: Selection, shares: list[BlockS
     return out
 
 
-def overlap_count(a: Selection, b: Selection) -> int:
-    """Tensors two selections share rows of (whole tensors count as all their rows)."""
-    count = 0
-    for name in set(a.tensors) & set(b.tensors):
-        ra, rb = a.rows.get(name), b.rows.get(name)
-        if ra is None or rb is None or max(ra[0], rb[0]) < min(ra[1], rb[1]):
-            count += 1
-    return count
-
-
 def plan_json(inventory: Inventory, selection: Selection) -> dict:
     """The machine-readable plan of one selection (``plan --json``)."""
     shares = block_shares(inventory, selection)
@@ -222,7 +212,7 @@ def render_plan(inventory: Inventory, selections: list[Selection]) -> str:
         lines.append("overlap (shared tensors between slots)")
         lines.append("  ffid " + "".join(f"{s.ffid:>6}" for s in selections))
         for a in selections:
-            row = "".join(f"{'-' if a is b else overlap_count(a, b):>6}" for b in selections)
+            row = "".join(f"{'-' if a is b else len(shared_tensors(a, b)):>6}" for b in selections)
             lines.append(f"  {a.ffid:>4} {row}")
     # Tensor names come from the checkpoint: escape what would forge lines or reach the terminal.
     return "\n".join(printable(line) for line in lines).rstrip() + "\n"

@@ -191,6 +191,16 @@ def select_v2(numels: Mapping[str, int], ff: float, ffid: int, num_pools: int = 
     )
 
 
+def shared_tensors(a: Selection, b: Selection) -> list[str]:
+    """The tensors two selections share rows of, sorted (a whole-tensor selection holds every row)."""
+    shared = []
+    for name in sorted(set(a.tensors) & set(b.tensors)):
+        ra, rb = a.rows.get(name), b.rows.get(name)
+        if ra is None or rb is None or max(ra[0], rb[0]) < min(ra[1], rb[1]):
+            shared.append(name)
+    return shared
+
+
 def check_pools(algorithm: str, ffid: int, num_pools: int) -> None:
     """Refuse an unknown algorithm, a pool count it does not have, or an ffid outside the pools.
 

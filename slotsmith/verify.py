@@ -46,6 +46,7 @@ from slotsmith.io.files import InputFiles
 from slotsmith.layout import KNOWN_MODELS
 from slotsmith.manifest import METADATA_KEY, Manifest
 from slotsmith.progress import Progress
+from slotsmith.select import shared_tensors
 from slotsmith.slot import SLOT_SUFFIX, Slot, read_slot, slot_from_header
 from slotsmith.splice_record import SpliceRecord, has_splice_record, read_splice_record
 
@@ -529,7 +530,7 @@ def verify_cast(cast_path: str | os.PathLike, base: str | os.PathLike | None = N
                 f"{label}: characters {a.name!r} and {b.name!r} share tensor {shared[0]!r}"
                 for i, a in enumerate(cast.characters)
                 for b in cast.characters[i + 1 :]
-                if (shared := sorted(set(sels[a.name].tensors) & set(sels[b.name].tensors)))
+                if (shared := shared_tensors(sels[a.name], sels[b.name]))
             ]
             disjoint = f"{len(cast.characters)} character(s) on disjoint tensors of {layout.source}"
             report.add(label, "allocations", problems, disjoint)
