@@ -43,7 +43,7 @@ from slotsmith.io.files import InputFiles, check_yaml, read_input
 from slotsmith.io.writer import atomic_file, write_all
 from slotsmith.layout import KNOWN_MODELS
 from slotsmith.manifest import Manifest
-from slotsmith.select import ALGORITHMS, NUM_POOLS, Selection
+from slotsmith.select import ALGORITHM, ALGORITHMS, NUM_POOLS, Selection, select, shared_tensors
 from slotsmith.slot import Slot, read_slot
 from slotsmith.train import EXPERTS
 
@@ -640,12 +640,11 @@ def cast_selections(cast: Cast, layout: Inventory) -> dict[str, Selection]:
     Raises:
         SlotsmithError: A character's ff cannot be served, naming it.
     """
-    select = ALGORITHMS[cast.algorithm]
     out = {}
-    numels = layout.numels()
+    shapes = {n: t.shape for n, t in layout.tensors.items()}
     for c in cast.characters:
         try:
-            out[c.name] = select(numels, c.ff, c.ffid, num_pools=cast.num_pools)
+            out[c.name] = select(shapes, c.ff, c.ffid, cast.algorithm, cast.num_pools)
         except SlotsmithError as e:
             raise cast.error(c.where, f"character {c.name!r}: {e}") from None
     return out
@@ -683,7 +682,7 @@ def cast_plan_json(cast: Cast) -> dict:
     overlaps = []
     for i, a in enumerate(cast.characters):
         for b in cast.characters[i + 1 :]:
-            shared = sorted(set(selections[a.name].tensors) & set(selections[b.name].tensors))
+            shared = shared_tensors(selections[a.name], selections[b.name])
             if shared:
                 overlaps.append({"characters": [a.name, b.name], "tensors": shared})
     taken = {c.ffid for c in cast.characters}
@@ -768,6 +767,8 @@ def new_cast_text(
     characters: dict[str, tuple[int, str]],
     output: str | None,
     comment: str = "",
+    algorithm: str = ALGORITHM,
+    num_pools: int = NUM_POOLS,
 ) -> str:
     """A new cast file's text (unpinned; ``pin_cast`` fills in the digests).
 
@@ -779,6 +780,8 @@ def new_cast_text(
         characters: Name -> (ffid, slot path relative to the cast's folder).
         output: The spliced checkpoint's path, or None.
         comment: A first comment line.
+        algorithm: The selection's algorithm (``"v2"`` or ``"v3"``).
+        num_pools: The selection's pool count.
 
     Returns:
         The YAML text.
@@ -787,7 +790,7 @@ def new_cast_text(
         "format": CAST_FORMAT,
         "base": {"path": base, "layout": layout, "expert": expert,
                  "fingerprint": {"layout_digest": None, "sample_digest": None}},
-        "selection": {"algorithm": "v2", "ff": ff, "num_pools": NUM_POOLS},
+        "selection": {"algorithm": algorithm, "ff": ff, "num_pools": num_pools},
         "characters": {n: {"ffid": k, "slot": s, "pin": None} for n, (k, s) in characters.items()},
         "output": output,
     }

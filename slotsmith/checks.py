@@ -18,7 +18,7 @@ from slotsmith.io.files import InputFiles
 from slotsmith.io.header import is_int
 from slotsmith.layout import KNOWN_MODELS, wan_tensor_shapes
 from slotsmith.manifest import Manifest
-from slotsmith.select import ALGORITHMS, NUM_POOLS
+from slotsmith.select import ALGORITHMS, MAX_POOLS_V3, NUM_POOLS, select
 from slotsmith.slot import Slot, base_region
 from slotsmith.splice_record import SpliceRecord
 
@@ -138,8 +138,16 @@ def overlap_problems(slots: Sequence[tuple[str, Manifest]]) -> list[str]:
                 if lo < hi:
                     whole = ea.rows is None and eb.rows is None
                     what = f"tensor {ea.name!r}" if whole else f"rows [{lo}, {hi}) of tensor {ea.name!r}"
-                    problems.append(f"{a} and {b} overlap: both hold {what}")
+                    problems.append(f"{a} and {b} overlap: both hold {what}{_pools_differ(ma, mb)}")
     return problems
+
+
+def _pools_differ(ma: Manifest, mb: Manifest) -> str:
+    """Why two overlapping slots collide when their selections have different pool counts ("" otherwise)."""
+    pa, pb = ((m.selection or {}).get("num_pools") for m in (ma, mb))
+    if pa is None or pb is None or pa == pb:
+        return ""
+    return f" (their pool counts differ, {pa} and {pb}: only slots of one --pools are disjoint)"
 
 
 def seal_problems(spliced: Inventory, record: SpliceRecord, files: InputFiles) -> list[str]:
@@ -233,7 +241,7 @@ def spliced_problems(spliced: Inventory, record: SpliceRecord, files: InputFiles
     return problems
 
 
-MAX_POOLS = 64
+MAX_POOLS = MAX_POOLS_V3
 """Most pools a recorded selection may name: bounds the work a hostile manifest can ask for."""
 
 
@@ -245,9 +253,10 @@ def is_extracted(m: Manifest) -> bool:
 def selection_problems(label: str, m: Manifest, layout: Inventory) -> list[str]:
     """Whether the manifest's selection, recomputed on ``layout``, yields the slot's tensors.
 
-    A trained slot must hold exactly the selected tensors; an extracted one
-    (see ``is_extracted``) only tensors within the selection. Call it only
-    for a manifest whose selection names an ``algorithm``.
+    A trained slot must hold exactly the selected tensors (and, for a v3
+    selection, exactly their rows); an extracted one (see ``is_extracted``)
+    only tensors (rows) within the selection. Call it only for a manifest
+    whose selection names an ``algorithm``.
 
     Args:
         label: Names the slot in messages.
@@ -260,8 +269,7 @@ def selection_problems(label: str, m: Manifest, layout: Inventory) -> list[str]:
     """
     sel = m.selection or {}
     alg = sel.get("algorithm")
-    select = ALGORITHMS.get(alg) if isinstance(alg, str) else None
-    if select is None:
+    if not (isinstance(alg, str) and alg in ALGORITHMS):
         return [f"{label}: unknown selection algorithm {alg!r} (known: {', '.join(ALGORITHMS)})"]
     ff, ffid, pools = sel.get("ff"), sel.get("ffid"), sel.get("num_pools", NUM_POOLS)
     if not (isinstance(ff, int | float) and not isinstance(ff, bool) and is_int(ffid) and is_int(pools)):
@@ -274,15 +282,25 @@ def selection_problems(label: str, m: Manifest, layout: Inventory) -> list[str]:
             found = "lacks it" if spec is None else f"has {list(spec.shape)}"
             return [f"{label}: tensor {e.name!r} {list(e.shape)} does not fit the layout {layout.source} ({found})"]
     try:
-        s = select(layout.numels(), ff, ffid, num_pools=pools)
+        s = select({n: t.shape for n, t in layout.tensors.items()}, ff, ffid, alg, pools)
     except SlotsmithError as e:
         return [f"{label}: selection {alg} ff={ff} ffid={ffid} cannot be recomputed: {e}"]
     have, want = {e.name for e in m.entries}, set(s.tensors)
     extra, missing = sorted(have - want), sorted(want - have)
-    what = f"{alg} --ff {ff} --ffid {ffid} on {layout.source}"
+    pools_note = f" --pools {pools}" if s.rows else ""
+    what = f"{alg}{pools_note} --ff {ff} --ffid {ffid} on {layout.source}"
     problems = [f"{label}: tensor {n!r} is not in the selection {what}" for n in extra]
     if not is_extracted(m):
         problems += [f"{label}: tensor {n!r} of the selection {what} is missing from the slot" for n in missing]
+    for e in m.entries:
+        rows = s.rows.get(e.name)  # None for v2, which checks tensor names only, as it always has
+        if rows is None:
+            continue
+        inside = e.rows is not None and rows[0] <= e.rows[0] and e.rows[1] <= rows[1]
+        if not inside or not (e.rows == rows or is_extracted(m)):
+            problems.append(
+                f"{label}: tensor {e.describe()!r} is not rows [{rows[0]}, {rows[1]}) of the selection {what}"
+            )
     return problems
 
 

@@ -91,8 +91,22 @@ def main() -> None:
     A slot is a deterministic set of the model's own tensors, chosen by --ff
     (fraction of the model) and --ffid (one of 8 disjoint pools). Slots of
     different ffids never share a tensor, so they can be trained apart and
-    spliced into one checkpoint.
+    spliced into one checkpoint. --algorithm v3 --pools N slices instead: the
+    same rows' share of every tensor, up to 256 pools.
     """
+
+
+def _algorithm_options(fn):
+    """``--algorithm`` and ``--pools``: which selection picks the slot (v2, the default, or sliced v3)."""
+    fn = click.option(
+        "--pools", type=click.IntRange(2, 256), default=8, show_default=True,
+        help="v3: number of disjoint pools N (2..256); ff can reach 1/N. v2 always has 8.",
+    )(fn)
+    return click.option(
+        "--algorithm", type=click.Choice(["v2", "v3"]), default="v2", show_default=True,
+        help="v2: whole tensors, as the original --ff/--ffid (musubi-tuner). v3: the same fraction of every "
+        "tensor's rows, exact budget, up to 256 pools (docs/selection-v3.md).",
+    )(fn)
 
 
 @main.command()
@@ -103,19 +117,24 @@ def main() -> None:
     help="A shipped layout name (e.g. wan2.2-t2v-a14b), a layout YAML, or a checkpoint "
     "(.safetensors, sharded *.index.json, or a folder).",
 )
-@click.option("--ff", type=float, help="Fraction of the model's parameters, in (0, 1].")
+@click.option("--ff", type=float,
+              help="Fraction of the model's parameters: in (0, 1] for v2, in (0, 1/POOLS] for v3.")
 @click.option(
     "--ffid",
     type=int,
     multiple=True,
-    help="Pool id 0..7. Repeat to compare several slots and get an overlap table.",
+    help="Pool id 0..POOLS-1 (0..7 for v2). Repeat to compare several slots and get an overlap table.",
 )
+@_algorithm_options
 @click.option("--cast", "cast_file", metavar="CAST.yaml",
               help="Plan a cast file's characters instead of --model/--ff/--ffid.")
 @click.option("--json", "as_json", is_flag=True, help="Print JSON instead of the report.")
 @user_errors
-def plan(model: str | None, ff: float | None, ffid: tuple[int, ...], cast_file: str | None, as_json: bool) -> None:
-    """Show exactly which tensors --ff/--ffid select on MODEL.
+def plan(
+    model: str | None, ff: float | None, ffid: tuple[int, ...], algorithm: str, pools: int, cast_file: str | None,
+    as_json: bool,
+) -> None:
+    """Show exactly which tensors (v3: which rows of them) --ff/--ffid select on MODEL.
 
     With --cast, the allocation table of a cast file: per character its ffid,
     ff, parameters and blocks covered; the free ffids; overlaps; warnings.
@@ -124,6 +143,7 @@ def plan(model: str | None, ff: float | None, ffid: tuple[int, ...], cast_file: 
     Examples:
       slotsmith plan -m wan2.2-t2v-a14b --ff 0.01 --ffid 2
       slotsmith plan -m dit.safetensors --ff 0.01 --ffid 1 --ffid 2 --json
+      slotsmith plan -m wan2.2-t2v-a14b --algorithm v3 --pools 16 --ff 0.01 --ffid 0 --ffid 15
       slotsmith plan --cast manifests/cast.yaml
     """
     if cast_file is not None:
@@ -138,11 +158,11 @@ def plan(model: str | None, ff: float | None, ffid: tuple[int, ...], cast_file: 
         raise click.UsageError("give --model, --ff and at least one --ffid (or --cast)")
     from slotsmith.inventory import load_inventory
     from slotsmith.plan import plan_json, render_plan
-    from slotsmith.select import select_v2
+    from slotsmith.select import select
 
     inventory = load_inventory(model)
-    numels = inventory.numels()
-    selections = [select_v2(numels, ff, k) for k in ffid]
+    shapes = {n: t.shape for n, t in inventory.tensors.items()}
+    selections = [select(shapes, ff, k, algorithm, pools) for k in ffid]
     if as_json:
         docs = [plan_json(inventory, s) for s in selections]
         click.echo(json.dumps(docs[0] if len(docs) == 1 else docs, indent=2))
@@ -211,6 +231,7 @@ def splice(
 @click.option("--out", "--output", "-o", "out", required=True, metavar="X.slot", help="The slot file to write.")
 @click.option("--ff", type=float, default=None, help="With --ffid: refuse changes outside this selection.")
 @click.option("--ffid", type=int, default=None, help="Pool id of the selection (with --ff).")
+@_algorithm_options
 @click.option("--expert", type=click.Choice(EXPERTS), help="Wan 2.2 expert the slot is for, recorded in the manifest.")
 @click.option("--force", is_flag=True, help="Overwrite an existing output.")
 @click.option("--quiet", "-q", is_flag=True, help="No progress (a bar on a terminal, lines in a log otherwise).")
@@ -221,20 +242,28 @@ def extract(
     out: str,
     ff: float | None,
     ffid: int | None,
+    algorithm: str,
+    pools: int,
     expert: str | None,
     force: bool,
     quiet: bool,
 ) -> None:
-    """Make a slot of the tensors whose bytes differ between BASE and TUNED.
+    """Make a slot of what differs between BASE and TUNED: per tensor, its changed rows.
+
+    Each changed tensor is recorded from its first changed row to its last
+    (whole when that is all of it; with a v2 --ff/--ffid, always whole).
 
     \b
     Examples:
       slotsmith extract base.safetensors finetuned.safetensors -o char1.slot
       slotsmith extract base.safetensors finetuned.safetensors -o char1.slot --ff 0.01 --ffid 2
+      slotsmith extract base.safetensors finetuned.safetensors -o c.slot --algorithm v3 --pools 16 --ff 0.01 --ffid 9
     """
     from slotsmith.splice import extract as run_extract
 
-    manifest = run_extract(base, tuned, out, ff=ff, ffid=ffid, expert=expert, force=force, quiet=quiet)
+    manifest = run_extract(
+        base, tuned, out, ff=ff, ffid=ffid, algorithm=algorithm, pools=pools, expert=expert, force=force, quiet=quiet
+    )
     if not quiet:
         click.echo(f"wrote {out}: {len(manifest.entries)} tensor(s), {manifest.nbytes:,} bytes", err=True)
 
@@ -558,10 +587,11 @@ def sample(base, slots, vae, t5, tokenizer, prompts, prompts_file, negative_prom
               help="Folder for everything the demo makes (a re-run replaces the demo's files there).")
 @click.option("--steps", default=200, show_default=True, type=click.IntRange(min=1), help="Training steps per slot.")
 @click.option("--seed", default=0, show_default=True, type=int, help="Seed of the model, the data and the training.")
+@_algorithm_options
 @click.option("--json", "as_json", is_flag=True, help="Print the report as JSON on stdout.")
 @click.option("--quiet", "-q", is_flag=True, help="No progress messages.")
 @user_errors
-def demo(out: str, steps: int, seed: int, as_json: bool, quiet: bool) -> None:
+def demo(out: str, steps: int, seed: int, algorithm: str, pools: int, as_json: bool, quiet: bool) -> None:
     """Train two characters into disjoint slots at once, splice them, measure what survives.
 
     Everything is built on the spot (a tiny Wan DiT, VAE, UMT5 and two
@@ -570,15 +600,19 @@ def demo(out: str, steps: int, seed: int, as_json: bool, quiet: bool) -> None:
     (loss_base - loss_spliced) / (loss_base - loss_own_slot), are printed and
     written to OUT/report.json.
 
+    Both slots take ff 0.1 (v3: at most 1/POOLS).
+
     \b
-    Example:
+    Examples:
       slotsmith demo --out demo-out
+      slotsmith demo --out demo-v3 --algorithm v3 --pools 8
     """
     with training_extra("demo"):
         from slotsmith.demo.run import DemoSettings, render_table, run_demo
 
     say = (lambda _: None) if quiet else (lambda msg: click.echo(msg, err=True))
-    report = run_demo(DemoSettings(out=Path(out), steps=steps, seed=seed), say)
+    settings = DemoSettings(out=Path(out), steps=steps, seed=seed, algorithm=algorithm, pools=pools)
+    report = run_demo(settings, say)
     if as_json:
         click.echo(json.dumps(report, indent=2))
     else:

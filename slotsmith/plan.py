@@ -12,7 +12,7 @@ from slotsmith.errors import SlotsmithError, printable
 from slotsmith.inventory import Inventory
 from slotsmith.layout import config_from_shapes
 from slotsmith.names import block_of
-from slotsmith.select import Selection
+from slotsmith.select import Selection, shared_tensors
 
 HIGH = 2.0
 """A block whose share exceeds HIGH x the slot's overall fraction is marked HIGH."""
@@ -45,10 +45,30 @@ class BlockShare:
         return self.selected_params / self.params if self.params else 0.0
 
 
+def taken_params(inventory: Inventory, selection: Selection, name: str) -> int:
+    """Parameters of tensor ``name`` in the slot: all of it, or its rows (v3)."""
+    spec = inventory.tensors[name]
+    rows = selection.rows.get(name)
+    return spec.numel if rows is None else (rows[1] - rows[0]) * (spec.numel // spec.shape[0])
+
+
+def _label(name: str, selection: Selection, local: bool = False) -> str:
+    """A tensor's name (local to its block with ``local``), with its rows ``[a:b]`` for a v3 entry."""
+    shown = name.split(".", 2)[2] if local else name
+    rows = selection.rows.get(name)
+    return shown if rows is None else f"{shown}[{rows[0]}:{rows[1]}]"
+
+
+def _fraction(selection: Selection) -> float:
+    """The slot's share of what its algorithm selects from (v3: the sliceable parameters)."""
+    whole = selection.sliceable_params if selection.rows else selection.total_params
+    return selection.selected_params / whole
+
+
 def block_shares(inventory: Inventory, selection: Selection) -> list[BlockShare]:
-    """Per-block share of a selection, for every block of the model."""
+    """Per-block share of a selection, for every block of the model (row ranges counted by their rows)."""
     numels = inventory.numels()
-    fraction = selection.selected_params / selection.total_params
+    fraction = _fraction(selection)
     params: dict[int, int] = {}
     for name, n in numels.items():
         block = block_of(name)
@@ -61,10 +81,10 @@ def block_shares(inventory: Inventory, selection: Selection) -> list[BlockShare]
             taken[block].append(name)
     shares = []
     for block in sorted(params):
-        selected = sum(numels[n] for n in taken[block])
+        selected = sum(taken_params(inventory, selection, n) for n in taken[block])
         share = selected / params[block]
         mark = "HIGH" if share > HIGH * fraction else "LOW" if share < LOW * fraction else ""
-        local = tuple(n.split(".", 2)[2] for n in taken[block])
+        local = tuple(_label(n, selection, local=True) for n in taken[block])
         shares.append(BlockShare(block, params[block], selected, local, mark))
     return shares
 
@@ -93,7 +113,15 @@ def warnings_for(inventory: Inventory, selection: Selection, shares: list[BlockS
         out.append(
             f"uneven per-block share: from {min(s.share for s in shares):.2%} to {max(nonzero):.2%} of a block"
         )
-    if len(selection.tensors) == len(selection.pool):
+    if selection.rows:
+        largest_row = max(inventory.tensors[n].numel // inventory.tensors[n].shape[0] for n in selection.pool)
+        if selection.target_params - selection.selected_params > largest_row:
+            out.append(
+                f"budget short by {selection.target_params - selection.selected_params:,} params: pool "
+                f"{selection.ffid}'s shares of tensors whose rows {selection.num_pools} does not divide are a row "
+                "short of ff; a smaller ff or a --pools that divides the rows meets it"
+            )
+    elif len(selection.tensors) == len(selection.pool):
         out.append(f"the slot is the whole of pool {selection.ffid}")
     return out
 
@@ -101,7 +129,7 @@ def warnings_for(inventory: Inventory, selection: Selection, shares: list[BlockS
 def plan_json(inventory: Inventory, selection: Selection) -> dict:
     """The machine-readable plan of one selection (``plan --json``)."""
     shares = block_shares(inventory, selection)
-    return {
+    doc = {
         "model": inventory.source,
         "matching_layouts": inventory.matching_models(),
         "ff": selection.ff,
@@ -116,6 +144,8 @@ def plan_json(inventory: Inventory, selection: Selection) -> dict:
         "selected_fraction": selection.selected_params / selection.total_params,
         "overshoot": selection.overshoot,
         "tensors": list(selection.tensors),
+        "entries": [{"name": n, "rows": list(selection.rows[n]) if n in selection.rows else None}
+                    for n in selection.tensors],
         "blocks_covered": sum(1 for s in shares if s.selected_params),
         "num_blocks": len(shares),
         "per_block": [
@@ -125,6 +155,11 @@ def plan_json(inventory: Inventory, selection: Selection) -> dict:
         ],
         "warnings": warnings_for(inventory, selection, shares),
     }
+    if selection.rows:
+        doc["sliceable_params"] = selection.sliceable_params
+        doc["sliceable_fraction"] = selection.sliceable_params / selection.total_params
+        doc["left_out"] = list(selection.left_out)
+    return doc
 
 
 def _render_one(inventory: Inventory, selection: Selection) -> list[str]:
@@ -132,10 +167,23 @@ def _render_one(inventory: Inventory, selection: Selection) -> list[str]:
     s = selection
     non_block = [n for n in s.tensors if block_of(n) is None]
     covered = sum(1 for b in shares if b.selected_params)
-    lines = [
-        f"slot ff={s.ff:g} ffid={s.ffid} (selection {s.algorithm}, {s.num_pools} pools)",
-        f"  target      {s.target_params:>16,} params ({s.target_params / s.total_params:.4%} of the model)",
-        f"  pool {s.ffid}      {s.pool_params:>16,} params in {len(s.pool)} tensors",
+    lines = [f"slot ff={s.ff:g} ffid={s.ffid} (selection {s.algorithm}, {s.num_pools} pools)"]
+    if s.rows:
+        lines += [
+            f"  sliceable   {s.sliceable_params:>16,} params ({s.sliceable_params / s.total_params:.4%} of the "
+            f"model): every tensor with at least {s.num_pools} rows",
+            f"  left out    {len(s.left_out):>16} tensors (fewer rows than pools): "
+            + (", ".join(s.left_out[:4]) + (f" and {len(s.left_out) - 4} more" if len(s.left_out) > 4 else "")
+               if s.left_out else "-"),
+            f"  target      {s.target_params:>16,} params (ff x sliceable)",
+            f"  pool {s.ffid} share {s.pool_params:>15,} params: rows [K*R/N, (K+1)*R/N) of {len(s.pool)} tensors",
+        ]
+    else:
+        lines += [
+            f"  target      {s.target_params:>16,} params ({s.target_params / s.total_params:.4%} of the model)",
+            f"  pool {s.ffid}      {s.pool_params:>16,} params in {len(s.pool)} tensors",
+        ]
+    lines += [
         f"  selected    {s.selected_params:>16,} params in {len(s.tensors)} tensors "
         f"({s.selected_params / s.total_params:.4%} of the model, {s.overshoot:.2f}x target)",
         f"  blocks      {covered}/{len(shares)} covered",
@@ -144,7 +192,7 @@ def _render_one(inventory: Inventory, selection: Selection) -> list[str]:
         lines.append("  block    share  mark  tensors")
         for b in shares:
             lines.append(f"  {b.block:>5} {b.share:>8.3%}  {b.mark:<4}  {', '.join(b.tensors) or '-'}")
-    lines.append(f"  outside blocks: {', '.join(non_block) or '-'}")
+    lines.append(f"  outside blocks: {', '.join(_label(n, s) for n in non_block) or '-'}")
     for w in warnings_for(inventory, selection, shares):
         lines.append(f"  warning: {w}")
     return lines
@@ -164,9 +212,7 @@ def render_plan(inventory: Inventory, selections: list[Selection]) -> str:
         lines.append("overlap (shared tensors between slots)")
         lines.append("  ffid " + "".join(f"{s.ffid:>6}" for s in selections))
         for a in selections:
-            row = "".join(
-                f"{'-' if a is b else len(set(a.tensors) & set(b.tensors)):>6}" for b in selections
-            )
+            row = "".join(f"{'-' if a is b else len(shared_tensors(a, b)):>6}" for b in selections)
             lines.append(f"  {a.ffid:>4} {row}")
     # Tensor names come from the checkpoint: escape what would forge lines or reach the terminal.
     return "\n".join(printable(line) for line in lines).rstrip() + "\n"

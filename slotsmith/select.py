@@ -1,21 +1,28 @@
-"""Slot selection: which tensors ``--ff F --ffid K`` picks.
+"""Slot selection: which tensors (or rows of them) ``--ff F --ffid K`` picks.
 
 ``select_v2`` is the musubi-compatible "Selection Algorithm v2.0", exactly as
-``../shared/spec/selection-v2.md`` describes it. It is a pure function of
-``name -> numel``, so it runs on a layout as well as on a real checkpoint.
+``docs/selection-v2.md`` describes it: whole tensors, 8 pools, the default.
+``select_v3`` slices: every tensor with at least N rows is cut into N shares
+and a slot takes a prefix of its share's rows, fraction F of every tensor
+(``docs/selection-v3.md``). Both are pure functions of the tensors' names and
+sizes, so they run on a layout as well as on a real checkpoint.
 """
 
 from __future__ import annotations
 
 import math
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from fractions import Fraction
 
 from slotsmith.errors import SlotsmithError
 from slotsmith.names import block_of
 
 ALGORITHM = "v2"
 NUM_POOLS = 8
+"""v2's pool count, and v3's default ``--pools``."""
+V3 = "v3"
+MIN_POOLS_V3, MAX_POOLS_V3 = 2, 256
 
 _QKVO_RANK = {"v": 0, "k": 1, "o": 2, "q": 3}
 
@@ -25,16 +32,22 @@ class Selection:
     """The outcome of one selection.
 
     Attributes:
-        algorithm: Algorithm name (``"v2"``).
+        algorithm: Algorithm name (``"v2"`` or ``"v3"``).
         ff: Fraction of the model asked for.
         ffid: Pool id.
         num_pools: Number of disjoint pools.
         total_params: Parameters in the whole model.
-        target_params: The budget, ``max(1, floor(total * ff))``.
-        pool: Every tensor of the pool, in candidate (draft) order.
-        pool_params: Parameters in the whole pool.
+        target_params: The budget: v2 ``max(1, floor(total * ff))``, v3
+            ``floor(ff * sliceable_params)``.
+        pool: Every tensor of the pool, in candidate (draft) order (v3: every
+            sliceable tensor, in apportioning order).
+        pool_params: Parameters in the whole pool (v3: in this ffid's shares).
         tensors: The selected tensors, in selection order.
         selected_params: Parameters selected.
+        rows: v3: tensor -> ``(start, stop)`` of the rows taken (every
+            selected tensor has an entry); empty for v2 (whole tensors).
+        left_out: v3: tensors with fewer rows than pools, which v3 never takes.
+        sliceable_params: v3: parameters of the tensors v3 can slice (S).
     """
 
     algorithm: str
@@ -47,6 +60,9 @@ class Selection:
     pool_params: int
     tensors: tuple[str, ...]
     selected_params: int
+    rows: dict[str, tuple[int, int]] = field(default_factory=dict)
+    left_out: tuple[str, ...] = ()
+    sliceable_params: int = 0
 
     @property
     def overshoot(self) -> float:
@@ -175,5 +191,154 @@ def select_v2(numels: Mapping[str, int], ff: float, ffid: int, num_pools: int = 
     )
 
 
-ALGORITHMS = {ALGORITHM: select_v2}
-"""Selection algorithms by the name a manifest records."""
+def shared_tensors(a: Selection, b: Selection) -> list[str]:
+    """The tensors two selections share rows of, sorted (a whole-tensor selection holds every row)."""
+    shared = []
+    for name in sorted(set(a.tensors) & set(b.tensors)):
+        ra, rb = a.rows.get(name), b.rows.get(name)
+        if ra is None or rb is None or max(ra[0], rb[0]) < min(ra[1], rb[1]):
+            shared.append(name)
+    return shared
+
+
+def check_pools(algorithm: str, ffid: int, num_pools: int) -> None:
+    """Refuse an unknown algorithm, a pool count it does not have, or an ffid outside the pools.
+
+    Raises:
+        SlotsmithError: Names the option and its range.
+    """
+    if algorithm not in ALGORITHMS:
+        raise SlotsmithError(f"--algorithm {algorithm!r} is not one of {', '.join(ALGORITHMS)}")
+    if algorithm == ALGORITHM and num_pools != NUM_POOLS:
+        raise SlotsmithError(f"--pools {num_pools}: selection v2 always has {NUM_POOLS} pools (use --algorithm v3)")
+    if isinstance(num_pools, bool) or not MIN_POOLS_V3 <= num_pools <= MAX_POOLS_V3:
+        raise SlotsmithError(f"--pools {num_pools} is out of range: v3 takes {MIN_POOLS_V3}..{MAX_POOLS_V3} pools")
+    if isinstance(ffid, bool) or not 0 <= ffid < num_pools:
+        raise SlotsmithError(f"--ffid {ffid} is out of range: pools are numbered 0..{num_pools - 1}")
+
+
+def check_selection_args(algorithm: str, ff: float, ffid: int, num_pools: int = NUM_POOLS) -> None:
+    """Refuse what ``select`` would refuse before looking at a model: bad algorithm, pools, ffid or ff.
+
+    Raises:
+        SlotsmithError: Names the option and its range (for v3, an ff above
+            ``1/num_pools`` names the largest ff that pool count allows).
+    """
+    check_pools(algorithm, ffid, num_pools)
+    if algorithm == ALGORITHM:
+        check_ff_ffid(ff, ffid, num_pools)
+        return
+    if not (isinstance(ff, (int, float)) and not isinstance(ff, bool) and ff > 0):
+        raise SlotsmithError(f"--ff {ff} is out of range: it must be in (0, 1/{num_pools}]")
+    if ff > 1 / num_pools:
+        raise SlotsmithError(
+            f"--ff {ff} is more than {num_pools} pools allow: each pool holds 1/{num_pools} of every sliceable "
+            f"tensor, so the largest ff for --pools {num_pools} is {1 / num_pools:g}"
+        )
+
+
+def share_rows(rows: int, ffid: int, num_pools: int) -> tuple[int, int]:
+    """Pool ``ffid``'s contiguous share of a tensor's ``rows`` rows: ``floor(K*R/N) .. floor((K+1)*R/N)``."""
+    return (ffid * rows // num_pools, (ffid + 1) * rows // num_pools)
+
+
+def _apportion_order(names) -> list[str]:
+    # Blocks in numeric order (names sort "blocks.10" before "blocks.2"), then the
+    # tensors outside blocks; by name inside each group.
+    return sorted(names, key=lambda n: (block_of(n) is None, block_of(n) or 0, n))
+
+
+def select_v3(
+    shapes: Mapping[str, tuple[int, ...]], ff: float, ffid: int, num_pools: int = NUM_POOLS
+) -> Selection:
+    """Select the sliced slot ``--algorithm v3 --pools N --ffid K --ff F`` of a model.
+
+    Every tensor whose first dimension R is at least N is cut along it into N
+    contiguous shares; the slot takes a prefix of share K of every such
+    tensor, ``floor(F*R)`` or ``ceil(F*R)`` rows. Which tensors round up is
+    decided by a carried remainder, tensor by tensor in block order, so the
+    running total never strays more than half a row from ``F`` times the
+    parameters seen so far: each block gets ``F`` of its parameters to
+    within one row, the whole slot ``floor(F*S)`` to within one row of the
+    largest row (``docs/selection-v3.md``).
+
+    Args:
+        shapes: Canonical tensor name -> shape, for every tensor of the model.
+        ff: Fraction of the sliceable parameters, in ``(0, 1/num_pools]``.
+        ffid: Pool id, in ``0 .. num_pools - 1``.
+        num_pools: N, in ``2 .. 256``.
+
+    Returns:
+        The selection (``rows`` holds every selected tensor's row range).
+
+    Raises:
+        SlotsmithError: ``ff``, ``ffid`` or ``num_pools`` out of range (an ff
+            above ``1/num_pools`` names the largest ff N allows), or no tensor
+            with at least N rows.
+    """
+    check_selection_args(V3, ff, ffid, num_pools)
+    # Exact arithmetic: the float 1/N may exceed the rational 1/N by an ulp.
+    fraction = min(Fraction(ff), Fraction(1, num_pools))
+    numels = {n: math.prod(s) for n, s in shapes.items()}
+    sliceable = _apportion_order(n for n, s in shapes.items() if len(s) >= 1 and s[0] >= num_pools and numels[n])
+    if not sliceable:
+        largest = max((s[0] for s in shapes.values() if len(s) >= 1), default=0)
+        raise SlotsmithError(
+            f"no tensor can be sliced into {num_pools} pools: v3 needs a first dimension of at least {num_pools} "
+            f"rows and the model's longest is {largest}"
+        )
+    left_out = tuple(sorted(set(shapes) - set(sliceable)))
+    total = sum(numels.values())
+    sliceable_params = sum(numels[n] for n in sliceable)
+    target = math.floor(fraction * sliceable_params)
+    ideal = Fraction(0)  # F times the parameters of the tensors apportioned so far
+    taken = 0
+    rows: dict[str, tuple[int, int]] = {}
+    pool_params = 0
+    for name in sliceable:
+        length = shapes[name][0]
+        row = numels[name] // length
+        start, stop = share_rows(length, ffid, num_pools)
+        pool_params += (stop - start) * row
+        ideal += fraction * numels[name]
+        count = math.floor(fraction * length)  # <= floor(R/N) <= the share's length
+        # Round up when that brings the running total nearer the ideal (ties down), room permitting.
+        if start + count < stop and ideal - (taken + count * row) > Fraction(row, 2):
+            count += 1
+        taken += count * row
+        if count:
+            rows[name] = (start, start + count)
+    tensors = tuple(rows)
+    return Selection(
+        V3, ff, ffid, num_pools, total, target, tuple(sliceable), pool_params, tensors, taken,
+        rows, left_out, sliceable_params,
+    )
+
+
+def select(
+    shapes: Mapping[str, tuple[int, ...]], ff: float, ffid: int, algorithm: str = ALGORITHM,
+    num_pools: int = NUM_POOLS,
+) -> Selection:
+    """Run the named selection algorithm on a model's shapes.
+
+    Args:
+        shapes: Canonical tensor name -> shape, for every tensor of the model.
+        ff: Fraction of the model (v3: of its sliceable parameters).
+        ffid: Pool id.
+        algorithm: ``"v2"`` (the default, whole tensors) or ``"v3"`` (rows).
+        num_pools: Number of pools (v2: always 8).
+
+    Returns:
+        The selection.
+
+    Raises:
+        SlotsmithError: An unknown algorithm, or what that algorithm refuses.
+    """
+    check_pools(algorithm, ffid, num_pools)
+    if algorithm == V3:
+        return select_v3(shapes, ff, ffid, num_pools)
+    return select_v2({n: math.prod(s) for n, s in shapes.items()}, ff, ffid, num_pools)
+
+
+ALGORITHMS = {ALGORITHM: select_v2, V3: select_v3}
+"""Selection algorithms by the name a manifest records (see ``select`` for one signature)."""

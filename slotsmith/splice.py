@@ -45,7 +45,7 @@ from slotsmith.io.writer import (
 )
 from slotsmith.manifest import Entry, Manifest
 from slotsmith.progress import Progress, phase
-from slotsmith.select import select_v2
+from slotsmith.select import check_selection_args, select
 from slotsmith.slot import SLOT_SUFFIX, SNAPSHOT_SUFFIX, Slot, read_slot, write_slot
 from slotsmith.splice_record import SPLICE_KEY, SpliceRecord, read_splice_record
 
@@ -423,16 +423,45 @@ def splice_cast(
     )
 
 
-def _differs(fa: int, a: tuple[int, int], fb: int, b: tuple[int, int], progress: Callable[[int], None]) -> bool:
-    pos_a, pos_b, end = a[0], b[0], a[1]
-    while pos_a < end:
-        n = min(COMPARE_BLOCK, end - pos_a)
-        if os.pread(fa, n, pos_a) != os.pread(fb, n, pos_b):
-            progress(end - pos_a)
-            return True
-        pos_a, pos_b = pos_a + n, pos_b + n
-        progress(n)
-    return False
+def _mismatch(a: bytes, b: bytes, last: bool) -> int:
+    """Offset of the first (or ``last``) byte where two unequal, equal-length buffers differ."""
+    lo, hi = 0, len(a)
+    while hi - lo > 64:  # halve with C-speed slice compares, then a short scan
+        mid = (lo + hi) // 2
+        if last:
+            lo, hi = (mid, hi) if a[mid:hi] != b[mid:hi] else (lo, mid)
+        else:
+            lo, hi = (lo, mid) if a[lo:mid] != b[lo:mid] else (mid, hi)
+    offsets = range(hi - 1, lo - 1, -1) if last else range(lo, hi)
+    return next(i for i in offsets if a[i] != b[i])
+
+
+def _changed_span(fa: int, a: tuple[int, int], fb: int, b: int, progress: Callable[[int], None]) -> tuple[int, int] | None:
+    """The byte span ``[first, last + 1)`` (relative to the tensor) where two tensors differ, or None.
+
+    Reads forward to the first difference and backward to the last, so a
+    tensor is read at most about once; ``progress`` gets its whole size.
+    """
+    start, end = a
+    size, pos, first = end - start, 0, None
+    while pos < size:
+        n = min(COMPARE_BLOCK, size - pos)
+        x, y = os.pread(fa, n, start + pos), os.pread(fb, n, b + pos)
+        if x != y:
+            first = pos + _mismatch(x, y, last=False)
+            break
+        pos += n
+    if first is None:
+        progress(size)
+        return None
+    pos = size
+    while True:  # a difference exists at or after ``first``: this ends
+        n = min(COMPARE_BLOCK, pos - first)
+        x, y = os.pread(fa, n, start + pos - n), os.pread(fb, n, b + pos - n)
+        if x != y:
+            progress(size)
+            return (first, pos - n + _mismatch(x, y, last=True) + 1)
+        pos -= n
 
 
 def extract(
@@ -442,11 +471,17 @@ def extract(
     *,
     ff: float | None = None,
     ffid: int | None = None,
+    algorithm: str = "v2",
+    pools: int = 8,
     expert: str | None = None,
     force: bool = False,
     quiet: bool = True,
 ) -> Manifest:
-    """Make a slot of exactly the tensors whose bytes differ between base and tuned.
+    """Make a slot of exactly what differs between base and tuned.
+
+    Each changed tensor becomes an entry covering the rows from its first
+    changed row to its last (the whole tensor when that is all of it); with
+    a v2 selection, whole tensors, as a v2 run writes them.
 
     Args:
         base_path: The base checkpoint (any convention, single or sharded).
@@ -454,6 +489,8 @@ def extract(
         out: The ``.slot`` to write.
         ff: With ``ffid``, the selection the changes must lie within.
         ffid: Pool id of that selection.
+        algorithm: The selection's algorithm (``"v2"`` or ``"v3"``).
+        pools: The selection's pool count (v3).
         expert: Wan 2.2 expert to record (``"high"``/``"low"``).
         force: Replace an existing output.
         quiet: No progress (a bar on a terminal, lines in a log otherwise).
@@ -463,10 +500,13 @@ def extract(
 
     Raises:
         SlotsmithError: Different layouts, no changed tensor, changes outside
-            the ``--ff/--ffid`` selection (naming the strays), existing output.
+            the ``--ff/--ffid`` selection (naming the strays; for v3, the
+            changed rows outside the selection's), existing output.
     """
     if (ff is None) != (ffid is None):
         raise SlotsmithError("give both --ff and --ffid, or neither")
+    if ff is not None:
+        check_selection_args(algorithm, ff, ffid, pools)
     out = Path(out)
     refuse_existing(out, force)
     base = inventory_from_checkpoint(base_path)
@@ -484,29 +524,53 @@ def extract(
         raise SlotsmithError(f"{tuned.source}: tensor {extra[0]!r} is not in the base {base.source}")
 
     with InputFiles() as files:
-        changed: dict[str, FileRange] = {}
+        spans: dict[str, tuple[int, int]] = {}  # changed rows per tensor
         with Progress("compare", base.checkpoint.nbytes, unit="B", show=not quiet) as bar:
-            for name in base.tensors:
+            for name, spec in base.tensors.items():
                 bh, bi = base.checkpoint.tensors[base.keys[name]]
                 th, ti = tuned.checkpoint.tensors[tuned.keys[name]]
-                fb, ft = files.fd(bh.path), files.fd(th.path)
-                if _differs(fb, (bi.start, bi.end), ft, (ti.start, ti.end), bar.update):
-                    changed[name] = FileRange(ft, ti.start, ti.end)
-        if not changed:
+                span = _changed_span(files.fd(bh.path), (bi.start, bi.end), files.fd(th.path), ti.start, bar.update)
+                if span is not None:
+                    row = bi.nbytes // spec.shape[0] if spec.shape else bi.nbytes
+                    spans[name] = (span[0] // row, -(-span[1] // row))
+        if not spans:
             raise SlotsmithError(f"{tuned.source}: no tensor differs from the base {base.source}")
 
         selection = None
         if ff is not None:
-            sel = select_v2(base.numels(), ff, ffid)
-            strays = sorted(set(changed) - set(sel.tensors))
+            sel = select({n: t.shape for n, t in base.tensors.items()}, ff, ffid, algorithm, pools)
+            what = f"--ff {ff} --ffid {ffid}" + (f" (v3, --pools {pools})" if sel.rows else "")
+            strays = sorted(set(spans) - set(sel.tensors))
             if strays:
                 raise SlotsmithError(
-                    f"{tuned.source}: {len(strays)} changed tensor(s) outside --ff {ff} --ffid {ffid}: "
-                    f"{first_and_more(strays, shown=5)}"
+                    f"{tuned.source}: {len(strays)} changed tensor(s) outside {what}: {first_and_more(strays, shown=5)}"
                 )
+            outside = [
+                f"{n} rows [{a}, {b}) (selection: [{sel.rows[n][0]}, {sel.rows[n][1]}))"
+                for n, (a, b) in sorted(spans.items())
+                if n in sel.rows and not (sel.rows[n][0] <= a and b <= sel.rows[n][1])
+            ]
+            if outside:
+                raise SlotsmithError(
+                    f"{tuned.source}: {len(outside)} tensor(s) changed outside the rows of {what}: "
+                    f"{first_and_more(outside, shown=3, sep='; ')}"
+                )
+            if not sel.rows:  # v2 slots hold whole tensors
+                spans = {n: (0, base.tensors[n].shape[0] if base.tensors[n].shape else 1) for n in spans}
             selection = sel.record()
 
+        changed: dict[str, FileRange] = {}
+        rows: dict[str, tuple[int, int]] = {}
+        for name, (a, b) in spans.items():
+            spec = base.tensors[name]
+            th, ti = tuned.checkpoint.tensors[tuned.keys[name]]
+            whole = not spec.shape or (a, b) == (0, spec.shape[0])
+            entry = Entry(name, spec.shape, spec.dtype, None if whole else (a, b), "")
+            lo, hi = entry.byte_range()
+            changed[name] = FileRange(files.fd(th.path), ti.start + lo, ti.start + hi)
+            if not whole:
+                rows[name] = (a, b)
         provenance = {"extracted_from": {"base": Path(base.source).name, "tuned": Path(tuned.source).name}}
         return write_slot(
-            out, base, changed, selection=selection, provenance=provenance, expert=expert, force=force
+            out, base, changed, selection=selection, provenance=provenance, rows=rows, expert=expert, force=force
         )

@@ -15,7 +15,7 @@ from pathlib import Path
 
 from slotsmith.errors import SlotsmithError
 from slotsmith.io.files import int_digits, load_yaml, safe_repr
-from slotsmith.select import check_ff_ffid
+from slotsmith.select import ALGORITHM, ALGORITHMS, NUM_POOLS, check_selection_args
 
 TIMESTEP_SAMPLINGS = ("uniform", "sigmoid", "shift", "logit_normal")
 LR_SCHEDULERS = ("constant", "linear", "cosine")
@@ -85,7 +85,12 @@ class TrainSettings:
     skip_bad: bool = _option(False, "With --data: leave bad items out, as `slotsmith cache --skip-bad` does.")
     out: str = _option("", "The .slot file to write.", aliases=("--output", "-o"), metavar="FILE", cli_default=None)
     ff: float | None = _option(None, "Fraction of the model's parameters, as in `plan`.")
-    ffid: int | None = _option(None, "Pool id 0..7, as in `plan`.")
+    ffid: int | None = _option(None, "Pool id 0..POOLS-1 (0..7 for v2), as in `plan`.")
+    algorithm: str = _option(
+        ALGORITHM, "Selection: v2 (whole tensors, as the original --ff/--ffid) or v3 (the same share of every "
+        "tensor's rows; see docs/selection-v3.md).", choices=tuple(ALGORITHMS), show_default=True)
+    pools: int = _option(NUM_POOLS, "v3: number of disjoint pools N (2..256); --ff can reach 1/N. v2 always has 8.",
+                         show_default=True)
     steps: int | None = _option(None, "Optimizer steps (or give --epochs).")
     epochs: float | None = _option(None, "Passes over the cache (or give --steps).")
     lr: float = _option(2e-5, "Peak learning rate.", show_default=True)
@@ -183,7 +188,7 @@ class TrainSettings:
             raise SlotsmithError("--sample-every goes with --sample-prompts FILE")
         if not self.data and self.skip_bad:
             raise SlotsmithError("--skip-bad goes with --data (a --cache folder holds only the items it was made of)")
-        check_ff_ffid(self.ff, self.ffid)
+        check_selection_args(self.algorithm, self.ff, self.ffid, self.pools)
         if (self.steps is None) == (self.epochs is None):
             raise SlotsmithError("give exactly one of --steps and --epochs")
         if self.steps is not None and self.steps < 1 or self.epochs is not None and not self.epochs > 0:

@@ -20,7 +20,6 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
-
 from slotsmith.checks import (
     base_agreement_problems,
     fingerprint_problems,
@@ -46,6 +45,7 @@ from slotsmith.io.files import InputFiles
 from slotsmith.layout import KNOWN_MODELS
 from slotsmith.manifest import METADATA_KEY, Manifest
 from slotsmith.progress import Progress
+from slotsmith.select import shared_tensors
 from slotsmith.slot import SLOT_SUFFIX, Slot, read_slot, slot_from_header
 from slotsmith.splice_record import SpliceRecord, has_splice_record, read_splice_record
 
@@ -256,7 +256,8 @@ def _selection_check(report: Report, file: str, m: Manifest, layouts: _Layouts, 
         file,
         "selection",
         selection_problems(label, m, layout),
-        f"{who}{len(m.entries)} tensor(s), {kind} {sel['algorithm']} --ff {sel.get('ff')} "
+        f"{who}{len(m.entries)} tensor(s), {kind} {sel['algorithm']}"
+        f"{' --pools ' + str(sel.get('num_pools')) if sel['algorithm'] == 'v3' else ''} --ff {sel.get('ff')} "
         f"--ffid {sel.get('ffid')} on {layout.source}",
     )
 
@@ -528,7 +529,7 @@ def verify_cast(cast_path: str | os.PathLike, base: str | os.PathLike | None = N
                 f"{label}: characters {a.name!r} and {b.name!r} share tensor {shared[0]!r}"
                 for i, a in enumerate(cast.characters)
                 for b in cast.characters[i + 1 :]
-                if (shared := sorted(set(sels[a.name].tensors) & set(sels[b.name].tensors)))
+                if (shared := shared_tensors(sels[a.name], sels[b.name]))
             ]
             disjoint = f"{len(cast.characters)} character(s) on disjoint tensors of {layout.source}"
             report.add(label, "allocations", problems, disjoint)

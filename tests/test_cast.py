@@ -287,11 +287,11 @@ def test_plan_cast_table_and_json(project):
 
 
 def test_plan_cast_reports_overlaps(project, monkeypatch):
-    def overlapping(numels, ff, ffid, num_pools=8):
-        names = tuple(sorted(numels))[:2]
-        return Selection("v2", ff, ffid, num_pools, 10, 1, names, 2, names, 2)
+    def overlapping(shapes, ff, ffid, algorithm, num_pools):
+        names = tuple(sorted(shapes))[:2]
+        return Selection(algorithm, ff, ffid, num_pools, 10, 1, names, 2, names, 2)
 
-    monkeypatch.setitem(cast_mod.ALGORITHMS, "v2", overlapping)
+    monkeypatch.setattr(cast_mod, "select", overlapping)
     doc = json.loads(_run("plan", "--cast", project / "cast.yaml", "--json").output)
     names = sorted(inventory_from_checkpoint(project / "base.safetensors").tensors)[:2]
     assert doc["overlaps"] == [{"characters": ["alice", "bob"], "tensors": names}]

@@ -7,7 +7,7 @@ from helpers import make_checkpoint, random_bytes, read_checkpoint_tensors, writ
 
 from slotsmith.cli import main
 from slotsmith.layout import WanConfig
-from slotsmith.select import select_v2
+from slotsmith.select import select, select_v2
 from slotsmith.slot import read_slot
 
 CHANGED = ["blocks.0.ffn.0.weight", "head.head.bias"]
@@ -123,3 +123,53 @@ def test_output_that_is_an_input_is_refused_even_with_force(tmp_path, which):
     result = CliRunner().invoke(main, ["extract", str(base.path), str(tuned.path), "-o", str(target), "--force"])
     assert result.exit_code == 1 and "is an input" in result.output
     assert target.read_bytes() == before
+
+
+def _tuned_rows(path, base, rows):
+    """Write base with rows ``rows[name] = (a, b)`` of some tensors replaced by other values."""
+    tensors = dict(base.tensors)
+    for name, (a, b) in rows.items():
+        rb, data = base.row_bytes(name), bytearray(tensors[name])
+        data[a * rb : b * rb] = bytes(x ^ 0x5A for x in data[a * rb : b * rb])  # every byte changes
+        tensors[name] = bytes(data)
+    write_raw_safetensors(path, {n: (base.dtype, base.shapes[n], d) for n, d in tensors.items()})
+    return tensors
+
+
+def test_changed_rows_are_detected_and_splice_back(tmp_path):
+    base = make_checkpoint(tmp_path / "base.safetensors")
+    name = "blocks.1.ffn.0.weight"
+    tuned = _tuned_rows(tmp_path / "tuned.safetensors", base, {name: (5, 9), "head.head.bias": (0, 64)})
+    assert _run("extract", base.path, tmp_path / "tuned.safetensors", "-o", tmp_path / "x.slot", "-q").exit_code == 0
+    entries = {e.name: e.rows for e in read_slot(tmp_path / "x.slot").manifest.entries}
+    assert entries == {name: (5, 9), "head.head.bias": None}  # all of a tensor's rows: a whole entry
+    assert _run("splice", base.path, tmp_path / "x.slot", "-o", tmp_path / "out.safetensors").exit_code == 0
+    assert read_checkpoint_tensors(tmp_path / "out.safetensors") == tuned
+
+
+def test_v3_selection_checks_rows_and_v2_records_whole_tensors(tmp_path):
+    base = make_checkpoint(tmp_path / "base.safetensors")
+    sel = select(base.shapes, 0.05, 6, "v3", 16)
+    inside = {n: (a, a + 1) for n, (a, _) in list(sel.rows.items())[:3]}
+    _tuned_rows(tmp_path / "ok.safetensors", base, inside)
+    v3 = ["--algorithm", "v3", "--pools", 16, "--ff", 0.05, "--ffid", 6]
+    r = _run("extract", base.path, tmp_path / "ok.safetensors", "-o", tmp_path / "x.slot", *v3)
+    assert r.exit_code == 0, r.output
+    m = read_slot(tmp_path / "x.slot").manifest
+    assert {e.name: e.rows for e in m.entries} == inside
+    assert m.selection == {"algorithm": "v3", "ff": 0.05, "ffid": 6, "num_pools": 16}
+    assert _run("verify", "-q", "--base", base.path, tmp_path / "x.slot").exit_code == 0
+
+    name, (a, b) = next(iter(sel.rows.items()))
+    _tuned_rows(tmp_path / "bad.safetensors", base, {name: (b, b + 1)})  # the row just past the slot's
+    out = tmp_path / "y.slot"
+    r = _run("extract", base.path, tmp_path / "bad.safetensors", "-o", out, *v3)
+    assert r.exit_code == 1 and f"{name} rows [{b}, {b + 1}) (selection: [{a}, {b}))" in r.output
+    assert not out.exists()
+
+    v2 = select(base.shapes, 0.1, 3)
+    partial = {v2.tensors[0]: (0, 1)}
+    _tuned_rows(tmp_path / "v2.safetensors", base, partial)
+    r = _run("extract", base.path, tmp_path / "v2.safetensors", "-o", tmp_path / "z.slot", "--ff", 0.1, "--ffid", 3)
+    assert r.exit_code == 0, r.output
+    assert [e.rows for e in read_slot(tmp_path / "z.slot").manifest.entries] == [None]

@@ -10,7 +10,9 @@ from helpers import TINY, make_checkpoint
 from safetensors.numpy import save_file
 
 from slotsmith.cli import main
-from slotsmith.layout import wan_tensor_shapes
+from slotsmith.layout import KNOWN_MODELS, wan_tensor_shapes
+
+_A14B = KNOWN_MODELS["wan2.2-t2v-a14b"].config
 
 
 def _plan(*args):
@@ -122,3 +124,66 @@ def test_a_file_that_is_not_a_wan_dit_is_planned_with_a_warning(tmp_path):
     assert f"warning: {path} is not a Wan DiT" in result.output
     wan = _plan("-m", "wan2.1-t2v-1.3b", "--ff", "0.01", "--ffid", "0")
     assert "is not a Wan DiT" not in wan.output
+
+
+def _plan_v3(model, ff, pools, *ffids):
+    args = ["-m", str(model), "--ff", str(ff), "--json", "--algorithm", "v3", "--pools", str(pools)]
+    for k in ffids:
+        args += ["--ffid", str(k)]
+    result = _plan(*args)
+    assert result.exit_code == 0, result.output
+    return json.loads(result.output)
+
+
+@pytest.mark.parametrize("ffid", [0, 5])
+def test_v3_same_rows_in_every_convention(conventions, ffid):
+    plans = {name: _plan_v3(path, 0.1, 8, ffid) for name, path in conventions.items()}
+    assert plans["native"]["entries"]
+    for name, doc in plans.items():
+        assert doc["entries"] == plans["native"]["entries"], name
+
+
+def test_v3_json_entries_shares_and_left_out():
+    doc = _plan_v3("wan2.2-t2v-a14b", 0.01, 8, 3)
+    shapes = wan_tensor_shapes(_A14B)
+    assert doc["algorithm"] == "v3" and doc["num_pools"] == 8
+    assert [e["name"] for e in doc["entries"]] == doc["tensors"]
+    for e in doc["entries"]:
+        rows = shapes[e["name"]][0]
+        assert 3 * rows // 8 == e["rows"][0] < e["rows"][1] <= 4 * rows // 8
+    assert set(doc["left_out"]) == {n for n, s in shapes.items() if s[0] < 8}
+    assert doc["sliceable_params"] == sum(math.prod(s) for s in shapes.values() if s[0] >= 8)
+    assert 0.999 < doc["sliceable_fraction"] < 1
+    assert doc["blocks_covered"] == doc["num_blocks"] == 40
+    assert all(abs(b["share"] - 0.01) < 0.0005 for b in doc["per_block"])
+    assert doc["warnings"] == []
+
+
+def test_v3_text_report_rows_left_out_and_overlap():
+    result = _plan("-m", "wan2.2-t2v-a14b", "--algorithm", "v3", "--pools", "16", "--ff", "0.01",
+                   "--ffid", "0", "--ffid", "15")
+    assert result.exit_code == 0, result.output
+    assert "selection v3, 16 pools" in result.output
+    assert "ffn.0.weight[0:138]" in result.output or "ffn.0.weight[0:139]" in result.output  # 0.01 * 13824
+    assert "left out                  41 tensors" in result.output
+    table = result.output.split("overlap (shared tensors between slots)")[1].splitlines()
+    assert table[2].split() == ["0", "-", "0"] and table[3].split() == ["15", "0", "-"]
+
+
+@pytest.mark.parametrize(
+    "args,message",
+    [
+        (["--pools", "8", "--ff", "0.2", "--ffid", "1"], "the largest ff for --pools 8 is 0.125"),
+        (["--pools", "16", "--ff", "0.01", "--ffid", "16"], "--ffid 16 is out of range: pools are numbered 0..15"),
+    ],
+)
+def test_v3_bad_arguments_exit_1(args, message):
+    result = _plan("-m", "wan2.2-t2v-a14b", "--algorithm", "v3", *args)
+    assert result.exit_code == 1 and message in result.output
+
+
+def test_v3_pools_out_of_range_and_v2_pools():
+    assert _plan("-m", "wan2.2-t2v-a14b", "--algorithm", "v3", "--pools", "257", "--ff", "0.001",
+                 "--ffid", "0").exit_code == 2
+    result = _plan("-m", "wan2.2-t2v-a14b", "--pools", "16", "--ff", "0.001", "--ffid", "0")
+    assert result.exit_code == 1 and "v2 always has 8 pools" in result.output

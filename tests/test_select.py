@@ -18,7 +18,7 @@ def a14b():
 
 
 def test_worked_example_from_spec(a14b):
-    # Figures from ../shared/spec/selection-v2.md.
+    # Figures from docs/selection-v2.md.
     s = select_v2(a14b, 0.01, 2)
     assert s.target_params == 142_884_915
     assert len(s.pool) == 137

@@ -394,3 +394,17 @@ def test_kernel_copies_are_block_aligned_for_reflinks(tmp_path, monkeypatch):
     assert base_calls, calls
     for count, src, dst in base_calls:
         assert src % 4096 == 0 and dst % 4096 == 0
+
+
+def test_overlapping_v3_slots_of_different_pool_counts_say_so(tmp_path):
+    from slotsmith.select import select
+
+    base = make_checkpoint(tmp_path / "base.safetensors")
+    inv = inventory_from_checkpoint(base.path)
+    shapes = {n: t.shape for n, t in inv.tensors.items()}
+    for label, pools, ffid in (("a", 8, 0), ("b", 16, 1)):  # share 1 of 16 lies in share 0 of 8
+        sel = select(shapes, 1 / pools, ffid, "v3", pools)
+        data = {n: _new((b - a, *shapes[n][1:]), 7) for n, (a, b) in sel.rows.items()}
+        write_slot(tmp_path / f"{label}.slot", inv, data, selection=sel.record(), provenance={}, rows=sel.rows)
+    _refused(tmp_path, [base.path, tmp_path / "a.slot", tmp_path / "b.slot"],
+             "overlap: both hold rows", "their pool counts differ, 8 and 16")

@@ -698,3 +698,30 @@ def test_malformed_seal_is_refused(tmp_path, base):
     rewrite_metadata(out, out, SPLICE_KEY, json.dumps(record))
     code, doc = _json("verify", out)
     assert code == 1 and "malformed splice record" in _rows(doc, "fail")[0]["detail"]
+
+
+def test_v3_selection_is_checked_row_by_row(tmp_path):
+    from slotsmith.checks import selection_problems
+    from slotsmith.inventory import inventory_from_checkpoint
+    from slotsmith.select import select
+
+    base = make_checkpoint(tmp_path / "base.safetensors")
+    inv = inventory_from_checkpoint(base.path)
+    sel = select({n: t.shape for n, t in inv.tensors.items()}, 0.05, 3, "v3", 16)
+    rng = np.random.default_rng(0)
+    name, (a, b) = next(iter(sel.rows.items()))
+
+    def manifest(rows, provenance):
+        data = {n: random_bytes((r[1] - r[0], *inv.tensors[n].shape[1:]), "F32", rng) for n, r in rows.items()}
+        path = tmp_path / f"{len(list(tmp_path.glob('*.slot')))}.slot"
+        return write_slot(path, inv, data, selection=sel.record(), provenance=provenance, rows=rows)
+
+    assert selection_problems("s", manifest(sel.rows, {}), inv) == []
+    shifted = {**sel.rows, name: (a + 1, b + 1)}
+    assert selection_problems("s", manifest(shifted, {}), inv) == [
+        f"s: tensor '{name} rows [{a + 1}, {b + 1})' is not rows [{a}, {b}) of the selection "
+        f"v3 --pools 16 --ff 0.05 --ffid 3 on {inv.source}"
+    ]
+    extracted = {"extracted_from": {"base": "b", "tuned": "t"}}
+    assert selection_problems("s", manifest({name: (a, a + 1)}, extracted), inv) == []  # within: fine
+    assert len(selection_problems("s", manifest({name: (b, b + 1)}, extracted), inv)) == 1

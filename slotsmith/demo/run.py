@@ -76,15 +76,27 @@ class DemoSettings:
         out: The demo folder.
         steps: Training steps per slot.
         seed: Seed of the base, the data and the training runs.
-        ff: Fraction of the model per slot.
+        ff: Fraction of the model per slot (v3: at most ``1/pools``; None: 0.1,
+            capped at ``1/pools`` for v3).
         lr: Learning rate of both runs.
+        algorithm: The slots' selection, ``"v2"`` or ``"v3"``.
+        pools: v3's number of pools.
     """
 
     out: Path
     steps: int = 200
     seed: int = 0
-    ff: float = 0.1
+    ff: float | None = None
     lr: float = 1e-3
+    algorithm: str = "v2"
+    pools: int = 8
+
+    @property
+    def slot_ff(self) -> float:
+        """The ff both slots are trained with."""
+        if self.ff is not None:
+            return self.ff
+        return 0.1 if self.algorithm == "v2" else min(0.1, 1 / self.pools)
 
 
 # --------------------------------------------------------------------------- building blocks
@@ -280,7 +292,7 @@ def train_concurrently(jobs: dict[str, list[str]], logs: Path) -> None:
         raise SlotsmithError(f"training {label} failed (see {logs / (label + '.log')}):\n  " + "\n  ".join(tail))
 
 
-def write_demo_cast(out: Path, ff: float) -> Path:
+def write_demo_cast(out: Path, ff: float, algorithm: str = "v2", pools: int = 8) -> Path:
     """Write ``OUT/cast.yaml`` naming the two characters' slots, and pin them.
 
     Returns:
@@ -290,6 +302,7 @@ def write_demo_cast(out: Path, ff: float) -> Path:
         base="base.safetensors", layout=None, expert=None, ff=ff,
         characters={char: (i + 1, f"{char}.slot") for i, char in enumerate(CHARACTERS)},
         output="spliced.safetensors", comment="The demo's cast: `slotsmith plan/splice/verify --cast cast.yaml`.",
+        algorithm=algorithm, num_pools=pools,
     )
     path = write_new_cast(out / "cast.yaml", text, force=True)
     pin_cast(path)
@@ -470,11 +483,14 @@ def run_demo(settings: DemoSettings, say: Callable[[str], None] = lambda _: None
     }
     lap("cache")
 
-    say(f"[3/5] training char1.slot (ffid 1) and char2.slot (ffid 2) at once, {settings.steps} steps each")
+    selection = ["--algorithm", settings.algorithm, "--pools", str(settings.pools)]
+    v3 = f", selection v3 over {settings.pools} pools" if settings.algorithm == "v3" else ""
+    say(f"[3/5] training char1.slot (ffid 1) and char2.slot (ffid 2) at once, {settings.steps} steps each, "
+        f"ff {settings.slot_ff:g}{v3}")
     slots = {char: out / f"{char}.slot" for char in CHARACTERS}
     jobs = {
-        char: ["-b", str(base), "--cache", str(caches[char]), "-o", str(slots[char]), "--ff", str(settings.ff),
-               "--ffid", str(i + 1), "--steps", str(settings.steps), "--lr", str(settings.lr),
+        char: ["-b", str(base), "--cache", str(caches[char]), "-o", str(slots[char]), "--ff", str(settings.slot_ff),
+               "--ffid", str(i + 1), *selection, "--steps", str(settings.steps), "--lr", str(settings.lr),
                "--seed", str(settings.seed + i), "--force", "-q"]
         for i, char in enumerate(CHARACTERS)
     }
@@ -484,7 +500,7 @@ def run_demo(settings: DemoSettings, say: Callable[[str], None] = lambda _: None
     lap("train")
 
     say("[4/5] pinning both slots in cast.yaml, splicing it into spliced.safetensors and verifying")
-    cast = write_demo_cast(out, settings.ff)
+    cast = write_demo_cast(out, settings.slot_ff, settings.algorithm, settings.pools)
     spliced = splice_cast(cast, force=True, seal=True)
     say("      slotsmith verify: " + run_verify(["--cast", str(cast)], base).splitlines()[-1])
     lap("splice_verify")
@@ -505,7 +521,8 @@ def run_demo(settings: DemoSettings, say: Callable[[str], None] = lambda _: None
         "loss": losses,
         "retention": {char: retention(losses[char], char) for char in CHARACTERS},
         "samples": samples,
-        "settings": {"steps": settings.steps, "seed": settings.seed, "ff": settings.ff, "lr": settings.lr},
+        "settings": {"steps": settings.steps, "seed": settings.seed, "ff": settings.slot_ff, "lr": settings.lr,
+                     "algorithm": settings.algorithm, "pools": settings.pools},
         "seconds": seconds,
     }
     with atomic_file(out / "report.json", force=True) as fd:

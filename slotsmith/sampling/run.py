@@ -34,7 +34,7 @@ from slotsmith.slot import InputFiles, Slot, read_slot
 from slotsmith.slotspec import SlotSpec, parse_slot_spec
 from slotsmith.splice import check_slots
 from slotsmith.training.slot_params import SlotParams, attach_slot
-from slotsmith.training.wan import TORCH_DTYPES, inspect_base, load_inspected
+from slotsmith.training.wan import TORCH_DTYPES, enable_fp8_storage, inspect_base, load_inspected
 
 BASE_LABEL = "base"
 """The ``--compare`` item that means the base alone."""
@@ -171,7 +171,7 @@ class SlotOverlay:
 def place(model: torch.nn.Module, device: torch.device, fp8_base: bool, offload_blocks: bool) -> None:
     """Put the frozen base where ``train`` puts it: fp8 storage and block offloading as asked."""
     if fp8_base:
-        model.enable_layerwise_casting(storage_dtype=torch.float8_e4m3fn, compute_dtype=torch.bfloat16)
+        enable_fp8_storage(model)
     if offload_blocks:
         model.enable_group_offload(
             onload_device=device, offload_device=torch.device("cpu"), offload_type="block_level",

@@ -26,7 +26,7 @@ from __future__ import annotations
 import itertools
 import os
 import resource
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from math import prod
 
@@ -219,6 +219,7 @@ def estimate(
     batch: int,
     processes: int = 1,
     runtime_bytes: int | None = None,
+    rows: Mapping[str, tuple[int, int]] | None = None,
 ) -> MemoryEstimate:
     """Estimate a run's memory from the empty model, the slot, the options and the cache's largest latent.
 
@@ -236,14 +237,25 @@ def estimate(
         batch: ``--batch-size``.
         processes: Processes on this machine.
         runtime_bytes: What the process holds before loading (default: its RSS now).
+        rows: Row-range entries (selection v3): the master holds only those
+            rows, and the whole tensor stays frozen in the model besides.
 
     Returns:
         The estimate.
     """
-    slot = {native_to_diffusers(n) for n in slot_names}
+    rows = rows or {}
+    slot = {native_to_diffusers(n) for n in slot_names if n not in rows}
     compute_bytes = torch.empty((), dtype=compute_dtype).element_size()
     frozen, in_blocks, largest_block, transient = _frozen_bytes(model, slot, compute_bytes)
-    slot_params = sum(inventory.tensors[n].numel for n in slot_names)
+
+    def trained(name: str) -> int:
+        whole = inventory.tensors[name]
+        if name not in rows:
+            return whole.numel
+        start, stop = rows[name]
+        return whole.numel // max(whole.shape[0], 1) * (stop - start)
+
+    slot_params = sum(trained(n) for n in slot_names)
     # Masters + gradients in fp32, the optimizer's state, and the compute-dtype copy the forward reads.
     slot_bytes = int(slot_params * (8 + OPTIMIZER_BYTES_PER_PARAM[optimizer] + (compute_bytes if compute_bytes != 4 else 0)))
     on_cpu = device.type == "cpu"
@@ -300,7 +312,7 @@ def run_estimate(
         offload=options.get("offload_blocks", settings.offload_blocks),
         checkpointing=options.get("gradient_checkpointing", settings.gradient_checkpointing),
         optimizer=settings.optimizer, latent=largest_latent(settings.cache, plan.cache_index),
-        batch=settings.batch_size, processes=processes,
+        batch=settings.batch_size, processes=processes, rows=plan.selection.rows,
     )
 
 

@@ -22,7 +22,7 @@ from slotsmith.io.files import os_error
 from slotsmith.io.header import read_header
 from slotsmith.io.writer import refuse_input_as_output
 from slotsmith.layout import KNOWN_MODELS, WanConfig
-from slotsmith.select import Selection, select_v2
+from slotsmith.select import Selection, select
 from slotsmith.slot import SLOT_SUFFIX, SNAPSHOT_SUFFIX, read_slot
 from slotsmith.train import INT_RANGES, TrainSettings
 from slotsmith.training.optim import make_optimizer
@@ -118,7 +118,8 @@ def check_taken(out: Path, inventory: Inventory, selection: Selection, expert: s
     Raises:
         SlotsmithError: Names the other slot, the tensor and its ffid.
     """
-    ours = set(selection.tensors)
+    ours = {n: selection.rows.get(n, (0, inventory.tensors[n].shape[0] if inventory.tensors[n].shape else 1))
+            for n in selection.tensors}
     layout = inventory.layout_digest()
     for other in sorted(out.parent.glob(f"*{SLOT_SUFFIX}")):
         if other.resolve() == out.resolve():
@@ -129,11 +130,19 @@ def check_taken(out: Path, inventory: Inventory, selection: Selection, expert: s
             continue  # Not a readable slot: nothing it could collide with.
         if manifest.base.layout_digest != layout or manifest.expert != expert:
             continue
-        shared = sorted(e.name for e in manifest.entries if e.name in ours)
+        shared = sorted(
+            e.describe() for e in manifest.entries
+            if e.name in ours and max(e.span[0], ours[e.name][0]) < min(e.span[1], ours[e.name][1])
+        )
         if shared:
             origin = f"ffid {manifest.selection['ffid']}" if manifest.selection else "an extracted slot"
+            pools = (manifest.selection or {}).get("num_pools")
+            differ = (
+                f"; its pool count {pools} differs from this run's {selection.num_pools}"
+                if pools is not None and pools != selection.num_pools else ""
+            )
             raise SlotsmithError(
-                f"{other}: already holds tensor {shared[0]!r} of this base ({origin}); "
+                f"{other}: already holds tensor {shared[0]!r} of this base ({origin}{differ}); "
                 f"pick another --ffid or pass --force"
             )
 
@@ -166,7 +175,8 @@ def plan_base(settings: TrainSettings) -> BasePlan:
         raise SlotsmithError(
             f"{inventory.source}: image-to-video bases (image conditioning channels) are not supported by the trainer yet"
         )
-    selection = select_v2(inventory.numels(), settings.ff, settings.ffid)
+    shapes = {n: t.shape for n, t in inventory.tensors.items()}
+    selection = select(shapes, settings.ff, settings.ffid, settings.algorithm, settings.pools)
     t_range, boundary, boundary_from = expert_range(settings, inventory)
     low = max(t_range[0], settings.min_timestep / 1000)
     high = min(t_range[1], settings.max_timestep / 1000)

@@ -120,7 +120,7 @@ def _write(path: Path, plan: RunPlan, settings: TrainSettings, slot: SlotParams,
     }
     return write_slot(
         path, plan.inventory, _slot_bytes(slot, dtypes), selection=plan.selection.record(), provenance=provenance,
-        expert=settings.expert, force=True,
+        rows=plan.selection.rows, expert=settings.expert, force=True,
     )
 
 
@@ -318,7 +318,7 @@ def _load(run: _Run) -> tuple[torch.nn.Module, SlotParams, torch.dtype]:
     )
     slot, stats = load_for_training(
         model, plan.inventory, list(plan.selection.tensors), device, compute_dtype,
-        offload_blocks=settings.offload_blocks, progress=run.show,
+        rows=plan.selection.rows, fp8=settings.fp8_base, offload_blocks=settings.offload_blocks, progress=run.show,
     )
     say(
         f"loaded base: {stats.nbytes / 1e9:.2f} GB in {stats.seconds:.1f} s ({stats.mb_per_s:.0f} MB/s), "

@@ -47,6 +47,7 @@ _RESUME_FACTS = {  # how the saved run differs, for what the identity holds besi
     "layout": "a base of another layout",
     "dataset": "other training data (the cache differs)",
     "tensors": "another selection of tensors",
+    "rows": "another selection of rows (v3: another --pools or --ff)",
 }
 
 
@@ -62,6 +63,8 @@ def state_identity(settings: TrainSettings, plan: RunPlan, num_processes: int) -
         "dataset": plan.dataset_digest,
         "processes": num_processes,
         "tensors": list(plan.selection.tensors),
+        # v3 slots are rows of tensors: the rows are part of what the run trains (absent for v2).
+        **({"rows": {n: list(r) for n, r in plan.selection.rows.items()}} if plan.selection.rows else {}),
     }
 
 

@@ -12,11 +12,12 @@ from __future__ import annotations
 
 import os
 import time
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+
 from slotsmith.errors import SlotsmithError
 from slotsmith.inventory import Inventory, inventory_from_checkpoint
 from slotsmith.io.files import load_json, parse_json, safe_repr
@@ -403,11 +404,12 @@ def empty_training_model(
 ) -> tuple[torch.nn.Module, torch.dtype]:
     """The model a training run fills: empty (meta), its parameters already in their final dtypes.
 
-    With ``fp8``, the parameters are in bf16 and diffusers' layerwise casting
-    is enabled on the empty model, so each parameter it stores in float8
-    already says so (the skipped ones, norms and embeddings, stay bf16), and
-    ``fill`` reads every tensor straight into that form. Without, the
-    parameters keep the file's dtype. Buffers (RoPE tables) are real and float32.
+    With ``fp8``, each parameter diffusers' layerwise casting stores in float8
+    is float8 already and the rest (norms, embeddings) bf16, so ``fill`` reads
+    every tensor straight into that form; the casting hooks themselves go on
+    in ``load_for_training``, after the slot is attached (they must wrap the
+    row-range forwards ``attach_slot`` installs). Without, the parameters keep
+    the file's dtype. Buffers (RoPE tables) are real and float32.
 
     Args:
         cfg: The model's sizes.
@@ -420,12 +422,24 @@ def empty_training_model(
     """
     model = build_model(cfg, head_dim, empty=True)
     compute_dtype = torch.bfloat16 if fp8 else file_dtype
-    for p in model.parameters():
-        p.data = p.data.to(compute_dtype)
-    if fp8:
-        model.enable_layerwise_casting(storage_dtype=torch.float8_e4m3fn, compute_dtype=torch.bfloat16)
+    stored = {}
+    if fp8:  # Which parameters diffusers stores in float8: asked of a second empty model (no weights, cheap).
+        probe = build_model(cfg, head_dim, empty=True)
+        enable_fp8_storage(probe)
+        stored = {n: p.dtype for n, p in probe.named_parameters() if p.dtype == FP8_STORAGE}
+    for name, p in model.named_parameters():
+        p.data = p.data.to(stored.get(name, compute_dtype))
     model.requires_grad_(False)
     return model, compute_dtype
+
+
+FP8_STORAGE = torch.float8_e4m3fn
+"""How ``--fp8-base`` stores frozen weights (computing in bf16)."""
+
+
+def enable_fp8_storage(model: torch.nn.Module) -> None:
+    """diffusers' layerwise casting: weights stored in float8, cast to bf16 around each layer's forward."""
+    model.enable_layerwise_casting(storage_dtype=FP8_STORAGE, compute_dtype=torch.bfloat16)
 
 
 def load_for_training(
@@ -435,6 +449,8 @@ def load_for_training(
     device: torch.device,
     compute_dtype: torch.dtype,
     *,
+    rows: Mapping[str, tuple[int, int]] | None = None,
+    fp8: bool = False,
     offload_blocks: int = 0,
     progress: bool = False,
 ) -> tuple[SlotParams, LoadStats]:
@@ -445,7 +461,8 @@ def load_for_training(
     straight to its final form and home: the CPU for the blocks
     ``--offload-blocks`` keeps there (``knobs.place_model`` brings them to the
     device for their forward; with every block offloaded, the rest of the
-    model too), else ``device``.
+    model too), else ``device``. A row-range entry's whole tensor stays in the
+    model, frozen, in its final form like the rest.
     Host memory never holds more than the resident model and one tensor's buffer.
 
     Args:
@@ -454,15 +471,22 @@ def load_for_training(
         slot_names: Canonical names of the slot's tensors.
         device: The training device.
         compute_dtype: The dtype the model computes in.
+        rows: Canonical name -> ``(start, stop)``: train only those rows (selection v3).
+        fp8: ``--fp8-base``: the model came from ``empty_training_model(..., fp8=True)``;
+            the casting hooks go on once the slot is attached.
         offload_blocks: ``--offload-blocks``: 0 none, N the last N blocks, ``knobs.ALL_BLOCKS`` all.
         progress: Show a progress bar.
 
     Returns:
         (the slot's masters, what the reads cost).
     """
+    rows = dict(rows or {})
     stats = LoadStats()
+    final = {n: _parameter(model, n).dtype for n in rows}
     fill(model, inventory, slot_names, torch.device("cpu"), dtype=base_dtype(inventory), stats=stats)
-    slot = attach_slot(model, slot_names, device, compute_dtype)
+    slot = attach_slot(model, slot_names, device, compute_dtype, rows)
+    if fp8:
+        enable_fp8_storage(model)
     frozen = [n for n in inventory.tensors if n not in set(slot_names)]
     layers = len(model.blocks)
     every = offload_blocks == ALL_BLOCKS or offload_blocks >= layers
@@ -480,4 +504,16 @@ def load_for_training(
         homes.setdefault(torch.device("cpu") if offloaded(name) else device, []).append(name)
     for home, names in homes.items():
         fill(model, inventory, names, home, stats=stats, progress=progress)
+    for name in rows:  # Read already, at the file's dtype: now to its final form and home.
+        module_path, _, attr = native_to_diffusers(name).rpartition(".")
+        module = model.get_submodule(module_path)
+        home = torch.device("cpu") if offloaded(name) else device
+        module._parameters[attr] = torch.nn.Parameter(
+            module._parameters[attr].detach().to(device=home, dtype=final[name]), requires_grad=False
+        )
     return slot, stats
+
+
+def _parameter(model: torch.nn.Module, name: str) -> torch.nn.Parameter:
+    module_path, _, attr = native_to_diffusers(name).rpartition(".")
+    return model.get_submodule(module_path)._parameters[attr]

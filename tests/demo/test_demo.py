@@ -12,6 +12,7 @@ from click.testing import CliRunner
 from safetensors import safe_open
 
 from slotsmith.cli import main
+from slotsmith.slot import read_slot
 
 STEPS = 30
 
@@ -133,6 +134,7 @@ def test_cli_defaults_match_the_demo_settings():
     params = {p.name: p.default for p in main.commands["demo"].params}
     defaults = DemoSettings(out=None)
     assert (params["steps"], params["seed"]) == (defaults.steps, defaults.seed)
+    assert (params["algorithm"], params["pools"]) == (defaults.algorithm, defaults.pools)
 
 
 @pytest.mark.slow
@@ -147,3 +149,26 @@ def test_report_scores_the_samples_of_every_model(demo):
 
     width, height = Image.open(out / "samples.png").size
     assert width > 4 * 64 and height > 12 * 64  # 4 model columns, 3 prompts x 4 seeds
+
+
+def test_slot_ff_is_capped_at_one_pool_for_v3():
+    from slotsmith.demo.run import DemoSettings
+
+    assert DemoSettings(out=None).slot_ff == 0.1
+    assert DemoSettings(out=None, algorithm="v3").slot_ff == 0.1
+    assert DemoSettings(out=None, algorithm="v3", pools=16).slot_ff == 1 / 16
+    assert DemoSettings(out=None, algorithm="v3", pools=16, ff=0.01).slot_ff == 0.01
+
+
+@pytest.mark.slow
+def test_v3_demo_trains_sliced_slots(tmp_path):
+    out = tmp_path / "demo-v3"
+    args = ["demo", "--out", str(out), "--steps", str(STEPS), "--algorithm", "v3", "--pools", "16", "--json", "-q"]
+    result = CliRunner().invoke(main, args)
+    assert result.exit_code == 0, result.output
+    report = json.loads(result.output)
+    assert report["settings"]["algorithm"] == "v3" and report["settings"]["ff"] == 1 / 16
+    for ffid, char in enumerate(("char1", "char2"), start=1):
+        m = read_slot(out / f"{char}.slot").manifest
+        assert m.selection == {"algorithm": "v3", "ff": 1 / 16, "ffid": ffid, "num_pools": 16}
+        assert all(e.rows is not None for e in m.entries)

@@ -199,3 +199,26 @@ def test_fp8_load_peak_stays_well_below_the_file(tmp_path):
                                 check=True).stdout)
     # fp8 weights are half the file; the old load (everything at the file's dtype first) grew by more than the file.
     assert growth < 0.75 * size, (growth, size)
+
+
+@pytest.mark.parametrize("fp8", [False, True], ids=["file-dtype", "fp8"])
+def test_load_for_training_keeps_a_row_range_tensor_frozen_in_its_final_form(tmp_path, fp8):
+    model = _diffusers_model(tiny.TINY_CONFIG).to(torch.bfloat16)
+    path = _save(tmp_path, model, "native")
+    inventory, cfg, head_dim = wan.inspect_base(path)
+    name, rows = "blocks.1.self_attn.q.weight", (3, 9)
+    empty, compute = wan.empty_training_model(cfg, head_dim, torch.bfloat16, fp8)
+    slot, _ = wan.load_for_training(
+        empty, inventory, [name], torch.device("cpu"), compute, rows={name: rows}, fp8=fp8, offload_blocks=-1
+    )
+    theirs, ours = wan.native_state_dict(model), wan.native_state_dict(empty)
+    assert torch.equal(slot[name], theirs[name][3:9].float())
+    assert ours[name].dtype == (torch.float8_e4m3fn if fp8 else torch.bfloat16)
+    assert torch.equal(ours[name], theirs[name].to(ours[name].dtype))
+    x = torch.randn(2, cfg.dim, dtype=torch.bfloat16)
+    q = empty.get_submodule("blocks.1.attn1.to_q")
+    with torch.no_grad():  # the forward reads the master's rows (through the fp8 hook's cast, if any)
+        slot[name][:] = 0
+        out = q(x)
+    assert torch.equal(out[:, 3:9], q.bias[3:9].to(out.dtype).expand(2, -1))
+    assert not torch.equal(out[:, :3], q.bias[:3].to(out.dtype).expand(2, -1))
