@@ -459,9 +459,14 @@ def train(ctx: click.Context, config: str | None, cast_file: str | None, charact
 @click.option("--batch-size", default=1, show_default=True, type=click.IntRange(min=1), help="Clips and captions encoded at once.")
 @click.option("--dtype", type=click.Choice(["float32", "bfloat16", "float16"]), default=None, help="Encoder dtype [default: bfloat16 on cuda, float32 on cpu].")
 @click.option("--skip-bad", is_flag=True, help="Leave bad items out (and list them) instead of failing.")
+@click.option("--i2v", is_flag=True, help="Image-to-video: also cache each clip's first frame as the "
+              "conditioning Wan's I2V models take (the Wan 2.2 VAE gives TI2V 5B's). See docs/i2v.md.")
+@click.option("--clip", type=click.Path(), help="CLIP vision encoder folder (transformers CLIPVisionModel, e.g. "
+              "image_encoder/ of Wan2.1-I2V-14B-480P-Diffusers): cache the first frame's CLIP features for "
+              "Wan 2.1 I2V; implies --i2v.")
 @click.option("-q", "--quiet", is_flag=True, help="No progress (a bar on a terminal, lines in a log otherwise).")
 @user_errors
-def cache(data_yaml, vae, t5, tokenizer, device, batch_size, dtype, skip_bad, quiet) -> None:
+def cache(data_yaml, vae, t5, tokenizer, device, batch_size, dtype, skip_bad, i2v, clip, quiet) -> None:
     """Encode a dataset's images and clips (VAE) and captions (UMT5) into its cache folder.
 
     Only what changed since the last run is encoded; the index the trainer
@@ -472,13 +477,15 @@ def cache(data_yaml, vae, t5, tokenizer, device, batch_size, dtype, skip_bad, qu
     Example:
       slotsmith cache --data data.yaml --vae Wan2.1_VAE.pth \\
         --t5 models_t5_umt5-xxl-enc-bf16.pth --tokenizer umt5-xxl/
+      slotsmith cache --data data.yaml --vae Wan2.1_VAE.pth --t5 ... --tokenizer umt5-xxl/ \\
+        --clip Wan2.1-I2V-14B-480P-Diffusers/image_encoder   # for Wan 2.1 I2V 14B
     """
     with training_extra("cache"):
         from slotsmith.data.cache_builder import run_cache
 
     report = run_cache(
         data_yaml, vae, t5, tokenizer, device=device, dtype=dtype, batch_size=batch_size,
-        skip_bad=skip_bad, progress=not quiet,
+        skip_bad=skip_bad, progress=not quiet, i2v=i2v, clip=clip,
     )
     for item in report.bad:
         click.echo(f"skipped: {item}", err=True)

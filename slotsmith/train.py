@@ -41,7 +41,7 @@ MAX_EPOCHS = 1e6
 """Most ``--epochs``."""
 
 LOG_TRACKERS = ("jsonl", "tensorboard", "wandb")
-PATH_OPTIONS = ("base", "cache", "data", "vae", "t5", "tokenizer", "out", "log_dir")
+PATH_OPTIONS = ("base", "cache", "data", "vae", "t5", "tokenizer", "clip", "out", "log_dir")
 """Options naming files or folders: relative ones in a config file are relative to its folder."""
 
 
@@ -81,6 +81,10 @@ class TrainSettings:
     vae: str | None = _option(None, "With --data: the Wan VAE (as for `slotsmith cache`).", metavar="PATH")
     t5: str | None = _option(None, "With --data: the UMT5 text encoder.", metavar="PATH")
     tokenizer: str | None = _option(None, "With --data: the tokenizer folder.", metavar="DIR")
+    i2v: bool = _option(False, "With --data: image-to-video, cache each clip's first-frame conditioning too (as "
+                        "`slotsmith cache --i2v`); see docs/i2v.md.")
+    clip: str | None = _option(None, "With --data: CLIP vision encoder folder for Wan 2.1 I2V's image features "
+                               "(implies --i2v).", metavar="DIR")
     skip_bad: bool = _option(False, "With --data: leave bad items out, as `slotsmith cache --skip-bad` does.")
     out: str = _option("", "The .slot file to write.", aliases=("--output", "-o"), metavar="FILE", cli_default=None)
     ff: float | None = _option(None, "Fraction of the model's parameters, as in `plan`.")
@@ -169,6 +173,10 @@ class TrainSettings:
             raise SlotsmithError("give exactly one of --cache (a cache folder) and --data (a dataset YAML)")
         if not self.data and (self.vae or self.t5 or self.tokenizer):
             raise SlotsmithError("--vae, --t5 and --tokenizer go with --data (they encode what is not cached yet)")
+        if not self.data and (self.i2v or self.clip):
+            raise SlotsmithError(
+                "--i2v and --clip go with --data (they say how to cache; a --cache folder has its conditioning)"
+            )
         if not self.data and self.skip_bad:
             raise SlotsmithError("--skip-bad goes with --data (a --cache folder holds only the items it was made of)")
         check_ff_ffid(self.ff, self.ffid)

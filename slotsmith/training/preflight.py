@@ -25,6 +25,7 @@ from slotsmith.layout import KNOWN_MODELS, WanConfig
 from slotsmith.select import Selection, select_v2
 from slotsmith.slot import SLOT_SUFFIX, SNAPSHOT_SUFFIX, read_slot
 from slotsmith.train import INT_RANGES, TrainSettings
+from slotsmith.training.conditioning import check_cache_fits_base, check_clip_for_base
 from slotsmith.training.optim import make_optimizer
 from slotsmith.training.stream import epoch_length
 from slotsmith.training.wan import inspect_base
@@ -139,8 +140,11 @@ def check_taken(out: Path, inventory: Inventory, selection: Selection, expert: s
 
 
 def dataset_digest(index: dict) -> str:
-    """Digest of a cache's content: its items are content-addressed files."""
-    return digest_json([[i["latents"], i["text"], i["repeats"]] for i in index["items"]])
+    """Digest of a cache's content: its items are content-addressed files (image conditioning's too)."""
+    return digest_json([
+        [i["latents"], i["text"], i["repeats"], *(i[k] for k in ("condition", "clip") if k in i)]
+        for i in index["items"]
+    ])
 
 
 def plan_base(settings: TrainSettings) -> BasePlan:
@@ -162,10 +166,8 @@ def plan_base(settings: TrainSettings) -> BasePlan:
     """
     settings.validate()
     inventory, cfg, head_dim = inspect_base(settings.base, settings.head_dim)
-    if cfg.image_dim or cfg.in_dim != cfg.out_dim:
-        raise SlotsmithError(
-            f"{inventory.source}: image-to-video bases (image conditioning channels) are not supported by the trainer yet"
-        )
+    if settings.data:
+        check_clip_for_base(cfg, settings.clip, settings.vae is not None, inventory.source)
     selection = select_v2(inventory.numels(), settings.ff, settings.ffid)
     t_range, boundary, boundary_from = expert_range(settings, inventory)
     low = max(t_range[0], settings.min_timestep / 1000)
@@ -221,10 +223,7 @@ def plan_run(settings: TrainSettings, num_processes: int = 1, base: BasePlan | N
     base = base or plan_base(settings)
     cfg = base.config
     index = load_index(settings.cache)
-    if index["latent_channels"] != cfg.in_dim:
-        raise SlotsmithError(
-            f"{settings.cache}: latents have {index['latent_channels']} channels but the base takes {cfg.in_dim}"
-        )
+    check_cache_fits_base(settings.cache, index, cfg, base.inventory.source)
     if index["text_dim"] != cfg.text_dim:
         raise SlotsmithError(
             f"{settings.cache}: text embeddings are {index['text_dim']}-dim but the base takes {cfg.text_dim}"
