@@ -497,10 +497,13 @@ def cache(data_yaml, vae, t5, tokenizer, device, batch_size, dtype, skip_bad, i2
               help="Folder for everything the demo makes (a re-run replaces the demo's files there).")
 @click.option("--steps", default=200, show_default=True, type=click.IntRange(min=1), help="Training steps per slot.")
 @click.option("--seed", default=0, show_default=True, type=int, help="Seed of the model, the data and the training.")
+@click.option("--task", type=click.Choice(["t2v", "i2v", "ti2v"]), default="t2v", show_default=True,
+              help="t2v: images on a text-to-video DiT; i2v: clips on a Wan 2.2 I2V-shaped DiT (36 input channels); "
+              "ti2v: clips on a Wan 2.2 TI2V 5B-shaped DiT with the 48-channel Wan 2.2 VAE.")
 @click.option("--json", "as_json", is_flag=True, help="Print the report as JSON on stdout.")
 @click.option("--quiet", "-q", is_flag=True, help="No progress messages.")
 @user_errors
-def demo(out: str, steps: int, seed: int, as_json: bool, quiet: bool) -> None:
+def demo(out: str, steps: int, seed: int, task: str, as_json: bool, quiet: bool) -> None:
     """Train two characters into disjoint slots at once, splice them, measure what survives.
 
     Everything is built on the spot (a tiny Wan DiT, VAE, UMT5 and two
@@ -512,12 +515,13 @@ def demo(out: str, steps: int, seed: int, as_json: bool, quiet: bool) -> None:
     \b
     Example:
       slotsmith demo --out demo-out
+      slotsmith demo --task i2v --out demo-i2v
     """
     with training_extra("demo"):
         from slotsmith.demo.run import DemoSettings, render_table, run_demo
 
     say = (lambda _: None) if quiet else (lambda msg: click.echo(msg, err=True))
-    report = run_demo(DemoSettings(out=Path(out), steps=steps, seed=seed), say)
+    report = run_demo(DemoSettings(out=Path(out), steps=steps, seed=seed, task=task), say)
     if as_json:
         click.echo(json.dumps(report, indent=2))
     else:

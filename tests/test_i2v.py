@@ -239,6 +239,9 @@ def test_clip_encoder_missing_or_wrong_is_refused_before_training(models, tmp_pa
     data = _dataset(tmp_path / "data", 32, videos=1)
     common = ["train", "-b", base, "--data", data, "--vae", models["vae21"], "--t5", models["t5"],
               "--tokenizer", models["tok"], "--ff", 0.1, "--ffid", 1, "--steps", 1, "-o", tmp_path / "x.slot", "-q"]
+    no_i2v = _run(*common)
+    assert no_i2v.exit_code == 1 and "image-to-video base (36 input channels)" in no_i2v.output
+    assert "needs --i2v and --clip" in no_i2v.output
     missing = _run(*common, "--i2v")
     assert missing.exit_code == 1
     assert "Wan 2.1 I2V" in missing.output and "needs --clip" in missing.output and "hidden size 24" in missing.output

@@ -151,22 +151,28 @@ def check_cache_fits_base(cache_dir, index: dict, cfg: WanConfig, base_name) -> 
         )
 
 
-def check_clip_for_base(cfg: WanConfig, clip, caching: bool, base_name) -> None:
-    """Before ``train --data`` encodes anything: the CLIP encoder a Wan 2.1 I2V base needs.
+def check_data_for_base(cfg: WanConfig, i2v: bool, clip, caching: bool, base_name) -> None:
+    """Before ``train --data`` encodes anything: the conditioning options an image-to-video base needs.
 
     Args:
         cfg: The base's sizes.
+        i2v: ``--i2v``.
         clip: ``--clip``, or None.
         caching: Whether the run caches what is missing (encoders given).
         base_name: The base's path (for messages).
 
     Raises:
-        SlotsmithError: A Wan 2.1 I2V base cached without ``--clip``, or a
-            ``--clip`` that is not a CLIP vision encoder of the base's
-            ``image_dim``.
+        SlotsmithError: A 36-channel base cached without ``--i2v``, a Wan 2.1
+            I2V base cached without ``--clip``, or a ``--clip`` that is not a
+            CLIP vision encoder of the base's ``image_dim``.
     """
     from slotsmith.data.i2v import CLIP_EXPECTED, clip_hidden_size
 
+    if caching and cfg.in_dim != cfg.out_dim and not (i2v or clip):
+        raise SlotsmithError(
+            f"{base_name} is an image-to-video base ({cfg.in_dim} input channels): caching for it needs --i2v"
+            + (" and --clip" if cfg.image_dim else "")
+        )
     if not cfg.image_dim:
         return
     if clip is None:

@@ -25,7 +25,7 @@ from slotsmith.layout import KNOWN_MODELS, WanConfig
 from slotsmith.select import Selection, select_v2
 from slotsmith.slot import SLOT_SUFFIX, SNAPSHOT_SUFFIX, read_slot
 from slotsmith.train import INT_RANGES, TrainSettings
-from slotsmith.training.conditioning import check_cache_fits_base, check_clip_for_base
+from slotsmith.training.conditioning import check_cache_fits_base, check_data_for_base
 from slotsmith.training.optim import make_optimizer
 from slotsmith.training.stream import epoch_length
 from slotsmith.training.wan import inspect_base
@@ -167,7 +167,7 @@ def plan_base(settings: TrainSettings) -> BasePlan:
     settings.validate()
     inventory, cfg, head_dim = inspect_base(settings.base, settings.head_dim)
     if settings.data:
-        check_clip_for_base(cfg, settings.clip, settings.vae is not None, inventory.source)
+        check_data_for_base(cfg, settings.i2v, settings.clip, settings.vae is not None, inventory.source)
     selection = select_v2(inventory.numels(), settings.ff, settings.ffid)
     t_range, boundary, boundary_from = expert_range(settings, inventory)
     low = max(t_range[0], settings.min_timestep / 1000)

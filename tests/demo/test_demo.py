@@ -132,3 +132,20 @@ def test_cli_defaults_match_the_demo_settings():
     params = {p.name: p.default for p in main.commands["demo"].params}
     defaults = DemoSettings(out=None)
     assert (params["steps"], params["seed"]) == (defaults.steps, defaults.seed)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("task, in_dim, latent_channels, mode", [("i2v", 36, 16, "i2v"), ("ti2v", 48, 48, "ti2v")])
+def test_image_to_video_demos_tell_the_same_story(tmp_path, task, in_dim, latent_channels, mode):
+    out = tmp_path / "demo-out"
+    result = CliRunner().invoke(main, ["demo", "--task", task, "--out", str(out), "--steps", "10", "--json", "-q"])
+    assert result.exit_code == 0, result.output
+    report = json.loads(result.output)
+    assert report["settings"]["task"] == task
+    assert set(report["loss"]) == {"char1", "char2"} and set(report["retention"]) == {"char1", "char2"}
+    with safe_open(str(out / "base.safetensors"), framework="numpy") as f:
+        assert f.get_slice("patch_embedding.weight").get_shape()[1] == in_dim
+    for char in ("char1", "char2"):
+        index = json.loads((out / "data" / char / "cache" / "index.json").read_text())
+        assert index["latent_channels"] == latent_channels and index["image_conditioning"]["mode"] == mode
+        assert len(list((out / "data" / char / "videos").glob("*.mkv"))) == 8
