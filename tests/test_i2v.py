@@ -187,16 +187,24 @@ def test_t2v_cache_on_i2v_base_and_the_reverse_are_refused(models, tmp_path):
     assert not (tmp_path / "x.slot").exists()
 
 
-def test_old_caches_read_as_text_to_video(models, tmp_path):
-    data = _dataset(tmp_path, 32, videos=1)
+def test_recaching_with_i2v_encodes_only_the_conditioning(models, tmp_path):
+    data = _dataset(tmp_path, 32, videos=2)
     run_cache(data, models["vae21"], models["t5"], models["tok"], device="cpu", progress=False)
-    path = tmp_path / "cache" / "index.json"
-    doc = json.loads(path.read_text())
-    del doc["image_conditioning"]
-    doc["format"] = "slotsmith-cache/1"
-    path.write_text(json.dumps(doc))
-    ds = CachedDataset(tmp_path / "cache")
-    assert ds.conditioning is None and set(ds[0]) == {"latents", "context"}
+    latents = {p.name: p.read_bytes() for p in (tmp_path / "cache" / "latents").iterdir()}
+    result = _run("cache", "--data", data, "--vae", models["vae21"], "--t5", models["t5"], "--tokenizer",
+                  models["tok"], "--clip", models["clip"], "-q")
+    assert result.exit_code == 0, result.output
+    assert "latents 0 encoded, 2 reused" in result.output
+    assert {p.name: p.read_bytes() for p in (tmp_path / "cache" / "latents").iterdir()} == latents
+    index = load_index(tmp_path / "cache")
+    assert index["image_conditioning"] == {"mode": "i2v", "channels": 20, "clip_dim": tiny.TINY_CLIP_DIM}
+    assert len(list((tmp_path / "cache" / "condition").iterdir())) == 2
+    assert len(list((tmp_path / "cache" / "clip").iterdir())) == 2
+
+
+def test_i2v_options_go_with_data():
+    with pytest.raises(SlotsmithError, match="--i2v and --clip go with --data"):
+        TrainSettings(base="b", cache="c", out="o.slot", ff=0.1, ffid=1, steps=1, i2v=True).validate()
 
 
 def test_i2v_items_without_a_usable_first_frame_are_bad(models, tmp_path):
