@@ -41,6 +41,19 @@ TINY_VOCAB = ["<pad>", "</s>", "<unk>"] + [
 """Word-level vocabulary of the tiny tokenizer (pad 0, eos 1, unk 2, like T5)."""
 
 
+def _save_tiny_vae(out_dir, z_dim: int, seed: int, **config) -> Path:
+    """Save an ``AutoencoderKLWan`` of ``config`` with random per-channel latent statistics."""
+    from diffusers import AutoencoderKLWan
+
+    torch.manual_seed(seed)
+    g = torch.Generator().manual_seed(seed + 1)
+    # Random per-channel statistics so tests see normalisation really applied.
+    mean = (torch.rand(z_dim, generator=g) - 0.5).tolist()
+    std = (torch.rand(z_dim, generator=g) + 0.5).tolist()
+    AutoencoderKLWan(z_dim=z_dim, latents_mean=mean, latents_std=std, **config).save_pretrained(str(out_dir))
+    return Path(out_dir)
+
+
 def build_tiny_vae(out_dir, *, base_dim: int = 8, seed: int = 0) -> Path:
     """Save a tiny ``AutoencoderKLWan`` (Wan 2.1 structure, z_dim 16) as a diffusers folder.
 
@@ -52,16 +65,7 @@ def build_tiny_vae(out_dir, *, base_dim: int = 8, seed: int = 0) -> Path:
     Returns:
         ``out_dir``.
     """
-    from diffusers import AutoencoderKLWan
-
-    torch.manual_seed(seed)
-    g = torch.Generator().manual_seed(seed + 1)
-    # Random per-channel statistics so tests see normalisation really applied.
-    mean = (torch.rand(16, generator=g) - 0.5).tolist()
-    std = (torch.rand(16, generator=g) + 0.5).tolist()
-    vae = AutoencoderKLWan(base_dim=base_dim, z_dim=16, latents_mean=mean, latents_std=std)
-    vae.save_pretrained(str(out_dir))
-    return Path(out_dir)
+    return _save_tiny_vae(out_dir, 16, seed, base_dim=base_dim)
 
 
 def build_tiny_vae22(out_dir, *, base_dim: int = 8, seed: int = 0) -> Path:
@@ -79,18 +83,10 @@ def build_tiny_vae22(out_dir, *, base_dim: int = 8, seed: int = 0) -> Path:
     Returns:
         ``out_dir``.
     """
-    from diffusers import AutoencoderKLWan
-
-    torch.manual_seed(seed)
-    g = torch.Generator().manual_seed(seed + 1)
-    mean = (torch.rand(48, generator=g) - 0.5).tolist()
-    std = (torch.rand(48, generator=g) + 0.5).tolist()
-    vae = AutoencoderKLWan(
-        base_dim=base_dim, decoder_base_dim=base_dim, z_dim=48, is_residual=True, in_channels=12, out_channels=12,
-        patch_size=2, scale_factor_spatial=16, scale_factor_temporal=4, latents_mean=mean, latents_std=std,
+    return _save_tiny_vae(
+        out_dir, 48, seed, base_dim=base_dim, decoder_base_dim=base_dim, is_residual=True, in_channels=12,
+        out_channels=12, patch_size=2, scale_factor_spatial=16, scale_factor_temporal=4,
     )
-    vae.save_pretrained(str(out_dir))
-    return Path(out_dir)
 
 
 def build_tiny_clip_vision(out_dir, *, hidden_size: int = TINY_CLIP_DIM, seed: int = 0) -> Path:
