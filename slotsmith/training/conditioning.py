@@ -114,7 +114,7 @@ def check_cache_fits_base(cache_dir, index: dict, cfg: WanConfig, base_name) -> 
     conditioning = ImageConditioning.from_json(index.get("image_conditioning"), cache_dir)
     channels = index["latent_channels"]
     if channels != cfg.out_dim:
-        raise SlotsmithError(f"{cache_dir}: latents have {channels} channels but the base {base_name} takes {cfg.out_dim}")
+        raise SlotsmithError(f"{cache_dir}: latents have {channels} channels but the base takes {cfg.out_dim}")
     extra = cfg.in_dim - cfg.out_dim
     if extra and conditioning is None:
         raise SlotsmithError(
