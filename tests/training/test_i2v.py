@@ -2,6 +2,8 @@
 
 import json
 
+import av
+import numpy as np
 import pytest
 import torch
 import yaml
@@ -207,39 +209,40 @@ def test_i2v_options_go_with_data():
         TrainSettings(base="b", cache="c", out="o.slot", ff=0.1, ffid=1, steps=1, i2v=True).validate()
 
 
-def test_i2v_items_without_a_usable_first_frame_are_bad(models, tmp_path):
-    data = _dataset(tmp_path, 32, videos=1)
-    write_image(tmp_path / "vids" / "still.png", 32, 32)
-    from PIL import Image
-
-    (tmp_path / "imgs").mkdir()
-    write_image(tmp_path / "imgs" / "photo.png", 32, 32)
-    (tmp_path / "imgs" / "photo.txt").write_text("a photo")
-    import av
-    import numpy as np
-
-    blank = tmp_path / "vids" / "blank.mp4"
-    with av.open(str(blank), "w") as container:
+def _write_fade_in(path):
+    """A 9-frame clip whose first frame is flat black (a fade-in), the others striped."""
+    with av.open(str(path), "w") as container:
         stream = container.add_stream("mpeg4", rate=16)
         stream.width, stream.height, stream.pix_fmt = 32, 32, "yuv420p"
         for i in range(9):
-            value = 0 if i == 0 else 40 * i % 256
-            frame = np.full((32, 32, 3), value, dtype=np.uint8)
+            frame = np.zeros((32, 32, 3), dtype=np.uint8)
             if i:
-                frame[::2] = 255 - value
+                frame[::2] = 30 * i
             container.mux(stream.encode(av.VideoFrame.from_ndarray(frame, format="rgb24")))
         container.mux(stream.encode())
+
+
+def test_i2v_items_without_a_usable_first_frame_are_bad(models, tmp_path):
+    """A still image (nothing after the first frame) and a clip with a blank first frame are bad items, named."""
+    data = _dataset(tmp_path, 32, videos=1)
+    blank = tmp_path / "vids" / "blank.mp4"
+    _write_fade_in(blank)
     (tmp_path / "vids" / "blank.txt").write_text("fade in")
+    (tmp_path / "imgs").mkdir()
+    write_image(tmp_path / "imgs" / "photo.png", 32, 32)
+    (tmp_path / "imgs" / "photo.txt").write_text("a photo")
     doc = yaml.safe_load(data.read_text())
     doc["datasets"].append({"image_directory": "imgs", "resolution": [32, 32]})
     data.write_text(yaml.safe_dump(doc))
-    assert Image.open(tmp_path / "imgs" / "photo.png").size == (32, 32)
     with pytest.raises(BadItemsError) as info:
         run_cache(data, models["vae21"], models["t5"], models["tok"], device="cpu", progress=False, i2v=True)
     message = str(info.value)
     assert f"{blank}: the first frame is blank" in message
     assert f"{tmp_path / 'imgs' / 'photo.png'}: image-to-video needs video clips" in message
+    assert "2 bad item(s)" in message  # the good clip is not among them
     assert not (tmp_path / "cache" / "index.json").exists()
+    # Without --i2v the same items are good text-to-video items.
+    assert run_cache(data, models["vae21"], models["t5"], models["tok"], device="cpu", progress=False).items == 3
 
 
 def test_clip_encoder_missing_or_wrong_is_refused_before_training(models, tmp_path):
