@@ -150,7 +150,9 @@ def clip_hidden_size(path) -> int:
         raise SlotsmithError(f"{folder / 'config.json'}: cannot read: {e}") from None
     model_type = doc.get("model_type") if isinstance(doc, dict) else None
     if model_type not in _CLIP_TYPES:
-        raise SlotsmithError(f"{folder}: model_type {model_type!r} is not a CLIP vision encoder; expected {CLIP_EXPECTED}")
+        raise SlotsmithError(
+            f"{folder}: model_type {model_type!r} is not a CLIP vision encoder; expected {CLIP_EXPECTED}"
+        )
     vision = doc.get("vision_config", {}) if model_type == "clip" else doc
     size = vision.get("hidden_size", 768) if isinstance(vision, dict) else None
     if not isinstance(size, int) or size <= 0:
