@@ -117,7 +117,7 @@ def _make_i2v(tmp_path, mode="i2v", clip_dim=6):
         if clip_dim:
             item["clip"] = cache.write_clip_embeds(tmp_path, f"{i + 300:032x}", torch.randn(5, clip_dim))
     conditioning = cache.ImageConditioning(mode, channels, clip_dim)
-    cache.write_index(tmp_path, items, 4, 8, conditioning)
+    cache.write_index(tmp_path, items, 4, 8, conditioning=conditioning)
     return items, conditioning
 
 
