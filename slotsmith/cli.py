@@ -488,9 +488,14 @@ def train(ctx: click.Context, config: str | None, cast_file: str | None, charact
 @click.option("--batch-size", default=1, show_default=True, type=click.IntRange(min=1), help="Clips and captions encoded at once.")
 @click.option("--dtype", type=click.Choice(["float32", "bfloat16", "float16"]), default=None, help="Encoder dtype [default: bfloat16 on cuda, float32 on cpu].")
 @click.option("--skip-bad", is_flag=True, help="Leave bad items out (and list them) instead of failing.")
+@click.option("--i2v", is_flag=True, help="Image-to-video: also cache each clip's first frame as the "
+              "conditioning Wan's I2V models take (the Wan 2.2 VAE gives TI2V 5B's). See docs/i2v.md.")
+@click.option("--clip", type=click.Path(), help="CLIP vision encoder folder (transformers CLIPVisionModel, e.g. "
+              "image_encoder/ of Wan2.1-I2V-14B-480P-Diffusers): cache the first frame's CLIP features for "
+              "Wan 2.1 I2V; implies --i2v.")
 @click.option("-q", "--quiet", is_flag=True, help="No progress (a bar on a terminal, lines in a log otherwise).")
 @user_errors
-def cache(data_yaml, vae, t5, tokenizer, device, batch_size, dtype, skip_bad, quiet) -> None:
+def cache(data_yaml, vae, t5, tokenizer, device, batch_size, dtype, skip_bad, i2v, clip, quiet) -> None:
     """Encode a dataset's images and clips (VAE) and captions (UMT5) into its cache folder.
 
     Only what changed since the last run is encoded; the index the trainer
@@ -501,13 +506,15 @@ def cache(data_yaml, vae, t5, tokenizer, device, batch_size, dtype, skip_bad, qu
     Example:
       slotsmith cache --data data.yaml --vae Wan2.1_VAE.pth \\
         --t5 models_t5_umt5-xxl-enc-bf16.pth --tokenizer umt5-xxl/
+      slotsmith cache --data data.yaml --vae Wan2.1_VAE.pth --t5 ... --tokenizer umt5-xxl/ \\
+        --clip Wan2.1-I2V-14B-480P-Diffusers/image_encoder   # for Wan 2.1 I2V 14B
     """
     with training_extra("cache"):
         from slotsmith.data.cache_builder import run_cache
 
     report = run_cache(
         data_yaml, vae, t5, tokenizer, device=device, dtype=dtype, batch_size=batch_size,
-        skip_bad=skip_bad, progress=not quiet,
+        skip_bad=skip_bad, progress=not quiet, i2v=i2v, clip=clip,
     )
     for item in report.bad:
         click.echo(f"skipped: {item}", err=True)
@@ -588,10 +595,13 @@ def sample(base, slots, vae, t5, tokenizer, prompts, prompts_file, negative_prom
 @click.option("--steps", default=200, show_default=True, type=click.IntRange(min=1), help="Training steps per slot.")
 @click.option("--seed", default=0, show_default=True, type=int, help="Seed of the model, the data and the training.")
 @_algorithm_options
+@click.option("--task", type=click.Choice(["t2v", "i2v", "ti2v"]), default="t2v", show_default=True,
+              help="t2v: images on a text-to-video DiT; i2v: clips on a Wan 2.2 I2V-shaped DiT (36 input channels); "
+              "ti2v: clips on a Wan 2.2 TI2V 5B-shaped DiT with the 48-channel Wan 2.2 VAE.")
 @click.option("--json", "as_json", is_flag=True, help="Print the report as JSON on stdout.")
 @click.option("--quiet", "-q", is_flag=True, help="No progress messages.")
 @user_errors
-def demo(out: str, steps: int, seed: int, algorithm: str, pools: int, as_json: bool, quiet: bool) -> None:
+def demo(out: str, steps: int, seed: int, algorithm: str, pools: int, task: str, as_json: bool, quiet: bool) -> None:
     """Train two characters into disjoint slots at once, splice them, measure what survives.
 
     Everything is built on the spot (a tiny Wan DiT, VAE, UMT5 and two
@@ -606,12 +616,13 @@ def demo(out: str, steps: int, seed: int, algorithm: str, pools: int, as_json: b
     Examples:
       slotsmith demo --out demo-out
       slotsmith demo --out demo-v3 --algorithm v3 --pools 8
+      slotsmith demo --task i2v --out demo-i2v
     """
     with training_extra("demo"):
         from slotsmith.demo.run import DemoSettings, render_table, run_demo
 
     say = (lambda _: None) if quiet else (lambda msg: click.echo(msg, err=True))
-    settings = DemoSettings(out=Path(out), steps=steps, seed=seed, algorithm=algorithm, pools=pools)
+    settings = DemoSettings(out=Path(out), steps=steps, seed=seed, algorithm=algorithm, pools=pools, task=task)
     report = run_demo(settings, say)
     if as_json:
         click.echo(json.dumps(report, indent=2))

@@ -50,6 +50,11 @@ class WanConfig:
     def num_heads(self) -> int:
         return self.dim // HEAD_DIM
 
+    @property
+    def conditions_on_images(self) -> bool:
+        """Whether the DiT takes image conditioning (I2V: channels beyond its latents, or a CLIP branch)."""
+        return self.in_dim != self.out_dim or bool(self.image_dim)
+
 
 def wan_tensor_shapes(cfg: WanConfig) -> dict[str, tuple[int, ...]]:
     """Every tensor of a Wan DiT with its shape, in native names.

@@ -42,7 +42,7 @@ MAX_EPOCHS = 1e6
 """Most ``--epochs``."""
 
 LOG_TRACKERS = ("jsonl", "tensorboard", "wandb")
-PATH_OPTIONS = ("base", "cache", "data", "vae", "t5", "tokenizer", "out", "log_dir", "sample_prompts")
+PATH_OPTIONS = ("base", "cache", "data", "vae", "t5", "tokenizer", "clip", "out", "log_dir", "sample_prompts")
 """Options naming files or folders: relative ones in a config file are relative to its folder."""
 
 
@@ -82,6 +82,10 @@ class TrainSettings:
     vae: str | None = _option(None, "With --data: the Wan VAE (as for `slotsmith cache`).", metavar="PATH")
     t5: str | None = _option(None, "With --data: the UMT5 text encoder.", metavar="PATH")
     tokenizer: str | None = _option(None, "With --data: the tokenizer folder.", metavar="DIR")
+    i2v: bool = _option(False, "With --data: image-to-video, cache each clip's first-frame conditioning too (as "
+                        "`slotsmith cache --i2v`); see docs/i2v.md.")
+    clip: str | None = _option(None, "With --data: CLIP vision encoder folder for Wan 2.1 I2V's image features "
+                               "(implies --i2v).", metavar="DIR")
     skip_bad: bool = _option(False, "With --data: leave bad items out, as `slotsmith cache --skip-bad` does.")
     out: str = _option("", "The .slot file to write.", aliases=("--output", "-o"), metavar="FILE", cli_default=None)
     ff: float | None = _option(None, "Fraction of the model's parameters, as in `plan`.")
@@ -186,6 +190,10 @@ class TrainSettings:
             raise SlotsmithError("--sample-prompts needs --vae, --t5 and --tokenizer (to encode prompts and decode samples)")
         if self.sample_every and not self.sample_prompts:
             raise SlotsmithError("--sample-every goes with --sample-prompts FILE")
+        if not self.data and (self.i2v or self.clip):
+            raise SlotsmithError(
+                "--i2v and --clip go with --data (they say how to cache; a --cache folder has its conditioning)"
+            )
         if not self.data and self.skip_bad:
             raise SlotsmithError("--skip-bad goes with --data (a --cache folder holds only the items it was made of)")
         check_selection_args(self.algorithm, self.ff, self.ffid, self.pools)

@@ -2,15 +2,30 @@
 
 ``slotsmith cache`` writes it, ``slotsmith train`` reads it. Layout::
 
-    CACHE/index.json                  {"format": "slotsmith-cache/1",
+    CACHE/index.json                  {"format": "slotsmith-cache/2",
                                        "latent_channels": C, "text_dim": D,
                                        "sources_from": "..",
+                                       "image_conditioning": null or {"mode": "i2v"|"ti2v",
+                                                  "channels": K, "clip_dim": E or null},
                                        "items": [{"latents": "latents/<hex>.safetensors",
                                                   "text": "text/<hex>.safetensors",
+                                                  "condition": "condition/<hex>.safetensors",
+                                                  "clip": "clip/<hex>.safetensors",
                                                   "source": "...", "caption": "...",
                                                   "repeats": 1}, ...]}
     CACHE/latents/<hex>.safetensors   tensor "latents": float32 [C, F, H, W] (normalised)
     CACHE/text/<hex>.safetensors      tensor "context": float32 [L, D], L <= 512 real tokens
+    CACHE/condition/<hex>.safetensors tensor "condition": float32, image-to-video caches only:
+                                      mode i2v: [4 + C, F, H, W], the 4-channel first-frame
+                                      mask then the VAE latents of the first frame followed by
+                                      black frames (the 20 extra input channels of Wan 2.1 I2V
+                                      and Wan 2.2 I2V A14B); mode ti2v: [C, 1, H, W], the
+                                      first frame's latents (Wan 2.2 TI2V 5B keeps them clean)
+    CACHE/clip/<hex>.safetensors      tensor "image_embeds": float32 [N, E], the first frame's
+                                      CLIP features (penultimate hidden states; Wan 2.1 I2V)
+
+A ``slotsmith-cache/1`` index (no ``image_conditioning``) still reads: as a
+text-to-video cache.
 
 Each item's ``source`` is relative to the folder ``sources_from`` names
 (relative to the cache folder: the dataset YAML's folder), so a dataset folder
@@ -26,6 +41,7 @@ from __future__ import annotations
 
 import json
 import os
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -38,7 +54,12 @@ from slotsmith.io.files import parse_json_object, read_input
 from slotsmith.io.header import is_int, read_header
 from slotsmith.io.writer import atomic_file, write_all, write_error
 
-CACHE_FORMAT = "slotsmith-cache/1"
+CACHE_FORMAT = "slotsmith-cache/2"
+READABLE_FORMATS = ("slotsmith-cache/1", CACHE_FORMAT)
+"""Version 1 predates image conditioning: its caches read as text-to-video caches."""
+I2V_MASK_CHANNELS = 4
+"""The first-frame mask's channels in front of an ``i2v`` condition (Wan's 4x temporal compression)."""
+CONDITIONING_MODES = ("i2v", "ti2v")
 TEXT_LEN = 512
 """Wan's UMT5 context length: contexts are zero-padded to this many tokens."""
 
@@ -111,18 +132,23 @@ def write_text(cache_dir, key: str, context: torch.Tensor) -> str:
 
 
 def write_index(
-    cache_dir, items: list[dict], latent_channels: int, text_dim: int, sources_from: str | None = None
+    cache_dir, items: list[dict], latent_channels: int, text_dim: int, sources_from: str | None = None,
+    conditioning: ImageConditioning | None = None,
 ) -> None:
     """Write ``index.json`` atomically (after every item file exists).
 
     Args:
         cache_dir: The cache folder.
-        items: Dicts with ``latents``, ``text`` (relative paths), and
-            optionally ``source``, ``caption``, ``repeats`` (default 1).
+        items: Dicts with ``latents``, ``text`` (relative paths), with an
+            image conditioning ``condition`` (and ``clip`` when it has a
+            ``clip_dim``), and optionally ``source``, ``caption``,
+            ``repeats`` (default 1).
         latent_channels: C of every latent.
         text_dim: Embedding size of every context.
         sources_from: The folder the items' relative ``source`` paths start
             from, relative to ``cache_dir`` (the dataset YAML's folder).
+        conditioning: The image conditioning every item has; None for a
+            text-to-video cache.
 
     Raises:
         SlotsmithError: Writing failed.
@@ -132,6 +158,7 @@ def write_index(
         "latent_channels": int(latent_channels),
         "text_dim": int(text_dim),
         **({"sources_from": sources_from} if sources_from is not None else {}),
+        "image_conditioning": conditioning.to_json() if conditioning else None,
         "items": [{"repeats": 1, **item} for item in items],
     }
     payload = json.dumps(doc, indent=1, ensure_ascii=False).encode()
@@ -153,7 +180,7 @@ def source_path(cache_dir, index: dict, item: dict) -> Path:
     return Path(os.path.normpath(root / str(item.get("source", ""))))
 
 
-def _check_tensor(cache_dir: Path, rel, name: str, ndim: int, dim_index: int, dim_value: int, where: str):
+def _check_tensor(cache_dir: Path, rel, name: str, ndim: int, dim_index: int, dim_value: int, where: str) -> list:
     if not isinstance(rel, str) or Path(rel).is_absolute() or ".." in Path(rel).parts:
         raise SlotsmithError(f"{cache_dir / INDEX_NAME}: {where}: bad path {rel!r}")
     path = cache_dir / rel
@@ -167,6 +194,7 @@ def _check_tensor(cache_dir: Path, rel, name: str, ndim: int, dim_index: int, di
             f"{path}: tensor {name!r} is {info.dtype} {list(info.shape)}, expected F32 with "
             f"{ndim} dims and size {dim_value} in dim {dim_index}"
         )
+    return list(info.shape)
 
 
 def load_index(cache_dir) -> dict:
@@ -189,8 +217,9 @@ def load_index(cache_dir) -> dict:
     if not os.path.lexists(path):  # anything else there (a FIFO, a link loop) is refused by read_input
         raise SlotsmithError(f"{path}: no cache index (run `slotsmith cache` first)")
     doc = parse_json_object(read_input(path, INDEX_CAP, "cache index"), str(path))
-    if doc.get("format") != CACHE_FORMAT:
-        raise SlotsmithError(f"{path}: format {doc.get('format')!r} is not {CACHE_FORMAT!r}")
+    if doc.get("format") not in READABLE_FORMATS:
+        raise SlotsmithError(f"{path}: format {doc.get('format')!r} is not one of {', '.join(READABLE_FORMATS)}")
+    conditioning = ImageConditioning.from_json(doc.get("image_conditioning"), path)
     channels, text_dim, items = doc.get("latent_channels"), doc.get("text_dim"), doc.get("items")
     for field, value in (("latent_channels", channels), ("text_dim", text_dim)):
         if not is_int(value) or value <= 0:
@@ -206,6 +235,8 @@ def load_index(cache_dir) -> dict:
             raise SlotsmithError(f"{path}: {where}: repeats must be an integer in 1..{MAX_REPEATS}")
         _check_tensor(cache_dir, item.get("latents"), "latents", 4, 0, channels, where)
         _check_tensor(cache_dir, item.get("text"), "context", 2, 1, text_dim, where)
+        if conditioning is not None:
+            _check_conditioning(cache_dir, item, conditioning, where)
     return doc
 
 
@@ -242,6 +273,7 @@ class CachedDataset(torch.utils.data.Dataset):
         self.index = load_index(self.cache_dir) if index is None else index
         self.latent_channels = self.index["latent_channels"]
         self.text_dim = self.index["text_dim"]
+        self.conditioning = ImageConditioning.from_json(self.index.get("image_conditioning"), self.cache_dir)
         self._entries = [item for item in self.index["items"] for _ in range(item["repeats"])]
 
     def __len__(self) -> int:
@@ -253,4 +285,104 @@ class CachedDataset(torch.utils.data.Dataset):
         context = _load_one(self.cache_dir / item["text"], "context")
         padded = context.new_zeros(TEXT_LEN, context.shape[1])
         padded[: context.shape[0]] = context
-        return {"latents": latents, "context": padded}
+        sample = {"latents": latents, "context": padded}
+        if self.conditioning is not None:
+            sample["condition"] = _load_one(self.cache_dir / item["condition"], "condition")
+            if self.conditioning.clip_dim:
+                sample["image_embeds"] = _load_one(self.cache_dir / item["clip"], "image_embeds")
+        return sample
+
+
+# ---------------------------------------------------------------- image conditioning
+
+
+@dataclass(frozen=True)
+class ImageConditioning:
+    """What an image-to-video cache holds beside each item's latents.
+
+    Attributes:
+        mode: ``i2v``: a ``[4 + C, F, H, W]`` condition (first-frame mask and
+            latents) concatenated to the noisy latents along channels (Wan 2.1
+            I2V 14B, Wan 2.2 I2V A14B). ``ti2v``: the first frame's ``[C, 1,
+            H, W]`` latents, kept clean in the first latent frame (Wan 2.2
+            TI2V 5B).
+        channels: Channels of every condition tensor.
+        clip_dim: Size of the CLIP image features each item has (Wan 2.1
+            I2V), or None when there are none.
+    """
+
+    mode: str
+    channels: int
+    clip_dim: int | None = None
+
+    def to_json(self) -> dict:
+        """The index's ``image_conditioning`` object."""
+        return {"mode": self.mode, "channels": self.channels, "clip_dim": self.clip_dim}
+
+    @classmethod
+    def from_json(cls, doc, path) -> ImageConditioning | None:
+        """Read an index's ``image_conditioning`` (None or absent: a text-to-video cache).
+
+        Raises:
+            SlotsmithError: A malformed object; the message names ``path``.
+        """
+        if doc is None:
+            return None
+        if not isinstance(doc, dict) or doc.get("mode") not in CONDITIONING_MODES:
+            raise SlotsmithError(f"{path}: image_conditioning needs a mode, one of {', '.join(CONDITIONING_MODES)}")
+        channels, clip_dim = doc.get("channels"), doc.get("clip_dim")
+        if not is_int(channels) or channels <= 0 or not (clip_dim is None or is_int(clip_dim) and clip_dim > 0):
+            raise SlotsmithError(f"{path}: image_conditioning: channels and clip_dim must be positive integers")
+        return cls(doc["mode"], channels, clip_dim)
+
+    def describe(self) -> str:
+        """A few words for messages."""
+        what = "concatenated first-frame conditioning" if self.mode == "i2v" else "first-frame (TI2V) conditioning"
+        return what + (" with CLIP image features" if self.clip_dim else "")
+
+
+def write_condition(cache_dir, key: str, condition: torch.Tensor) -> str:
+    """Store one item's image condition (see `ImageConditioning` for its shape).
+
+    Args:
+        cache_dir: The cache folder.
+        key: Content address (hex) of the condition.
+        condition: ``[K, F, H, W]``; stored as float32.
+
+    Returns:
+        The path relative to ``cache_dir``, for the index.
+
+    Raises:
+        SlotsmithError: Bad key or shape, or writing failed.
+    """
+    return _write_tensor(cache_dir, "condition", key, "condition", condition, 4)
+
+
+def write_clip_embeds(cache_dir, key: str, embeds: torch.Tensor) -> str:
+    """Store one item's CLIP image features.
+
+    Args:
+        cache_dir: The cache folder.
+        key: Content address (hex) of the features.
+        embeds: ``[N, E]``; stored as float32.
+
+    Returns:
+        The path relative to ``cache_dir``, for the index.
+
+    Raises:
+        SlotsmithError: Bad key or shape, or writing failed.
+    """
+    return _write_tensor(cache_dir, "clip", key, "image_embeds", embeds, 2)
+
+
+def _check_conditioning(cache_dir: Path, item: dict, conditioning: ImageConditioning, where: str) -> None:
+    """An item's condition (and CLIP features) exist and fit its latents."""
+    latents = read_header(cache_dir / item["latents"]).tensors["latents"].shape
+    shape = _check_tensor(cache_dir, item.get("condition"), "condition", 4, 0, conditioning.channels, where)
+    frames = latents[1] if conditioning.mode == "i2v" else 1
+    if shape[1:] != [frames, *latents[2:]]:
+        raise SlotsmithError(
+            f"{cache_dir / item['condition']}: condition {shape} does not fit the latents {list(latents)} ({where})"
+        )
+    if conditioning.clip_dim:
+        _check_tensor(cache_dir, item.get("clip"), "image_embeds", 2, 1, conditioning.clip_dim, where)

@@ -4,7 +4,9 @@ Each item is content-addressed (xxh3-128): its latents by the source file's
 bytes, the dataset settings that shape its pixels, the clip's frames, the
 VAE's bytes and the dtype; its text by the cleaned caption, the text encoder's
 and tokenizer's bytes and the dtype. A re-run therefore encodes nothing that
-is unchanged, and an edited caption re-encodes only its text. The index is
+is unchanged, and an edited caption re-encodes only its text. With ``i2v``,
+each clip's image condition (and CLIP features) is addressed by its latents'
+file and the conditioning mode (and the CLIP encoder's bytes). The index is
 written last, and only when every item is good (or ``skip_bad`` leaves the bad
 ones out), so the trainer never sees a half-made dataset.
 """
@@ -18,7 +20,18 @@ from pathlib import Path
 
 import torch
 
-from slotsmith.data.cache import INDEX_CAP, INDEX_NAME, load_index, source_path, write_index, write_latents, write_text
+from slotsmith.data.cache import (
+    INDEX_CAP,
+    INDEX_NAME,
+    ImageConditioning,
+    load_index,
+    source_path,
+    write_clip_embeds,
+    write_condition,
+    write_index,
+    write_latents,
+    write_text,
+)
 from slotsmith.data.config import DEFAULT_ALIGN, DataConfig, check_align, load_data_config
 from slotsmith.data.encoders import (
     encode_pixels,
@@ -28,6 +41,14 @@ from slotsmith.data.encoders import (
     load_vae,
     parse_dtype,
     vae_spatial_factor,
+)
+from slotsmith.data.i2v import (
+    ClipImageEncoder,
+    clip_hidden_size,
+    condition_channels,
+    conditioning_mode,
+    encode_condition,
+    first_frame_problem,
 )
 from slotsmith.data.media import BadItem, Source, discover, read_clips
 from slotsmith.digest import digest_file_range, digest_json
@@ -148,9 +169,9 @@ def _tensor_dim(path: Path, name: str) -> int:
 
 
 class _Encoders:
-    """The VAE, and the text encoder loaded only when some caption needs encoding."""
+    """The VAE, and the text and CLIP encoders loaded only when something needs encoding."""
 
-    def __init__(self, vae, t5, tokenizer, device, dtype, show: bool):
+    def __init__(self, vae, t5, tokenizer, device, dtype, show: bool, clip=None):
         # Imported only when encoding: they take seconds to import.
         import diffusers
         import transformers
@@ -163,6 +184,10 @@ class _Encoders:
             self.vae = load_vae(vae, device, dtype)
         self.tokenizer = load_tokenizer(tokenizer)
         self._t5 = None
+        self.clip_path = clip
+        # Checked now (config.json only), loaded when some clip needs its features.
+        self.clip_dim = clip_hidden_size(clip) if clip is not None else None
+        self._clip = None
 
     @property
     def t5(self):
@@ -170,6 +195,12 @@ class _Encoders:
             with phase("loading the text encoder", self.show):
                 self._t5 = load_text_encoder(self.t5_path, self.device, self.dtype)
         return self._t5
+
+    @property
+    def clip(self) -> ClipImageEncoder:
+        if self._clip is None:
+            self._clip = ClipImageEncoder(self.clip_path, self.device, self.dtype)
+        return self._clip
 
 
 def _media_problems(sources: list[Source], align: int = DEFAULT_ALIGN) -> list[BadItem]:
@@ -220,6 +251,8 @@ def run_cache(
     batch_size: int = 1,
     skip_bad: bool = False,
     progress: bool = True,
+    i2v: bool = False,
+    clip=None,
 ) -> CacheReport:
     """Cache every item of a dataset YAML: encode what is missing, write the index.
 
@@ -234,6 +267,11 @@ def run_cache(
         batch_size: Clips (of one shape) and captions encoded together.
         skip_bad: Leave bad items out instead of failing.
         progress: Show progress on stderr (a bar on a terminal, lines in a log).
+        i2v: Also cache each clip's image conditioning (see
+            `slotsmith.data.i2v`), for image-to-video bases; the VAE decides
+            the mode (the Wan 2.2 VAE: TI2V 5B's first-frame conditioning).
+        clip: CLIP vision encoder folder: also cache each clip's CLIP image
+            features (Wan 2.1 I2V); implies ``i2v``.
 
     Returns:
         What was done.
@@ -254,11 +292,14 @@ def run_cache(
         raise BadItemsError(bad + _media_problems(sources))
     with phase("hashing the encoders (cache keys)", progress):
         ids = {"vae": model_identity(vae), "t5": model_identity(t5), "tokenizer": model_identity(tokenizer)}
-    enc = _Encoders(vae, t5, tokenizer, device, torch_dtype, progress)
+        if clip is not None:
+            ids["clip"] = model_identity(clip)
+    enc = _Encoders(vae, t5, tokenizer, device, torch_dtype, progress, clip)
     align = 2 * vae_spatial_factor(enc.vae)  # the DiT patchifies latents 2x2
     if align != DEFAULT_ALIGN:
         check_align(config, align)  # the YAML was read above: only its sizes need checking again
     cache_dir = config.cache_dir
+    conditioner = _Conditioner(enc, cache_dir, ids, dtype) if i2v or clip is not None else None
     report = CacheReport(cache_dir, bad=list(bad))
     previous = _previous_items(cache_dir)
     items: list[dict] = []
@@ -316,9 +357,12 @@ def run_cache(
                 "source_key": source_key,
             }
             reused = [p for p in previous.get(source_key, []) if (cache_dir / str(p.get("latents"))).is_file()]
-            if reused:
+            if reused and (conditioner is None or all(conditioner.ready(p["latents"]) for p in reused)):
                 # Same bytes, settings and VAE as an indexed item: its clips stand, no decoding needed.
-                items.extend({**common, "latents": p["latents"], "frames": p.get("frames")} for p in reused)
+                items.extend(
+                    {**common, "latents": p["latents"], "frames": p.get("frames"), **_condition_fields(conditioner, p)}
+                    for p in reused
+                )
                 report.latents_reused += len(reused)
                 bar.update(1)
                 continue
@@ -328,10 +372,17 @@ def run_cache(
                 report.bad.append(BadItem(source.path, str(e)))
                 bar.update(1, bad=len(report.bad))
                 continue
+            if conditioner is not None and (problem := _first_problem(clips)):
+                report.bad.append(BadItem(source.path, problem))
+                bar.update(1, bad=len(report.bad))
+                continue
             for clip in clips:
                 key = digest_json({"source_key": source_key, "frames": clip.frames})
                 rel = f"latents/{key}.safetensors"
-                items.append({**common, "latents": rel, "frames": [clip.frames[0], clip.frames[-1]]})
+                item = {**common, "latents": rel, "frames": [clip.frames[0], clip.frames[-1]]}
+                if conditioner is not None:
+                    item.update(conditioner.add(rel, clip.pixels, batch_size))
+                items.append(item)
                 if (cache_dir / rel).is_file() or any(k == key for batch in pending_latents.values() for k, _ in batch):
                     report.latents_reused += 1
                     continue
@@ -344,13 +395,16 @@ def run_cache(
         for shape in list(pending_latents):
             flush_latents(shape)
         flush_texts()
+        if conditioner is not None:
+            conditioner.flush_all()
     if report.bad and not skip_bad:
         raise BadItemsError(report.bad)
     if not items:
         raise SlotsmithError(f"{config.path}: nothing to cache (no good items)")
     latent_channels = _tensor_dim(cache_dir / items[0]["latents"], "latents")
     text_dim = _tensor_dim(cache_dir / items[0]["text"], "context")
-    write_index(cache_dir, items, latent_channels, text_dim, os.path.relpath(config.path.parent, cache_dir))
+    write_index(cache_dir, items, latent_channels, text_dim, os.path.relpath(config.path.parent, cache_dir),
+                conditioner.conditioning() if conditioner else None)
     report.items = len(items)
     return report
 
@@ -416,6 +470,16 @@ def missing_from_cache(config: DataConfig, skip_bad: bool = False) -> tuple[list
     return problems, bad
 
 
+def _conditioning_problems(cache_dir: Path, with_clip: bool) -> list[str]:
+    """What an existing cache lacks for image-to-video training (its index reads: ``missing_from_cache`` saw to it)."""
+    conditioning = ImageConditioning.from_json(load_index(cache_dir).get("image_conditioning"), cache_dir)
+    if conditioning is None:
+        return [f"{cache_dir}: holds no image conditioning (it was cached without --i2v)"]
+    if with_clip and not conditioning.clip_dim:
+        return [f"{cache_dir}: holds no CLIP image features (it was cached without --clip)"]
+    return []
+
+
 def _align_of(item: dict) -> int:
     """The alignment a cached item was made with (32 when the VAE was Wan 2.2's)."""
     return 32 if item.get("align") == 32 else DEFAULT_ALIGN
@@ -428,6 +492,8 @@ def ensure_cache(
     tokenizer=None,
     *,
     skip_bad: bool = False,
+    i2v: bool = False,
+    clip=None,
     **cache_options,
 ) -> tuple[Path, list[BadItem]]:
     """Make sure a dataset YAML's cache is complete, for ``train --data``.
@@ -442,6 +508,10 @@ def ensure_cache(
         tokenizer: Tokenizer folder, or None.
         skip_bad: Leave bad items out instead of failing, the same ones
             ``slotsmith cache --skip-bad`` leaves out.
+        i2v: Image-to-video: the cache must hold (or gets) each clip's image
+            conditioning.
+        clip: CLIP vision encoder folder for the CLIP features (Wan 2.1
+            I2V), used when caching; implies ``i2v``.
         **cache_options: Passed to `run_cache` (device, dtype, batch_size,
             progress).
 
@@ -457,13 +527,15 @@ def ensure_cache(
     """
     given = {"--vae": vae, "--t5": t5, "--tokenizer": tokenizer}
     if all(v is not None for v in given.values()):
-        report = run_cache(data_yaml, vae, t5, tokenizer, skip_bad=skip_bad, **cache_options)
+        report = run_cache(data_yaml, vae, t5, tokenizer, skip_bad=skip_bad, i2v=i2v, clip=clip, **cache_options)
         return report.cache_dir, report.bad
     if any(v is not None for v in given.values()):
         missing = ", ".join(k for k, v in given.items() if v is None)
         raise SlotsmithError(f"caching needs --vae, --t5 and --tokenizer together; missing {missing}")
     config = load_data_config(data_yaml)
     problems, bad = missing_from_cache(config, skip_bad)
+    if (i2v or clip is not None) and not problems:
+        problems = _conditioning_problems(config.cache_dir, clip is not None)
     if problems:
         listed = problems[:LISTED_PROBLEMS]
         which = "listed above" if len(listed) == len(problems) else f"the first {len(listed)} listed above"
@@ -473,3 +545,77 @@ def ensure_cache(
             "or run `slotsmith cache`"
         )
     return config.cache_dir, bad
+
+
+# ---------------------------------------------------------------- image conditioning
+
+
+def _first_problem(clips) -> str | None:
+    """The first reason one of a source's clips cannot train image-to-video, or None."""
+    return next((problem for clip in clips if (problem := first_frame_problem(clip.pixels))), None)
+
+
+def _condition_fields(conditioner: _Conditioner | None, item: dict) -> dict:
+    return conditioner.fields(item["latents"]) if conditioner is not None else {}
+
+
+class _Conditioner:
+    """Caches each clip's image condition and CLIP features, batched by clip shape like the latents."""
+
+    def __init__(self, enc: _Encoders, cache_dir, ids: dict, dtype: str):
+        self.enc, self.cache_dir, self.dtype = enc, cache_dir, dtype
+        self.mode = conditioning_mode(enc.vae)
+        self.clip_id = ids.get("clip")
+        self._pending: dict[tuple, list[tuple[dict, object]]] = defaultdict(list)
+
+    def fields(self, latents_rel: str) -> dict:
+        """The index fields of the item whose latents are ``latents_rel`` (content addresses)."""
+        # The latents' address covers the source, its pixel settings, frames, VAE and dtype.
+        base = {"v": KEY_VERSION, "latents": latents_rel}
+        out = {"condition": f"condition/{digest_json({**base, 'mode': self.mode})}.safetensors"}
+        if self.enc.clip_path is not None:
+            key = digest_json({**base, "clip": self.clip_id, "dtype": self.dtype})
+            out["clip"] = f"clip/{key}.safetensors"
+        return out
+
+    def ready(self, latents_rel: str) -> bool:
+        """Whether every conditioning file of the item is in the cache already."""
+        return all((self.cache_dir / rel).is_file() for rel in self.fields(latents_rel).values())
+
+    def add(self, latents_rel: str, pixels, batch_size: int) -> dict:
+        """Queue what the clip still needs; returns its index fields."""
+        fields = self.fields(latents_rel)
+        queued = {rel for batch in self._pending.values() for f, _ in batch for rel in f.values()}
+        missing = {k: rel for k, rel in fields.items() if not (self.cache_dir / rel).is_file() and rel not in queued}
+        if missing:
+            shape = tuple(pixels.shape)
+            self._pending[shape].append((missing, pixels))
+            if len(self._pending[shape]) >= batch_size:
+                self._flush(shape)
+        return fields
+
+    def _flush(self, shape) -> None:
+        batch = self._pending.pop(shape, [])
+        pixels = torch.stack([p for _, p in batch])
+        if any("condition" in f for f, _ in batch):
+            for (f, _), cond in zip(batch, encode_condition(self.enc.vae, pixels)):
+                if "condition" in f:
+                    write_condition(self.cache_dir, _key_of(f["condition"]), cond)
+        if any("clip" in f for f, _ in batch):
+            for (f, _), embeds in zip(batch, self.enc.clip.encode(pixels)):
+                if "clip" in f:
+                    write_clip_embeds(self.cache_dir, _key_of(f["clip"]), embeds)
+
+    def flush_all(self) -> None:
+        """Encode everything still queued."""
+        for shape in list(self._pending):
+            self._flush(shape)
+
+    def conditioning(self) -> ImageConditioning:
+        """The index's description of what every item has."""
+        return ImageConditioning(self.mode, condition_channels(self.enc.vae), self.enc.clip_dim)
+
+
+def _key_of(rel: str) -> str:
+    """The content address in a ``sub/<hex>.safetensors`` path."""
+    return Path(rel).name.removesuffix(".safetensors")

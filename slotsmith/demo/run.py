@@ -17,6 +17,13 @@
    character's *retention* ``(base - both) / (base - own slot)`` says how
    much of what its slot learned survives next to the other slot.
 
+With ``--task i2v`` (a Wan 2.2 I2V-shaped DiT, 36 input channels) or
+``--task ti2v`` (a Wan 2.2 TI2V 5B-shaped DiT on the 48-channel Wan 2.2 VAE)
+the same story is told with short clips instead of images: each character
+moves its own way (char1 to the right, char2 down, the generic clips any
+way), the clips are cached with ``--i2v`` (first-frame conditioning) and
+scored with it.
+
 Every step runs the same code and commands a user runs on a real model.
 """
 
@@ -31,7 +38,7 @@ import sys
 import tempfile
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
@@ -49,6 +56,7 @@ from slotsmith.errors import SlotsmithError
 from slotsmith.io.writer import TensorOut, atomic_file, write_all, write_safetensors
 from slotsmith.layout import WanConfig
 from slotsmith.splice import splice, splice_cast
+from slotsmith.training.conditioning import batch_conditioning
 from slotsmith.training.flow import flow_loss
 from slotsmith.training.wan import build_model, diffusers_config, load_base, native_state_dict
 
@@ -66,6 +74,51 @@ EVAL_TIMESTEPS = (0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9)
 """Flow-matching times every item is scored at (with fixed noise), so losses compare."""
 MARKER = ".slotsmith-demo"
 """Marks a folder as the demo's own, so a re-run may replace its files."""
+CLIP_FRAMES = 5
+"""Frames of the image-to-video tasks' clips: two latent frames, the first the conditioning one."""
+
+
+@dataclass(frozen=True)
+class DemoTask:
+    """What the story is told on.
+
+    Attributes:
+        name: ``t2v``, ``i2v`` or ``ti2v``.
+        config: The DiT's sizes.
+        vae: ``wan2.1`` (16 channels, 8x) or ``wan2.2`` (48 channels, 16x).
+        size: Pixels per side (8x8 latents with either VAE).
+        frames: Frames per item: 1 (still images) or ``CLIP_FRAMES``.
+    """
+
+    name: str
+    config: WanConfig
+    vae: str
+    size: int
+    frames: int
+
+    @property
+    def i2v(self) -> bool:
+        """Whether the items are cached with image conditioning."""
+        return self.frames > 1
+
+    @property
+    def cache_batch(self) -> int:
+        """Clips encoded at once: batches make caching clips several times faster; images stay one by one,
+        so the ``t2v`` demo's figures are those it always gave."""
+        return 8 if self.i2v else 1
+
+    @property
+    def media(self) -> str:
+        """The name of each character's media folder."""
+        return "videos" if self.i2v else "images"
+
+
+TASKS = {
+    "t2v": DemoTask("t2v", DEMO_CONFIG, "wan2.1", IMAGE_SIZE, 1),
+    "i2v": DemoTask("i2v", replace(DEMO_CONFIG, in_dim=36), "wan2.1", IMAGE_SIZE, CLIP_FRAMES),
+    "ti2v": DemoTask("ti2v", replace(DEMO_CONFIG, in_dim=48, out_dim=48), "wan2.2", 2 * IMAGE_SIZE, CLIP_FRAMES),
+}
+"""``slotsmith demo --task``: text-to-video on images, or image-to-video on clips (Wan 2.2 I2V, TI2V 5B)."""
 
 
 @dataclass(frozen=True)
@@ -81,6 +134,7 @@ class DemoSettings:
         lr: Learning rate of both runs.
         algorithm: The slots' selection, ``"v2"`` or ``"v3"``.
         pools: v3's number of pools.
+        task: A key of ``TASKS``.
     """
 
     out: Path
@@ -90,6 +144,7 @@ class DemoSettings:
     lr: float = 1e-3
     algorithm: str = "v2"
     pools: int = 8
+    task: str = "t2v"
 
     @property
     def slot_ff(self) -> float:
@@ -102,7 +157,7 @@ class DemoSettings:
 # --------------------------------------------------------------------------- building blocks
 
 
-def build_base(path: Path, seed: int) -> Path:
+def build_base(path: Path, seed: int, config: WanConfig = DEMO_CONFIG) -> Path:
     """Save a randomly initialised demo DiT with native Wan names.
 
     The head size goes into the file's ``config`` metadata, so every command
@@ -111,22 +166,23 @@ def build_base(path: Path, seed: int) -> Path:
     Args:
         path: The ``.safetensors`` file to write (replaced if present).
         seed: Initialisation seed.
+        config: The DiT's sizes (the task's).
 
     Returns:
         ``path``.
     """
     torch.manual_seed(seed)
-    model = build_model(DEMO_CONFIG, DEMO_HEAD_DIM)
+    model = build_model(config, DEMO_HEAD_DIM)
     tensors = [
         TensorOut(name, "F32", tuple(t.shape), (memoryview(t.contiguous().reshape(-1).view(torch.uint8).numpy()),))
         for name, t in sorted(native_state_dict(model).items())
     ]
-    config = json.dumps(diffusers_config(DEMO_CONFIG, DEMO_HEAD_DIM))
+    config = json.dumps(diffusers_config(config, DEMO_HEAD_DIM))
     return write_safetensors(path, tensors, {"config": config, "format": "pt"}, force=True)
 
 
-def build_encoders(models: Path, seed: int) -> dict[str, Path]:
-    """Build the tiny VAE, UMT5 encoder and tokenizer under ``models``.
+def build_encoders(models: Path, seed: int, vae: str = "wan2.1") -> dict[str, Path]:
+    """Build the tiny VAE (``wan2.1`` or ``wan2.2``), UMT5 encoder and tokenizer under ``models``.
 
     Returns:
         ``{"vae", "t5", "tokenizer"}`` -> their folders.
@@ -136,7 +192,10 @@ def build_encoders(models: Path, seed: int) -> dict[str, Path]:
     # save_pretrained's per-shard bar is noise next to the demo's own messages.
     transformers.utils.logging.disable_progress_bar()
     paths = {"vae": models / "vae", "t5": models / "umt5", "tokenizer": models / "tokenizer"}
-    tiny.build_mosaic_vae(paths["vae"])  # a VAE that decodes what it encodes, so samples can be looked at
+    if vae == "wan2.2":
+        tiny.build_tiny_vae22(paths["vae"], seed=seed)
+    else:
+        tiny.build_mosaic_vae(paths["vae"])  # a VAE that decodes what it encodes, so samples can be looked at
     tiny.build_tiny_text_encoder(paths["t5"], paths["tokenizer"], d_model=DEMO_CONFIG.text_dim, seed=seed)
     return paths
 
@@ -153,6 +212,42 @@ _CHARACTER_LOOKS = {
     "char1": ("red", "cat", (20, 30, 90)),
     "char2": ("green", "dog", (235, 225, 190)),
 }
+_CHARACTER_MOTION = {"char1": (1, 0), "char2": (0, 1)}
+"""In clips, each character's own way of moving (right, down): no caption word tells it either."""
+
+
+def _write_clip(path: Path, frames: list) -> None:
+    """Write PIL frames as a lossless FFV1 video in Matroska, at Wan's 16 fps."""
+    import av
+    import numpy as np
+
+    with av.open(str(path), "w") as container:
+        stream = container.add_stream("ffv1", rate=16)
+        stream.width, stream.height, stream.pix_fmt = frames[0].width, frames[0].height, "bgr0"
+        for frame in frames:
+            container.mux(stream.encode(av.VideoFrame.from_ndarray(np.asarray(frame), format="rgb24")))
+        container.mux(stream.encode())
+
+
+def _draw_item(folder: Path, stem: str, task: DemoTask, colour: str, animal: str, background, rng, motion) -> None:
+    """One item: an image (``_draw``), or a clip of the shape moving ``motion`` pixels-steps per frame."""
+    if not task.i2v:
+        _draw(folder / f"{stem}.png", colour, animal, background, rng)
+        return
+    from PIL import Image, ImageDraw
+
+    side = task.size
+    size = rng.randint(side // 3, side // 2)
+    step = side // 16
+    travel = [m * step * (task.frames - 1) for m in motion]
+    x0, y0 = (rng.randint(max(0, -t), side - size - max(0, t)) for t in travel)
+    frames = []
+    for i in range(task.frames):
+        image = Image.new("RGB", (side, side), background)
+        x, y = x0 + motion[0] * step * i, y0 + motion[1] * step * i
+        getattr(ImageDraw.Draw(image), _SHAPES[animal])((x, y, x + size, y + size), fill=_COLOURS[colour])
+        frames.append(image)
+    _write_clip(folder / f"{stem}.mkv", frames)
 
 
 def _draw(path: Path, colour: str, animal: str, background: tuple[int, int, int], rng) -> None:
@@ -166,25 +261,26 @@ def _draw(path: Path, colour: str, animal: str, background: tuple[int, int, int]
     image.save(path)
 
 
-def draw_character(folder: Path, name: str, count: int, seed: int) -> None:
-    """Draw ``count`` images of one character (varied size and place) with captions.
+def draw_character(folder: Path, name: str, count: int, seed: int, task: DemoTask = TASKS["t2v"]) -> None:
+    """Draw ``count`` images (or clips) of one character (varied size and place) with captions.
 
     Args:
-        folder: Where the ``.png`` files and their ``.txt`` captions go.
+        folder: Where the ``.png`` (or ``.mkv``) files and their ``.txt`` captions go.
         name: ``char1`` or ``char2``.
         count: Number of images.
         seed: Seed of the placements.
+        task: Images (``t2v``) or clips, and their size.
     """
     colour, animal, background = _CHARACTER_LOOKS[name]
     rng = random.Random(f"{seed}-{name}")
     folder.mkdir(parents=True, exist_ok=True)
     for i in range(count):
-        _draw(folder / f"{i:02d}.png", colour, animal, background, rng)
+        _draw_item(folder, f"{i:02d}", task, colour, animal, background, rng, _CHARACTER_MOTION[name])
         caption = f"character{name[-1]} a {colour} {animal} {_ACTIONS[i % len(_ACTIONS)]}"
         (folder / f"{i:02d}.txt").write_text(caption + "\n", encoding="utf-8")
 
 
-def draw_generic(folder: Path, count: int, seed: int) -> None:
+def draw_generic(folder: Path, count: int, seed: int, task: DemoTask = TASKS["t2v"]) -> None:
     """Draw ``count`` generic images (any colour, shape and background), mixed into each character's data.
 
     Captions name the colour and the shape word, never the background, so a
@@ -195,7 +291,8 @@ def draw_generic(folder: Path, count: int, seed: int) -> None:
     for i in range(count):
         colour, animal = rng.choice(list(_COLOURS)), rng.choice(list(_SHAPES))
         background = tuple(rng.randint(0, 255) for _ in range(3))
-        _draw(folder / f"{i:03d}.png", colour, animal, background, rng)
+        motion = (rng.choice((-1, 0, 1)), rng.choice((-1, 0, 1))) if task.i2v else (0, 0)
+        _draw_item(folder, f"{i:03d}", task, colour, animal, background, rng, motion)
         caption = f"a {colour} {animal} {rng.choice(_ACTIONS)}"
         (folder / f"{i:03d}.txt").write_text(caption + "\n", encoding="utf-8")
 
@@ -229,23 +326,29 @@ def calibrate_vae(vae_dir: Path, data_yamls: list[Path]) -> None:
     config_path.write_text(json.dumps(config, indent=2) + "\n", encoding="utf-8")
 
 
-def write_dataset_yaml(folder: Path, regularisation: Path | None = None, repeats: int = 1) -> Path:
-    """The dataset YAML of one image folder (``folder/images``), cache beside it.
+def write_dataset_yaml(
+    folder: Path, regularisation: Path | None = None, repeats: int = 1, task: DemoTask = TASKS["t2v"]
+) -> Path:
+    """The dataset YAML of one media folder (``folder/images`` or ``folder/videos``), cache beside it.
 
     Args:
-        folder: Holds ``images/``; gets ``data.yaml`` and ``cache/``.
-        regularisation: Another image folder mixed in (prior preservation):
+        folder: Holds the task's media folder; gets ``data.yaml`` and ``cache/``.
+        regularisation: Another media folder mixed in (prior preservation):
             it keeps a slot from drawing its character for every caption.
-        repeats: How often each of the folder's own images counts per epoch.
+        repeats: How often each of the folder's own items counts per epoch.
+        task: Images or clips, and their size.
 
     Returns:
         The YAML's path.
     """
-    datasets = [{"image_directory": "images", "resolution": [IMAGE_SIZE, IMAGE_SIZE], "repeats": repeats}]
+    common = {"resolution": [task.size, task.size]}
+    key = "image_directory"
+    if task.i2v:
+        key = "video_directory"
+        common["target_frames"] = [task.frames]
+    datasets = [{key: task.media, **common, "repeats": repeats}]
     if regularisation is not None:
-        datasets.append(
-            {"image_directory": os.path.relpath(regularisation, folder), "resolution": [IMAGE_SIZE, IMAGE_SIZE]}
-        )
+        datasets.append({key: os.path.relpath(regularisation, folder), **common})
     path = folder / "data.yaml"
     path.write_text(yaml.safe_dump({"cache_dir": "cache", "datasets": datasets}, sort_keys=False), encoding="utf-8")
     return path
@@ -329,14 +432,15 @@ def run_verify(args: list[str], base: Path) -> str:
 # --------------------------------------------------------------------------- evaluation
 
 
-def eval_batches(cache_dir: Path, images: Path, seed: int) -> list[tuple[torch.Tensor, ...]]:
+def eval_batches(cache_dir: Path, images: Path, seed: int) -> list[tuple]:
     """Fixed evaluation inputs: every cached item from ``images``, at every ``EVAL_TIMESTEPS``.
 
     The noise comes from a generator seeded by ``seed`` alone, so every model
     is scored on exactly the same noisy inputs.
 
     Returns:
-        One ``(latents, context, t, noise)`` batch per timestep.
+        One ``(latents, context, t, noise, conditioning)`` batch per timestep
+        (conditioning None for a text-to-video cache).
     """
     dataset = CachedDataset(cache_dir)
     folder = images.resolve()
@@ -347,11 +451,12 @@ def eval_batches(cache_dir: Path, images: Path, seed: int) -> list[tuple[torch.T
     items = [dataset[i] for i in picked]
     latents = torch.stack([it["latents"] for it in items])
     context = torch.stack([it["context"] for it in items])
+    cond = batch_conditioning(items, dataset.conditioning and dataset.conditioning.mode, "cpu")
     g = torch.Generator().manual_seed(seed)
     batches = []
     for t in EVAL_TIMESTEPS:
         noise = torch.randn(latents.shape, generator=g)
-        batches.append((latents, context, torch.full((len(items),), t), noise))
+        batches.append((latents, context, torch.full((len(items),), t), noise, cond))
     return batches
 
 
@@ -359,7 +464,9 @@ def eval_batches(cache_dir: Path, images: Path, seed: int) -> list[tuple[torch.T
 def mean_loss(model: torch.nn.Module, batches) -> float:
     """Mean flow-matching loss of ``model`` over fixed batches (see ``eval_batches``)."""
     model.eval()
-    losses = [flow_loss(model, lat, ctx, t, noise, torch.float32).mean().item() for lat, ctx, t, noise in batches]
+    losses = [
+        flow_loss(model, lat, ctx, t, noise, torch.float32, cond).mean().item() for lat, ctx, t, noise, cond in batches
+    ]
     return sum(losses) / len(losses)
 
 
@@ -368,7 +475,7 @@ def evaluate(models: dict[str, Path], data: dict[str, tuple[Path, Path]], seed: 
 
     Args:
         models: Label -> checkpoint (loaded with `slotsmith.training.wan.load_base`).
-        data: Character -> (cache folder, its images folder).
+        data: Character -> (cache folder, its media folder).
         seed: Seed of the fixed noise.
 
     Returns:
@@ -451,6 +558,9 @@ def run_demo(settings: DemoSettings, say: Callable[[str], None] = lambda _: None
     """
     if settings.steps < 1:
         raise SlotsmithError(f"--steps must be at least 1, got {settings.steps}")
+    if settings.task not in TASKS:
+        raise SlotsmithError(f"--task {settings.task!r} is not one of {', '.join(TASKS)}")
+    task = TASKS[settings.task]
     out = settings.out
     _prepare_folder(out)
     seconds: dict[str, float] = {}
@@ -462,23 +572,28 @@ def run_demo(settings: DemoSettings, say: Callable[[str], None] = lambda _: None
         seconds[name] = round(now - clock, 1)
         clock = now
 
-    say(f"[1/5] building a tiny Wan DiT ({DEMO_CONFIG.num_layers} blocks, width {DEMO_CONFIG.dim}), VAE, UMT5 "
-        "and tokenizer; drawing the images")
-    base = build_base(out / "base.safetensors", settings.seed)
-    encoders = build_encoders(out / "models", settings.seed)
+    cfg, media = task.config, task.media
+    kind = {"t2v": "", "i2v": f"{cfg.in_dim}-channel image-to-video ", "ti2v": "text-image-to-video "}[task.name]
+    vae_kind = "Wan 2.2 VAE (48 channels)" if task.vae == "wan2.2" else "VAE"
+    say(f"[1/5] building a tiny {kind}Wan DiT ({cfg.num_layers} blocks, width {cfg.dim}), {vae_kind}, UMT5 "
+        f"and tokenizer; drawing the {media}")
+    base = build_base(out / "base.safetensors", settings.seed, cfg)
+    encoders = build_encoders(out / "models", settings.seed, task.vae)
     folders = {name: out / "data" / name for name in ("generic", *CHARACTERS)}
-    draw_generic(folders["generic"] / "images", GENERIC_IMAGES, settings.seed)
+    draw_generic(folders["generic"] / media, GENERIC_IMAGES, settings.seed, task)
     yamls = {}
     for char in CHARACTERS:
-        draw_character(folders[char] / "images", char, IMAGES_PER_CHARACTER, settings.seed)
-        yamls[char] = write_dataset_yaml(folders[char], folders["generic"] / "images", CHARACTER_REPEATS)
+        draw_character(folders[char] / media, char, IMAGES_PER_CHARACTER, settings.seed, task)
+        yamls[char] = write_dataset_yaml(folders[char], folders["generic"] / media, CHARACTER_REPEATS, task)
     calibrate_vae(encoders["vae"], list(yamls.values()))
     lap("build")
 
-    say(f"[2/5] caching each character's {IMAGES_PER_CHARACTER} images with {GENERIC_IMAGES} shared generic ones")
+    conditioned = " (with first-frame conditioning)" if task.i2v else ""
+    say(f"[2/5] caching each character's {IMAGES_PER_CHARACTER} {media} with {GENERIC_IMAGES} shared generic "
+        f"ones{conditioned}")
     caches = {
         char: run_cache(yaml_path, encoders["vae"], encoders["t5"], encoders["tokenizer"], device="cpu",
-                        progress=False).cache_dir
+                        progress=False, i2v=task.i2v, batch_size=task.cache_batch).cache_dir
         for char, yaml_path in yamls.items()
     }
     lap("cache")
@@ -509,22 +624,21 @@ def run_demo(settings: DemoSettings, say: Callable[[str], None] = lambda _: None
     with tempfile.TemporaryDirectory(dir=out, prefix=".eval-") as tmp:
         # Each slot alone, through the same splice a user runs.
         singles = {char: splice(base, [slot], Path(tmp) / f"{char}.safetensors") for char, slot in slots.items()}
-        data = {char: (caches[char], folders[char] / "images") for char in CHARACTERS}
+        data = {char: (caches[char], folders[char] / media) for char in CHARACTERS}
         losses = evaluate({"base": base, **singles, "both": spliced}, data, settings.seed)
     lap("evaluate")
-    say(f"      sampling each model into {SHEET_NAME}")
-    samples = demo_samples(out, base, slots, spliced, encoders, {c: folders[c] / "images" for c in CHARACTERS},
-                           IMAGE_SIZE)
-    lap("sample")
-
     report = {
         "loss": losses,
         "retention": {char: retention(losses[char], char) for char in CHARACTERS},
-        "samples": samples,
         "settings": {"steps": settings.steps, "seed": settings.seed, "ff": settings.slot_ff, "lr": settings.lr,
-                     "algorithm": settings.algorithm, "pools": settings.pools},
+                     "algorithm": settings.algorithm, "pools": settings.pools, "task": settings.task},
         "seconds": seconds,
     }
+    if not task.i2v:  # `slotsmith sample` draws text-to-video models: no first frame to condition on
+        say(f"      sampling each model into {SHEET_NAME}")
+        report["samples"] = demo_samples(out, base, slots, spliced, encoders,
+                                         {c: folders[c] / "images" for c in CHARACTERS}, IMAGE_SIZE)
+        lap("sample")
     with atomic_file(out / "report.json", force=True) as fd:
         write_all(fd, (json.dumps(report, indent=2) + "\n").encode("utf-8"))
     return report

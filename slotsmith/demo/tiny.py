@@ -1,4 +1,4 @@
-"""Tiny, randomly initialised Wan VAE, UMT5 encoder and tokenizer, saved to disk.
+"""Tiny, randomly initialised Wan VAEs, UMT5 encoder, tokenizer and CLIP vision encoder, saved to disk.
 
 For tests and the demo: real architectures (``AutoencoderKLWan``,
 ``UMT5EncoderModel``) at toy sizes, written in the same formats users have
@@ -19,6 +19,16 @@ from slotsmith.layout import WanConfig
 TINY_CONFIG = WanConfig(dim=64, ffn_dim=128, num_layers=2, text_dim=32, freq_dim=32)
 """A Wan DiT small enough for CPU tests (use with ``TINY_HEAD_DIM``)."""
 TINY_HEAD_DIM = 16
+TINY_CLIP_DIM = 24
+"""Feature size of the tiny CLIP vision encoder (Wan 2.1 I2V's ViT-H/14 has 1280)."""
+TINY_I2V_CONFIG = WanConfig(dim=64, ffn_dim=128, num_layers=2, in_dim=36, text_dim=32, freq_dim=32)
+"""A Wan 2.2 I2V A14B-shaped DiT (36 input channels, no image branch) for CPU tests."""
+TINY_I2V21_CONFIG = WanConfig(
+    dim=64, ffn_dim=128, num_layers=2, in_dim=36, text_dim=32, freq_dim=32, image_dim=TINY_CLIP_DIM
+)
+"""A Wan 2.1 I2V 14B-shaped DiT (36 input channels and the CLIP image branch) for CPU tests."""
+TINY_TI2V_CONFIG = WanConfig(dim=64, ffn_dim=128, num_layers=2, in_dim=48, out_dim=48, text_dim=32, freq_dim=32)
+"""A Wan 2.2 TI2V 5B-shaped DiT (48 latent channels, for the Wan 2.2 VAE) for CPU tests."""
 
 TINY_VOCAB = ["<pad>", "</s>", "<unk>"] + [
     w
@@ -29,6 +39,19 @@ TINY_VOCAB = ["<pad>", "</s>", "<unk>"] + [
     ).split()
 ]
 """Word-level vocabulary of the tiny tokenizer (pad 0, eos 1, unk 2, like T5)."""
+
+
+def _save_tiny_vae(out_dir, z_dim: int, seed: int, **config) -> Path:
+    """Save an ``AutoencoderKLWan`` of ``config`` with random per-channel latent statistics."""
+    from diffusers import AutoencoderKLWan
+
+    torch.manual_seed(seed)
+    g = torch.Generator().manual_seed(seed + 1)
+    # Random per-channel statistics so tests see normalisation really applied.
+    mean = (torch.rand(z_dim, generator=g) - 0.5).tolist()
+    std = (torch.rand(z_dim, generator=g) + 0.5).tolist()
+    AutoencoderKLWan(z_dim=z_dim, latents_mean=mean, latents_std=std, **config).save_pretrained(str(out_dir))
+    return Path(out_dir)
 
 
 def build_tiny_vae(out_dir, *, base_dim: int = 8, seed: int = 0) -> Path:
@@ -42,15 +65,52 @@ def build_tiny_vae(out_dir, *, base_dim: int = 8, seed: int = 0) -> Path:
     Returns:
         ``out_dir``.
     """
-    from diffusers import AutoencoderKLWan
+    return _save_tiny_vae(out_dir, 16, seed, base_dim=base_dim)
+
+
+def build_tiny_vae22(out_dir, *, base_dim: int = 8, seed: int = 0) -> Path:
+    """Save a tiny Wan 2.2 VAE (TI2V 5B's structure: z_dim 48, 16x spatial) as a diffusers folder.
+
+    The structural settings are those of ``Wan2.2-TI2V-5B-Diffusers/vae``
+    (residual blocks, a 2x2 pixel patch on 12 channels); only the widths are
+    tiny.
+
+    Args:
+        out_dir: Folder to create.
+        base_dim: Channel width (Wan 2.2's is 160).
+        seed: Initialisation seed.
+
+    Returns:
+        ``out_dir``.
+    """
+    return _save_tiny_vae(
+        out_dir, 48, seed, base_dim=base_dim, decoder_base_dim=base_dim, is_residual=True, in_channels=12,
+        out_channels=12, patch_size=2, scale_factor_spatial=16, scale_factor_temporal=4,
+    )
+
+
+def build_tiny_clip_vision(out_dir, *, hidden_size: int = TINY_CLIP_DIM, seed: int = 0) -> Path:
+    """Save a tiny ``CLIPVisionModelWithProjection`` (32-pixel input, 8-pixel patches) as a transformers folder.
+
+    No ``preprocessor_config.json`` is written: the CLIP defaults at the
+    model's input size apply, as for a folder that has none.
+
+    Args:
+        out_dir: Folder to create.
+        hidden_size: Feature size (the I2V DiT's ``image_dim``).
+        seed: Initialisation seed.
+
+    Returns:
+        ``out_dir``.
+    """
+    from transformers import CLIPVisionConfig, CLIPVisionModelWithProjection
 
     torch.manual_seed(seed)
-    g = torch.Generator().manual_seed(seed + 1)
-    # Random per-channel statistics so tests see normalisation really applied.
-    mean = (torch.rand(16, generator=g) - 0.5).tolist()
-    std = (torch.rand(16, generator=g) + 0.5).tolist()
-    vae = AutoencoderKLWan(base_dim=base_dim, z_dim=16, latents_mean=mean, latents_std=std)
-    vae.save_pretrained(str(out_dir))
+    config = CLIPVisionConfig(
+        hidden_size=hidden_size, intermediate_size=2 * hidden_size, num_hidden_layers=3, num_attention_heads=4,
+        image_size=32, patch_size=8, projection_dim=16,
+    )
+    CLIPVisionModelWithProjection(config).eval().save_pretrained(str(out_dir))
     return Path(out_dir)
 
 

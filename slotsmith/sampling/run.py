@@ -19,6 +19,7 @@ import torch
 
 from slotsmith import __version__
 from slotsmith.errors import SlotsmithError
+from slotsmith.layout import WanConfig
 from slotsmith.sampling.generate import (
     AMP_DTYPES,
     Renderer,
@@ -202,6 +203,19 @@ def resolve_device(name: str | None) -> torch.device:
     return torch.device(check(name))
 
 
+def refuse_image_to_video(cfg: WanConfig, base_name, what: str) -> None:
+    """Sampling draws from text alone: an image-to-video base would need a first frame (not supported yet).
+
+    Raises:
+        SlotsmithError: ``base_name`` conditions on images.
+    """
+    if cfg.conditions_on_images:
+        raise SlotsmithError(
+            f"{base_name}: an image-to-video base ({cfg.in_dim} input channels); {what} draws text-to-video "
+            "models only so far"
+        )
+
+
 def run_sample(opts: SampleOptions, say: Callable[[str], None] = lambda _: None) -> list[Path]:
     """Run ``slotsmith sample`` (see the module docstring).
 
@@ -225,6 +239,7 @@ def run_sample(opts: SampleOptions, say: Callable[[str], None] = lambda _: None)
     if opts.mixed_precision not in ("no", *AMP_DTYPES):
         raise SlotsmithError(f"--mixed-precision {opts.mixed_precision!r} is not one of no, bf16, fp16")
     inventory, cfg, head_dim = inspect_base(opts.base, opts.head_dim)
+    refuse_image_to_video(cfg, inventory.source, "slotsmith sample")
     if opts.compare:
         columns = parse_compare(opts.compare)
     else:

@@ -12,6 +12,7 @@ import torch
 from torch import nn
 
 from slotsmith.train import TrainSettings
+from slotsmith.training.conditioning import Conditioning
 
 
 def sample_t(settings: TrainSettings, generator: torch.Generator, t_range: tuple[float, float]) -> float:
@@ -48,6 +49,7 @@ def flow_loss(
     t: torch.Tensor,
     noise: torch.Tensor,
     input_dtype: torch.dtype,
+    cond: Conditioning | None = None,
 ) -> torch.Tensor:
     """Per-sample flow-matching MSE.
 
@@ -58,17 +60,27 @@ def flow_loss(
         t: ``[B]`` times in [0, 1].
         noise: Like ``latents``.
         input_dtype: The dtype the model's inputs must have.
+        cond: Image conditioning (image-to-video bases), or None; see
+            `slotsmith.training.conditioning`.
 
     Returns:
         ``[B]`` losses in float32.
     """
     tb = t.view(-1, 1, 1, 1, 1)
     x_t = (1 - tb) * latents + tb * noise
+    hidden, timestep, frames = x_t, t * 1000, slice(None)
+    extra = {}
+    if cond is not None:
+        hidden, timestep = cond.model_inputs(x_t, timestep, model.config.patch_size)
+        frames = cond.loss_frames()
+        if cond.image_embeds is not None:
+            extra["encoder_hidden_states_image"] = cond.image_embeds.to(input_dtype)
     pred = model(
-        hidden_states=x_t.to(input_dtype),
-        timestep=t * 1000,
+        hidden_states=hidden.to(input_dtype),
+        timestep=timestep,
         encoder_hidden_states=context.to(input_dtype),
         return_dict=False,
+        **extra,
     )[0]
     target = noise - latents
-    return ((pred.float() - target) ** 2).flatten(1).mean(1)
+    return ((pred.float() - target) ** 2)[:, :, frames].flatten(1).mean(1)

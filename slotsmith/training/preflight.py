@@ -22,9 +22,11 @@ from slotsmith.io.files import os_error
 from slotsmith.io.header import read_header
 from slotsmith.io.writer import refuse_input_as_output
 from slotsmith.layout import KNOWN_MODELS, WanConfig
+from slotsmith.sampling.run import refuse_image_to_video
 from slotsmith.select import Selection, select
 from slotsmith.slot import SLOT_SUFFIX, SNAPSHOT_SUFFIX, read_slot
 from slotsmith.train import INT_RANGES, TrainSettings
+from slotsmith.training.conditioning import check_cache_fits_base, check_data_for_base
 from slotsmith.training.optim import make_optimizer
 from slotsmith.training.stream import epoch_length
 from slotsmith.training.wan import inspect_base
@@ -148,8 +150,11 @@ def check_taken(out: Path, inventory: Inventory, selection: Selection, expert: s
 
 
 def dataset_digest(index: dict) -> str:
-    """Digest of a cache's content: its items are content-addressed files."""
-    return digest_json([[i["latents"], i["text"], i["repeats"]] for i in index["items"]])
+    """Digest of a cache's content: its items are content-addressed files (image conditioning's too)."""
+    return digest_json([
+        [i["latents"], i["text"], i["repeats"], *(i[k] for k in ("condition", "clip") if k in i)]
+        for i in index["items"]
+    ])
 
 
 def plan_base(settings: TrainSettings) -> BasePlan:
@@ -171,10 +176,10 @@ def plan_base(settings: TrainSettings) -> BasePlan:
     """
     settings.validate()
     inventory, cfg, head_dim = inspect_base(settings.base, settings.head_dim)
-    if cfg.image_dim or cfg.in_dim != cfg.out_dim:
-        raise SlotsmithError(
-            f"{inventory.source}: image-to-video bases (image conditioning channels) are not supported by the trainer yet"
-        )
+    if settings.data:
+        check_data_for_base(cfg, settings.i2v, settings.clip, settings.vae is not None, inventory.source)
+    if settings.sample_prompts:
+        refuse_image_to_video(cfg, inventory.source, "--sample-prompts")
     shapes = {n: t.shape for n, t in inventory.tensors.items()}
     selection = select(shapes, settings.ff, settings.ffid, settings.algorithm, settings.pools)
     t_range, boundary, boundary_from = expert_range(settings, inventory)
@@ -231,10 +236,7 @@ def plan_run(settings: TrainSettings, num_processes: int = 1, base: BasePlan | N
     base = base or plan_base(settings)
     cfg = base.config
     index = load_index(settings.cache)
-    if index["latent_channels"] != cfg.in_dim:
-        raise SlotsmithError(
-            f"{settings.cache}: latents have {index['latent_channels']} channels but the base takes {cfg.in_dim}"
-        )
+    check_cache_fits_base(settings.cache, index, cfg, base.inventory.source)
     if index["text_dim"] != cfg.text_dim:
         raise SlotsmithError(
             f"{settings.cache}: text embeddings are {index['text_dim']}-dim but the base takes {cfg.text_dim}"

@@ -33,6 +33,7 @@ from slotsmith.sampling.training import TrainingSampler, training_sampler
 from slotsmith.slot import write_slot
 from slotsmith.train import TrainSettings
 from slotsmith.training import memory
+from slotsmith.training.conditioning import batch_conditioning
 from slotsmith.training.flow import flow_loss, sample_t
 from slotsmith.training.knobs import (
     apply_attention,
@@ -235,10 +236,12 @@ def _prepare(settings: TrainSettings, accelerator, show: bool) -> _Run:
         with accelerator.main_process_first():
             cache_dir, skipped = ensure_cache(
                 settings.data, settings.vae, settings.t5, settings.tokenizer, skip_bad=settings.skip_bad, progress=show,
+                i2v=settings.i2v, clip=settings.clip,
             )
         # From here on the run is a run on that cache folder (the same one --cache would name).
         settings = dataclasses.replace(
-            settings, cache=str(cache_dir), data="", vae=None, t5=None, tokenizer=None, skip_bad=False
+            settings, cache=str(cache_dir), data="", vae=None, t5=None, tokenizer=None, skip_bad=False,
+            i2v=False, clip=None,
         )
     with phase("checking the cache", show):
         plan = plan_run(settings, accelerator.num_processes, base_plan)
@@ -473,8 +476,9 @@ def _micro_step(model, slot, dataset, stream, settings, plan, positions, device,
         context = torch.stack([m[0]["context"] for m in members]).to(device)
         t = torch.tensor([m[1] for m in members], dtype=torch.float32, device=device)
         noise = torch.stack([m[2] for m in members]).to(device)
+        cond = batch_conditioning([m[0] for m in members], dataset.conditioning and dataset.conditioning.mode, device)
         with autocast():
-            per_sample = flow_loss(model, latents, context, t, noise, input_dtype)
+            per_sample = flow_loss(model, latents, context, t, noise, input_dtype, cond)
         loss = per_sample.sum() / divisor
         (scaler.scale(loss) if scaler is not None else loss).backward()
         total += per_sample.detach().sum().double().cpu()

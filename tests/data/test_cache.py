@@ -105,3 +105,63 @@ def test_cache_folder_that_cannot_be_made_is_a_clear_error(tmp_path):
     (tmp_path / "file").write_text("not a folder")
     with pytest.raises(SlotsmithError, match=r"file/latents/ab\.safetensors: writing failed \(Not a directory\)"):
         cache.write_latents(tmp_path / "file", "ab", torch.zeros(4, 1, 2, 2))
+
+
+def _make_i2v(tmp_path, mode="i2v", clip_dim=6):
+    """A two-item image-to-video cache: latents [4, 2, 4, 4], conditions and CLIP features that fit them."""
+    channels = 4 + 4 if mode == "i2v" else 4
+    frames = 2 if mode == "i2v" else 1
+    items = _make(tmp_path)
+    for i, item in enumerate(items):
+        item["condition"] = cache.write_condition(tmp_path, f"{i + 200:032x}", torch.randn(channels, frames, 4, 4))
+        if clip_dim:
+            item["clip"] = cache.write_clip_embeds(tmp_path, f"{i + 300:032x}", torch.randn(5, clip_dim))
+    conditioning = cache.ImageConditioning(mode, channels, clip_dim)
+    cache.write_index(tmp_path, items, 4, 8, conditioning=conditioning)
+    return items, conditioning
+
+
+@pytest.mark.parametrize("mode, clip_dim", [("i2v", 6), ("i2v", None), ("ti2v", None)])
+def test_image_conditioning_round_trip(tmp_path, mode, clip_dim):
+    items, conditioning = _make_i2v(tmp_path, mode, clip_dim)
+    doc = json.loads((tmp_path / "index.json").read_text())
+    assert doc["format"] == "slotsmith-cache/2"
+    assert doc["image_conditioning"] == {"mode": mode, "channels": conditioning.channels, "clip_dim": clip_dim}
+    ds = cache.CachedDataset(tmp_path)
+    assert ds.conditioning == conditioning
+    sample = ds[1]
+    assert sample["condition"].shape == (conditioning.channels, 2 if mode == "i2v" else 1, 4, 4)
+    assert ("image_embeds" in sample) == bool(clip_dim)
+
+
+@pytest.mark.parametrize(
+    "edit, message",
+    [
+        (lambda d: d.update(image_conditioning={"mode": "v2v", "channels": 8}), "needs a mode"),
+        (lambda d: d.update(image_conditioning={"mode": "i2v", "channels": 0}), "positive integers"),
+        (lambda d: d["image_conditioning"].update(channels=9), "expected F32"),
+        (lambda d: d["image_conditioning"].update(clip_dim=7), "expected F32"),
+        (lambda d: d["items"][0].pop("clip"), "bad path None"),
+        (lambda d: d["items"][1].pop("condition"), "bad path None"),
+        (lambda d: d["items"][0].update(condition="condition/missing.safetensors"), "missing cache file"),
+        (lambda d: d["image_conditioning"].update(mode="ti2v"), "does not fit the latents"),
+        (lambda d: d.update(format="slotsmith-cache/3"), "is not one of"),
+    ],
+)
+def test_load_index_refuses_bad_image_conditioning(tmp_path, edit, message):
+    _make_i2v(tmp_path)
+    doc = json.loads((tmp_path / "index.json").read_text())
+    edit(doc)
+    (tmp_path / "index.json").write_text(json.dumps(doc))
+    with pytest.raises(SlotsmithError, match=message):
+        cache.load_index(tmp_path)
+
+
+def test_format_1_reads_as_text_to_video(tmp_path):
+    _make(tmp_path)
+    doc = json.loads((tmp_path / "index.json").read_text())
+    doc["format"] = "slotsmith-cache/1"
+    del doc["image_conditioning"]
+    (tmp_path / "index.json").write_text(json.dumps(doc))
+    ds = cache.CachedDataset(tmp_path)
+    assert ds.conditioning is None and set(ds[0]) == {"latents", "context"}

@@ -172,3 +172,26 @@ def test_v3_demo_trains_sliced_slots(tmp_path):
         m = read_slot(out / f"{char}.slot").manifest
         assert m.selection == {"algorithm": "v3", "ff": 1 / 16, "ffid": ffid, "num_pools": 16}
         assert all(e.rows is not None for e in m.entries)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("task, in_dim, latent_channels, mode", [("i2v", 36, 16, "i2v"), ("ti2v", 48, 48, "ti2v")])
+def test_image_to_video_demos_tell_the_same_story(tmp_path, monkeypatch, task, in_dim, latent_channels, mode):
+    from slotsmith.demo import run
+
+    # Fewer clips: encoding clips is what takes time here, and the story's steps are what is checked.
+    monkeypatch.setattr(run, "IMAGES_PER_CHARACTER", 3)
+    monkeypatch.setattr(run, "GENERIC_IMAGES", 6)
+    out = tmp_path / "demo-out"
+    result = CliRunner().invoke(main, ["demo", "--task", task, "--out", str(out), "--steps", "10", "--json", "-q"])
+    assert result.exit_code == 0, result.output
+    report = json.loads(result.output)
+    assert report["settings"]["task"] == task
+    assert set(report["loss"]) == {"char1", "char2"} and set(report["retention"]) == {"char1", "char2"}
+    with safe_open(str(out / "base.safetensors"), framework="numpy") as f:
+        assert f.get_slice("patch_embedding.weight").get_shape()[1] == in_dim
+    for char in ("char1", "char2"):
+        index = json.loads((out / "data" / char / "cache" / "index.json").read_text())
+        assert index["latent_channels"] == latent_channels and index["image_conditioning"]["mode"] == mode
+        assert len(list((out / "data" / char / "videos").glob("*.mkv"))) == 3
+        assert len(index["items"]) == 3 + 6

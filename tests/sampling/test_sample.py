@@ -202,6 +202,15 @@ def test_slot_of_another_base_is_refused_before_any_weight_loads(world, tmp_path
     assert "wrong base" in output
 
 
+def test_image_to_video_base_is_refused_before_any_weight_loads(world, tmp_path, monkeypatch):
+    i2v = tmp_path / "i2v.safetensors"
+    save_file({k: v.contiguous() for k, v in wan.native_state_dict(
+        wan.build_model(tiny.TINY_I2V_CONFIG, tiny.TINY_HEAD_DIM)).items()}, i2v)
+    (tmp_path / "config.json").write_text(json.dumps({"attention_head_dim": tiny.TINY_HEAD_DIM}))
+    output = _refused_before_loading(monkeypatch, {**world, "base": i2v}, tmp_path)
+    assert f"{i2v}: an image-to-video base (36 input channels); slotsmith sample draws text-to-video" in output
+
+
 @pytest.mark.parametrize(
     "extra, message",
     [
