@@ -493,14 +493,19 @@ def train(ctx: click.Context, config: str | None, cast_file: str | None, charact
 @click.option("--clip", type=click.Path(), help="CLIP vision encoder folder (transformers CLIPVisionModel, e.g. "
               "image_encoder/ of Wan2.1-I2V-14B-480P-Diffusers): cache the first frame's CLIP features for "
               "Wan 2.1 I2V; implies --i2v.")
+@click.option("--no-reuse-musubi", is_flag=True, help="With a musubi-tuner dataset TOML: encode everything "
+              "instead of taking latents and text embeddings from musubi-tuner's cache files (see docs/musubi.md).")
 @click.option("-q", "--quiet", is_flag=True, help="No progress (a bar on a terminal, lines in a log otherwise).")
 @user_errors
-def cache(data_yaml, vae, t5, tokenizer, device, batch_size, dtype, skip_bad, i2v, clip, quiet) -> None:
+def cache(
+    data_yaml, vae, t5, tokenizer, device, batch_size, dtype, skip_bad, i2v, clip, no_reuse_musubi, quiet
+) -> None:
     """Encode a dataset's images and clips (VAE) and captions (UMT5) into its cache folder.
 
     Only what changed since the last run is encoded; the index the trainer
     reads is written when every item is good (or --skip-bad leaves the bad
-    ones out).
+    ones out). With a musubi-tuner dataset TOML, latents and text embeddings
+    in musubi-tuner's cache are taken instead of encoded where they check out.
 
     \b
     Example:
@@ -510,14 +515,19 @@ def cache(data_yaml, vae, t5, tokenizer, device, batch_size, dtype, skip_bad, i2
         --clip Wan2.1-I2V-14B-480P-Diffusers/image_encoder   # for Wan 2.1 I2V 14B
     """
     with training_extra("cache"):
-        from slotsmith.data.cache_builder import run_cache
+        from slotsmith.data.cache_builder import LISTED_PROBLEMS, run_cache
 
     report = run_cache(
         data_yaml, vae, t5, tokenizer, device=device, dtype=dtype, batch_size=batch_size,
-        skip_bad=skip_bad, progress=not quiet, i2v=i2v, clip=clip,
+        skip_bad=skip_bad, progress=not quiet, i2v=i2v, clip=clip, reuse_musubi=not no_reuse_musubi,
     )
     for item in report.bad:
         click.echo(f"skipped: {item}", err=True)
+    notes = report.musubi_notes
+    for note in notes[:LISTED_PROBLEMS]:
+        click.echo(f"encoded, not taken from musubi-tuner's cache: {note}", err=True)
+    if len(notes) > LISTED_PROBLEMS:
+        click.echo(f"... and {len(notes) - LISTED_PROBLEMS} more not taken from musubi-tuner's cache", err=True)
     click.echo(report.summary())
 
 

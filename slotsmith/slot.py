@@ -17,7 +17,7 @@ from slotsmith.digest import digest_bytes, digest_file_range
 from slotsmith.errors import SlotsmithError, first_and_more
 from slotsmith.inventory import Inventory
 from slotsmith.io.files import InputFiles
-from slotsmith.io.header import SafetensorsHeader, TensorInfo, read_header
+from slotsmith.io.header import SafetensorsHeader, TensorInfo, read_header, read_tensor_bytes
 from slotsmith.io.writer import (
     FileRange,
     TensorOut,
@@ -175,16 +175,7 @@ class Slot:
         """
         if name not in self.header.tensors:
             raise SlotsmithError(f"{self.path}: slot has no tensor {name!r}")
-        info = self.info(name)
-        try:
-            with open(self.path, "rb") as f:
-                f.seek(info.start)
-                data = f.read(info.nbytes)
-        except OSError as e:
-            raise SlotsmithError(f"{self.path}: cannot read ({e.strerror})") from None
-        if len(data) != info.nbytes:
-            raise SlotsmithError(f"{self.path}: tensor {name!r} is truncated")
-        return data
+        return read_tensor_bytes(self.header, name)
 
     def hash_problems(self, files: InputFiles | None = None) -> list[str]:
         """Check every tensor's bytes against its manifest digest.

@@ -12,7 +12,9 @@
                                                   "condition": "condition/<hex>.safetensors",
                                                   "clip": "clip/<hex>.safetensors",
                                                   "source": "...", "caption": "...",
-                                                  "repeats": 1}, ...]}
+                                                  "repeats": 1,
+                                                  "musubi": {"latents": "...", "text": "..."}}, ...],
+                                       "musubi": {"latents": n, "texts": n, "folders": [...]}}
     CACHE/latents/<hex>.safetensors   tensor "latents": float32 [C, F, H, W] (normalised)
     CACHE/text/<hex>.safetensors      tensor "context": float32 [L, D], L <= 512 real tokens
     CACHE/condition/<hex>.safetensors tensor "condition": float32, image-to-video caches only:
@@ -26,6 +28,11 @@
 
 A ``slotsmith-cache/1`` index (no ``image_conditioning``) still reads: as a
 text-to-video cache.
+
+``musubi`` (optional, informational) says which items' latents and texts were
+taken from musubi-tuner's cache files (paths relative to ``sources_from``, as
+``source``), and how many; their files here are the same float32 tensors as
+any other (see `slotsmith.data.musubi`).
 
 Each item's ``source`` is relative to the folder ``sources_from`` names
 (relative to the cache folder: the dataset YAML's folder), so a dataset folder
@@ -133,7 +140,7 @@ def write_text(cache_dir, key: str, context: torch.Tensor) -> str:
 
 def write_index(
     cache_dir, items: list[dict], latent_channels: int, text_dim: int, sources_from: str | None = None,
-    conditioning: ImageConditioning | None = None,
+    conditioning: ImageConditioning | None = None, musubi: dict | None = None,
 ) -> None:
     """Write ``index.json`` atomically (after every item file exists).
 
@@ -149,6 +156,9 @@ def write_index(
             from, relative to ``cache_dir`` (the dataset YAML's folder).
         conditioning: The image conditioning every item has; None for a
             text-to-video cache.
+        musubi: How many items' latents and texts came from musubi-tuner's
+            cache, and its folders (``{"latents": n, "texts": n, "folders":
+            [...]}``); None when none did.
 
     Raises:
         SlotsmithError: Writing failed.
@@ -159,6 +169,7 @@ def write_index(
         "text_dim": int(text_dim),
         **({"sources_from": sources_from} if sources_from is not None else {}),
         "image_conditioning": conditioning.to_json() if conditioning else None,
+        **({"musubi": musubi} if musubi else {}),
         "items": [{"repeats": 1, **item} for item in items],
     }
     payload = json.dumps(doc, indent=1, ensure_ascii=False).encode()

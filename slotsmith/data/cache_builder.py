@@ -6,7 +6,10 @@ VAE's bytes and the dtype; its text by the cleaned caption, the text encoder's
 and tokenizer's bytes and the dtype. A re-run therefore encodes nothing that
 is unchanged, and an edited caption re-encodes only its text. With ``i2v``,
 each clip's image condition (and CLIP features) is addressed by its latents'
-file and the conditioning mode (and the CLIP encoder's bytes). The index is
+file and the conditioning mode (and the CLIP encoder's bytes). Latents and
+text taken from musubi-tuner's cache (see `_Musubi`) are addressed by the
+same parts plus a digest of the musubi-tuner tensor, so a run with
+``reuse_musubi=False`` never mistakes them for its own. The index is
 written last, and only when every item is good (or ``skip_bad`` leaves the bad
 ones out), so the trainer never sees a half-made dataset.
 """
@@ -50,7 +53,8 @@ from slotsmith.data.i2v import (
     encode_condition,
     first_frame_problem,
 )
-from slotsmith.data.media import BadItem, Source, discover, read_clips
+from slotsmith.data.media import BadItem, Clip, Source, discover, read_clips
+from slotsmith.data.musubi import Found, check_same_encoding, find_latents, find_text, has_cache_files, shared_stems
 from slotsmith.digest import digest_file_range, digest_json
 from slotsmith.errors import SlotsmithError
 from slotsmith.io.files import parse_json_object, read_input
@@ -90,6 +94,10 @@ class CacheReport:
         texts_encoded: Captions encoded in this run.
         texts_reused: Captions already in the cache.
         bad: Files left out, with their problems.
+        musubi: Whether musubi-tuner's cache files were looked for.
+        latents_from_musubi: Clips whose latents were taken from musubi-tuner's cache in this run.
+        texts_from_musubi: Captions whose embeddings were taken from it in this run.
+        musubi_notes: Why musubi-tuner's files were not taken for the items encoded instead.
     """
 
     cache_dir: Path
@@ -99,13 +107,21 @@ class CacheReport:
     texts_encoded: int = 0
     texts_reused: int = 0
     bad: list[BadItem] = field(default_factory=list)
+    musubi: bool = False
+    latents_from_musubi: int = 0
+    texts_from_musubi: int = 0
+    musubi_notes: list[str] = field(default_factory=list)
 
     def summary(self) -> str:
         """One line for the user."""
+
+        def musubi(n: int) -> str:
+            return f", {n} from musubi-tuner's cache" if self.musubi else ""
+
         return (
             f"{self.items} items in {self.cache_dir}: latents {self.latents_encoded} encoded, "
-            f"{self.latents_reused} reused; texts {self.texts_encoded} encoded, {self.texts_reused} reused; "
-            f"{len(self.bad)} bad"
+            f"{self.latents_reused} reused{musubi(self.latents_from_musubi)}; texts {self.texts_encoded} encoded, "
+            f"{self.texts_reused} reused{musubi(self.texts_from_musubi)}; {len(self.bad)} bad"
         )
 
 
@@ -203,6 +219,103 @@ class _Encoders:
         return self._clip
 
 
+class _Musubi:
+    """Takes latents and text embeddings from musubi-tuner's cache files where they check out.
+
+    `slotsmith.data.musubi` finds and checks each file; here the first file
+    taken per dataset (latents) and per run (text) is compared with
+    slotsmith's own encoding of the same item, and a difference refuses the
+    whole cache: it would mean musubi-tuner used another model, dtype or
+    resizing for every item.
+    """
+
+    def __init__(self, enc: _Encoders, sources: list[Source], config: DataConfig):
+        self.enc, self.config = enc, config
+        folders = {s.dataset.musubi_cache for s in sources}
+        self.folders = {f for f in folders if has_cache_files(f)}
+        self.shared = shared_stems(sources)
+        vae = enc.vae.config
+        self.latent_channels, self.temporal = vae.z_dim, vae.scale_factor_temporal or 4
+        self.spatial = vae_spatial_factor(enc.vae)
+        self.checked_datasets: set[int] = set()
+        self.text_dim: int | None = None  # known once one caption was compared
+        self.notes: list[str] = []
+
+    def covers(self, source: Source) -> bool:
+        """Whether ``source`` may have files in musubi-tuner's cache (its note is made here when it cannot)."""
+        if source.dataset.musubi_cache not in self.folders:
+            return False
+        if (source.dataset.musubi_cache, source.path.stem) in self.shared:
+            self.notes.append(f"{source.path}: another file of the same name {source.path.stem!r} shares its "
+                              "musubi-tuner cache files; neither is taken")
+            return False
+        return True
+
+    def relative(self, path: Path) -> str:
+        """``path`` as the index records it: relative to the dataset YAML's folder, as sources are."""
+        return os.path.relpath(path, self.config.path.parent)
+
+    def latents(self, source: Source, clip: Clip) -> Found | None:
+        """musubi-tuner's latents of ``clip``, checked (its note is made here when there are none)."""
+        _, frames, height, width = clip.pixels.shape
+        latent_frames = (frames - 1) // self.temporal + 1
+        expected = (self.latent_channels, latent_frames, height // self.spatial, width // self.spatial)
+        found, why = find_latents(source, clip, expected)
+        if found is None:
+            self.notes.append(why)
+        return found
+
+    def check_latents(self, found: Found, source: Source, clip: Clip) -> None:
+        """Compare with slotsmith's encoding of the clip, once per dataset.
+
+        Raises:
+            SlotsmithError: They differ (see `check_same_encoding`).
+        """
+        if source.dataset.index not in self.checked_datasets:
+            ours = encode_pixels(self.enc.vae, clip.pixels.unsqueeze(0))[0]
+            check_same_encoding(found, ours, source, "latents")
+            self.checked_datasets.add(source.dataset.index)
+
+    def text(self, source: Source) -> Found | None:
+        """musubi-tuner's embedding of ``source``'s caption, checked (its note is made here when there is none)."""
+        found, why = find_text(source, self.text_dim)
+        if found is None:
+            self.notes.append(why)
+        return found
+
+    def check_text(self, found: Found, source: Source) -> None:
+        """Compare with slotsmith's encoding of the caption, once per run (one text encoder for all).
+
+        Raises:
+            SlotsmithError: They differ (see `check_same_encoding`).
+        """
+        if self.text_dim is None:
+            ours = encode_texts(self.enc.tokenizer, self.enc.t5, [source.caption])[0]
+            check_same_encoding(found, ours, source, "text embedding")
+            self.text_dim = ours.shape[1]
+
+
+def _origin_field(origin: dict, latents: str | None) -> dict:
+    """An index item's ``musubi`` field: the musubi-tuner files of its text (``origin``) and latents; {} for none."""
+    fields = {**origin, **({"latents": latents} if latents else {})}
+    return {"musubi": fields} if fields else {}
+
+
+def _from_musubi(item: dict, what: str) -> str | None:
+    """The musubi-tuner file an index item's ``latents`` or ``text`` came from, or None."""
+    origin = item.get("musubi")
+    return origin.get(what) if isinstance(origin, dict) else None
+
+
+def _musubi_summary(items: list[dict]) -> dict | None:
+    """The index's ``musubi`` object: how many items came from musubi-tuner's cache, and from which folders."""
+    paths = {what: [p for item in items if (p := _from_musubi(item, what))] for what in ("latents", "text")}
+    if not paths["latents"] and not paths["text"]:
+        return None
+    folders = sorted({os.path.dirname(p) or "." for found in paths.values() for p in found})
+    return {"latents": len(paths["latents"]), "texts": len(paths["text"]), "folders": folders}
+
+
 def _media_problems(sources: list[Source], align: int = DEFAULT_ALIGN) -> list[BadItem]:
     problems = []
     for source in sources:
@@ -253,8 +366,13 @@ def run_cache(
     progress: bool = True,
     i2v: bool = False,
     clip=None,
+    reuse_musubi: bool = True,
 ) -> CacheReport:
     """Cache every item of a dataset YAML: encode what is missing, write the index.
+
+    For a musubi-tuner dataset TOML, what slotsmith's cache lacks is taken
+    from musubi-tuner's own cache files where they check out (see
+    `slotsmith.data.musubi`), and encoded otherwise.
 
     Args:
         data_yaml: The dataset YAML.
@@ -272,13 +390,16 @@ def run_cache(
             the mode (the Wan 2.2 VAE: TI2V 5B's first-frame conditioning).
         clip: CLIP vision encoder folder: also cache each clip's CLIP image
             features (Wan 2.1 I2V); implies ``i2v``.
+        reuse_musubi: Take latents and text embeddings from musubi-tuner's
+            cache files (False: encode everything).
 
     Returns:
         What was done.
 
     Raises:
         BadItemsError: Bad items and not ``skip_bad`` (the index is not written).
-        SlotsmithError: Bad config, device, encoders or paths.
+        SlotsmithError: Bad config, device, encoders or paths; or musubi-tuner's
+            cache does not match slotsmith's encoding (the index is not written).
     """
     if batch_size < 1:
         raise SlotsmithError(f"batch size must be at least 1, got {batch_size}")
@@ -301,6 +422,8 @@ def run_cache(
     cache_dir = config.cache_dir
     conditioner = _Conditioner(enc, cache_dir, ids, dtype) if i2v or clip is not None else None
     report = CacheReport(cache_dir, bad=list(bad))
+    musubi = _Musubi(enc, sources, config) if reuse_musubi else None
+    report.musubi = bool(musubi and musubi.folders)
     previous = _previous_items(cache_dir)
     items: list[dict] = []
     pending_latents: dict[tuple, list[tuple[str, object]]] = defaultdict(list)
@@ -339,8 +462,21 @@ def run_cache(
                 }
             )
             text_rel = f"text/{text_key}.safetensors"
+            musubi_ok = musubi is not None and musubi.covers(source)
+            origin = {}  # the musubi-tuner files this source's items came from
             if (cache_dir / text_rel).is_file() or text_key in pending_texts:
                 report.texts_reused += 1
+            elif musubi_ok and (found := musubi.text(source)):
+                # Addressed by the file's tensor too: a re-run without musubi's files encodes its own.
+                text_key = digest_json({"text_key": text_key, "musubi": found.key})
+                text_rel = f"text/{text_key}.safetensors"
+                origin["text"] = musubi.relative(found.path)
+                if (cache_dir / text_rel).is_file():
+                    report.texts_reused += 1
+                else:
+                    musubi.check_text(found, source)
+                    write_text(cache_dir, text_key, found.tensor)
+                    report.texts_from_musubi += 1
             else:
                 pending_texts[text_key] = source.caption
                 if len(pending_texts) >= batch_size:
@@ -357,10 +493,13 @@ def run_cache(
                 "source_key": source_key,
             }
             reused = [p for p in previous.get(source_key, []) if (cache_dir / str(p.get("latents"))).is_file()]
+            if musubi is None and any(_from_musubi(p, "latents") for p in reused):
+                reused = []  # --no-reuse-musubi: encode them
             if reused and (conditioner is None or all(conditioner.ready(p["latents"]) for p in reused)):
                 # Same bytes, settings and VAE as an indexed item: its clips stand, no decoding needed.
                 items.extend(
-                    {**common, "latents": p["latents"], "frames": p.get("frames"), **_condition_fields(conditioner, p)}
+                    {**common, "latents": p["latents"], "frames": p.get("frames"), **_condition_fields(conditioner, p),
+                     **_origin_field(origin, _from_musubi(p, "latents"))}
                     for p in reused
                 )
                 report.latents_reused += len(reused)
@@ -379,12 +518,25 @@ def run_cache(
             for clip in clips:
                 key = digest_json({"source_key": source_key, "frames": clip.frames})
                 rel = f"latents/{key}.safetensors"
-                item = {**common, "latents": rel, "frames": [clip.frames[0], clip.frames[-1]]}
+                pending = any(k == key for batch in pending_latents.values() for k, _ in batch)
+                found = None
+                if musubi_ok and not pending and not (cache_dir / rel).is_file():
+                    found = musubi.latents(source, clip)
+                if found is not None:
+                    key = digest_json({"source_key": source_key, "frames": clip.frames, "musubi": found.key})
+                    rel = f"latents/{key}.safetensors"
+                item = {**common, "latents": rel, "frames": [clip.frames[0], clip.frames[-1]],
+                        **_origin_field(origin, found and musubi.relative(found.path))}
                 if conditioner is not None:
                     item.update(conditioner.add(rel, clip.pixels, batch_size))
                 items.append(item)
-                if (cache_dir / rel).is_file() or any(k == key for batch in pending_latents.values() for k, _ in batch):
+                if (cache_dir / rel).is_file() or pending:
                     report.latents_reused += 1
+                    continue
+                if found is not None:
+                    musubi.check_latents(found, source, clip)
+                    write_latents(cache_dir, key, found.tensor)
+                    report.latents_from_musubi += 1
                     continue
                 shape = tuple(clip.pixels.shape)
                 pending_latents[shape].append((key, clip.pixels))
@@ -404,8 +556,9 @@ def run_cache(
     latent_channels = _tensor_dim(cache_dir / items[0]["latents"], "latents")
     text_dim = _tensor_dim(cache_dir / items[0]["text"], "context")
     write_index(cache_dir, items, latent_channels, text_dim, os.path.relpath(config.path.parent, cache_dir),
-                conditioner.conditioning() if conditioner else None)
+                conditioner.conditioning() if conditioner else None, _musubi_summary(items))
     report.items = len(items)
+    report.musubi_notes = musubi.notes if musubi is not None else []
     return report
 
 

@@ -9,7 +9,7 @@ the files it names.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 from slotsmith.errors import SlotsmithError
@@ -67,9 +67,13 @@ class DatasetSpec:
             an image is always one frame).
         frame_extraction: ``head``, ``uniform``, ``chunk``, ``slide`` or ``full``.
         frame_sample: Clips per length for ``uniform``.
+        source_fps: When set, the clip is resampled from this rate to 16 fps.
         frame_stride: Frames between clip starts for ``slide``.
         max_frames: Longest clip for ``full``.
-        source_fps: When set, the clip is resampled from this rate to 16 fps.
+        musubi_cache: musubi-tuner's cache folder for this dataset (its
+            ``cache_directory``, by default its media folder), for a dataset
+            read from a musubi-tuner TOML; None otherwise. Not a pixel setting:
+            `slotsmith.data.musubi` reads it.
     """
 
     index: int
@@ -87,6 +91,7 @@ class DatasetSpec:
     source_fps: float | None
     frame_stride: int = 1
     max_frames: int = 129
+    musubi_cache: Path | None = None
 
     def settings(self) -> dict:
         """Every setting that changes the pixels of an item (for cache keys)."""
@@ -246,11 +251,21 @@ MUSUBI_CACHE_FOLDER = "slotsmith-cache"
 """slotsmith's cache inside the first musubi ``cache_directory``: musubi's own files there are left alone."""
 
 
-def _from_musubi(doc: dict, config_path: Path) -> dict:
+def _musubi_cache_folder(raw: dict) -> str | None:
+    """Where musubi-tuner puts a dataset's cache files: its ``cache_directory``, else its media folder."""
+    folder = raw.get("cache_directory") or raw.get("image_directory") or raw.get("video_directory")
+    return folder if isinstance(folder, str) else None
+
+
+def _from_musubi(doc: dict, config_path: Path) -> tuple[dict, list[str | None]]:
     """A musubi-tuner dataset TOML as this module's dataset YAML document.
 
     Every key is mapped (renamed where slotsmith spells it otherwise) or
     refused; all refusals are reported at once, each with what to do.
+
+    Returns:
+        The document, and each dataset's musubi-tuner cache folder as the
+        TOML names it (None for a JSONL list without ``cache_directory``).
 
     Raises:
         SlotsmithError: One line per unsupported key.
@@ -266,7 +281,9 @@ def _from_musubi(doc: dict, config_path: Path) -> dict:
             if key in MUSUBI_REFUSED:
                 problems.append(f"{config_path}: {where}.{key}: {MUSUBI_REFUSED[key]}")
             elif key == "cache_directory":
-                continue  # one cache for all datasets: see MUSUBI_CACHE_FOLDER
+                if not isinstance(value, str) or not value:
+                    problems.append(f"{config_path}: {where}.{key}: must be a path")
+                # one cache for all datasets: see MUSUBI_CACHE_FOLDER; musubi's own files are read by data.musubi
             elif key in MUSUBI_RENAMED or key in _DATASET_KEYS or (where != "general" and key in _SOURCE_KEYS):
                 out[MUSUBI_RENAMED.get(key, key)] = value
             else:
@@ -282,19 +299,21 @@ def _from_musubi(doc: dict, config_path: Path) -> dict:
         raise SlotsmithError("\n".join(problems))
     if isinstance(datasets, list) and "resolution" not in general and not all("resolution" in d for d in datasets):
         general["resolution"] = MUSUBI_DEFAULT_RESOLUTION
-    first = raw_datasets[0] if isinstance(raw_datasets, list) and raw_datasets else {}
-    anchor = first.get("cache_directory") or next(
-        (first[k] for k in ("image_directory", "video_directory") if k in first), "."
-    )
-    if not isinstance(anchor, str):
-        anchor = "."
-    return {"cache_dir": str(Path(anchor) / MUSUBI_CACHE_FOLDER), "general": general, "datasets": datasets}
+    caches = [_musubi_cache_folder(d) for d in raw_datasets] if isinstance(raw_datasets, list) else []
+    anchor = caches[0] if caches and caches[0] else "."
+    doc = {"cache_dir": str(Path(anchor) / MUSUBI_CACHE_FOLDER), "general": general, "datasets": datasets}
+    return doc, caches
 
 
-def _read_document(config_path: Path):
-    """The dataset file's document: YAML, or TOML (musubi-tuner's format) for a ``.toml`` file."""
+def _read_document(config_path: Path) -> tuple[object, list[str | None] | None]:
+    """The dataset file's document: YAML, or TOML (musubi-tuner's format) for a ``.toml`` file.
+
+    Returns:
+        The document, and for a TOML each dataset's musubi-tuner cache
+        folder (see `_from_musubi`); None for a YAML.
+    """
     if config_path.suffix.lower() != ".toml":
-        return load_yaml(config_path, CONFIG_CAP, "dataset config")
+        return load_yaml(config_path, CONFIG_CAP, "dataset config"), None
     try:
         import tomllib
     except ModuleNotFoundError:  # Python 3.10: the same parser, as a package
@@ -343,7 +362,7 @@ def load_data_config(path, align: int = DEFAULT_ALIGN) -> DataConfig:
             the message names the file and the key.
     """
     config_path = Path(path).resolve()
-    raw = _read_document(config_path)
+    raw, musubi_caches = _read_document(config_path)
     if not isinstance(raw, dict):
         raise SlotsmithError(f"{config_path}: must be a mapping with a 'datasets' list")
     unknown = sorted(set(raw) - set(_TOP_KEYS))
@@ -361,8 +380,10 @@ def load_data_config(path, align: int = DEFAULT_ALIGN) -> DataConfig:
     cache_dir = raw.get("cache_dir", "cache")
     if not isinstance(cache_dir, str) or not cache_dir:
         raise _err(config_path, "cache_dir", f"must be a path, got {cache_dir!r}")
-    return DataConfig(
-        path=config_path,
-        cache_dir=(config_path.parent / cache_dir).resolve(),
-        datasets=tuple(_dataset(d, general, i, config_path, align) for i, d in enumerate(datasets)),
-    )
+    specs = tuple(_dataset(d, general, i, config_path, align) for i, d in enumerate(datasets))
+    if musubi_caches is not None:
+        specs = tuple(
+            replace(spec, musubi_cache=(config_path.parent / folder).resolve() if folder else None)
+            for spec, folder in zip(specs, musubi_caches)
+        )
+    return DataConfig(path=config_path, cache_dir=(config_path.parent / cache_dir).resolve(), datasets=specs)

@@ -63,10 +63,12 @@ class Clip:
     Attributes:
         pixels: float32 ``[3, F, H, W]`` in ``[-1, 1]``.
         frames: Indices of the source frames used (after fps resampling).
+        source_size: The file's own ``(width, height)``, before resizing.
     """
 
     pixels: object
     frames: list[int] = field(default_factory=list)
+    source_size: tuple[int, int] | None = None
 
 
 def _read_caption(path: Path) -> str | None:
@@ -240,7 +242,7 @@ def read_image(source: Source, align: int = DEFAULT_ALIGN) -> list[Clip]:
     except (OSError, UnidentifiedImageError, Image.DecompressionBombError, ValueError) as e:
         raise SlotsmithError(f"unreadable image: {e}") from None
     size = bucket_size(image.width, image.height, source.dataset, align)
-    return [Clip(_to_tensor([_fit(image, size)]), [0])]
+    return [Clip(_to_tensor([_fit(image, size)]), [0], image.size)]
 
 
 def resample_indices(count: int, source_fps: float | None, target_fps: float = WAN_FPS) -> list[int]:
@@ -300,11 +302,12 @@ def clip_ranges(count: int, spec: DatasetSpec) -> list[tuple[int, int]]:
     return ranges
 
 
-def _decode_frames(path: Path, size_for) -> list:
-    """All frames of a video's first video stream, each fitted to its bucket."""
+def _decode_frames(path: Path, size_for) -> tuple[list, tuple[int, int] | None]:
+    """All frames of a video's first video stream, each fitted to its bucket, and the first frame's own size."""
     import av
 
     frames = []
+    source_size = None
     with av.open(str(path)) as container:
         if not container.streams.video:
             raise SlotsmithError("unreadable video: no video stream")
@@ -313,9 +316,10 @@ def _decode_frames(path: Path, size_for) -> list:
         for frame in container.decode(stream):
             image = frame.to_image()
             if size is None:
+                source_size = image.size
                 size = size_for(image.width, image.height)
             frames.append(_fit(image, size))
-    return frames
+    return frames, source_size
 
 
 def read_video(source: Source, align: int = DEFAULT_ALIGN) -> list[Clip]:
@@ -336,7 +340,7 @@ def read_video(source: Source, align: int = DEFAULT_ALIGN) -> list[Clip]:
 
     spec = source.dataset
     try:
-        frames = _decode_frames(source.path, lambda w, h: bucket_size(w, h, spec, align))
+        frames, source_size = _decode_frames(source.path, lambda w, h: bucket_size(w, h, spec, align))
     except (av.error.FFmpegError, OSError, ValueError) as e:
         raise SlotsmithError(f"unreadable video: {e}") from None
     if not frames:
@@ -352,7 +356,7 @@ def read_video(source: Source, align: int = DEFAULT_ALIGN) -> list[Clip]:
     clips = []
     for start, stop in ranges:
         picked = order[start:stop]
-        clips.append(Clip(_to_tensor([frames[i] for i in picked]), picked))
+        clips.append(Clip(_to_tensor([frames[i] for i in picked]), picked, source_size))
     return clips
 
 

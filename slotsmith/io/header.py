@@ -277,3 +277,32 @@ def read_header(path: str | os.PathLike) -> SafetensorsHeader:
             f"{path}: data buffer ends at byte {cursor} but the file has {size} bytes (truncated or trailing data)"
         )
     return SafetensorsHeader(path, header_len, data_start, metadata, tensors)
+
+
+def read_tensor_bytes(header: SafetensorsHeader, name: str) -> bytes:
+    """The stored bytes of one tensor of a file whose header `read_header` validated.
+
+    Args:
+        header: The file's header.
+        name: The tensor's key.
+
+    Returns:
+        Its ``info.nbytes`` bytes, as stored (little-endian).
+
+    Raises:
+        SlotsmithError: No such tensor, or the file cannot be read or is now
+            shorter than its header says.
+    """
+    info = header.tensors.get(name)
+    if info is None:
+        raise SlotsmithError(f"{header.path}: has no tensor {name!r}")
+    fd = open_input(header.path, "safetensors file")
+    try:
+        data = _read_exactly(fd, info.nbytes, info.start)
+    except OSError as e:
+        raise os_error(header.path, e) from None
+    finally:
+        os.close(fd)
+    if len(data) != info.nbytes:
+        raise SlotsmithError(f"{header.path}: tensor {name!r} is truncated")
+    return data

@@ -50,6 +50,7 @@ def test_valid_config_resolves_paths_and_general_defaults(folders):
     assert images.kind == "image" and images.path == (folders / "imgs").resolve()
     assert images.resolution == (64, 32) and images.repeats == 3
     assert videos.target_frames == (5, 9) and videos.repeats == 1 and videos.frame_extraction == "chunk"
+    assert images.musubi_cache is None and videos.musubi_cache is None  # only a musubi-tuner TOML has one
 
 
 @pytest.mark.parametrize(
@@ -321,6 +322,10 @@ def test_a_musubi_dataset_toml_maps_every_key(folders):
         "jsonl", "slide", 4, (1, 5)
     )
     assert (full.frame_extraction, full.max_frames, full.resolution) == ("full", 45, (32, 32))
+    # musubi-tuner's own cache files: its cache_directory, by default the media folder.
+    assert [d.musubi_cache for d in config.datasets] == [
+        (folders / "cache" / "imgs").resolve(), (folders / "cache" / "clips").resolve(), (folders / "clips").resolve()
+    ]
 
 
 def test_a_musubi_toml_without_a_resolution_gets_musubis_default(folders):
@@ -346,4 +351,7 @@ def test_unsupported_musubi_keys_are_refused_all_at_once_with_what_to_do(folders
     ]
     path.write_text("[general\n")
     with pytest.raises(SlotsmithError, match="not valid TOML"):
+        load_data_config(path)
+    path.write_text('[[datasets]]\nimage_directory = "imgs"\ncache_directory = 3\n')
+    with pytest.raises(SlotsmithError, match=r"datasets\[0\]\.cache_directory: must be a path"):
         load_data_config(path)
