@@ -45,6 +45,7 @@ from slotsmith.layout import KNOWN_MODELS
 from slotsmith.manifest import Manifest
 from slotsmith.select import ALGORITHM, ALGORITHMS, NUM_POOLS, Selection, select, shared_tensors
 from slotsmith.slot import Slot, read_slot
+from slotsmith.slotspec import parse_slot_spec
 from slotsmith.train import EXPERTS
 
 CAST_FORMAT = "slotsmith-cast/1"
@@ -53,6 +54,10 @@ CAST_CAP = 1_000_000
 
 SAMPLE_BYTES = 64 * 1024
 """Bytes of each base tensor (its first ones) that the sample digest covers."""
+
+STRENGTH_IN_CAST = (
+    "a cast pins exact slots, so it takes no strength (FILE:S); splice one by hand: slotsmith splice BASE FILE:S"
+)
 
 _HEX128 = re.compile(r"^[0-9a-f]{32}$")
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
@@ -219,6 +224,18 @@ def _path(path: Path, key: str, value: object, who: str = "") -> Path:
     return path.parent / value
 
 
+def _slot_path(path: Path, key: str, value: object, who: str) -> Path:
+    """A character's slot file, refusing a ``FILE:S`` strength."""
+    slot = _path(path, key, value, who)
+    try:
+        strength = parse_slot_spec(value).path != Path(value)
+    except SlotsmithError:  # not a number after the colon: a file name, which will be found missing
+        strength = False
+    if strength:
+        raise SlotsmithError(f"{path}: {key}: {who}{STRENGTH_IN_CAST}")
+    return slot
+
+
 def _ff(path: Path, key: str, value: object, who: str) -> float:
     if not _number(value) or not 0 < value <= 1:
         raise SlotsmithError(f"{path}: {key}: {who}ff {value!r} must be a number in (0, 1]")
@@ -301,7 +318,7 @@ def cast_from_text(text: str, path: Path) -> Cast:
                 name,
                 ffid,
                 ff,
-                _path(path, f"{key}.slot", body["slot"], who),
+                _slot_path(path, f"{key}.slot", body["slot"], who),
                 _hex_or_none(path, f"{key}.pin", body.get("pin"), who),
             )
         )

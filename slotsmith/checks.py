@@ -8,9 +8,10 @@ tensor hashes are checked by its own ``Slot.hash_problems``.)
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 
+from slotsmith.blend import blend_ranges
 from slotsmith.digest import digest_file_range
 from slotsmith.errors import SlotsmithError, first_and_more
 from slotsmith.inventory import Inventory
@@ -212,7 +213,8 @@ def spliced_problems(spliced: Inventory, record: SpliceRecord, files: InputFiles
     """Check a spliced checkpoint against its own splice record.
 
     The layout must still be the base's, and the bytes of every region each
-    slot replaced must still hash to that slot's recorded digest.
+    slot replaced must still hash to that slot's recorded digest (for a slot
+    spliced at a strength, the recorded digest of the blend).
 
     Args:
         spliced: Inventory of the spliced checkpoint.
@@ -234,10 +236,46 @@ def spliced_problems(spliced: Inventory, record: SpliceRecord, files: InputFiles
                     problems.append(f"{spliced.source}: tensor {e.name!r} of slot {slot_file!r} is missing or reshaped")
                     continue
                 r = base_region(spliced, files, e)
-                if digest_file_range(r.fd, r.start, r.end) != e.digest:
+                if digest_file_range(r.fd, r.start, r.end) != record.expected_digest(m, e.name):
+                    what = "bytes" if m.digest not in record.blends else f"blend at strength {record.strength(m):g}"
                     problems.append(
-                        f"{spliced.source}: tensor {e.describe()!r} no longer holds the bytes of slot {slot_file!r}"
+                        f"{spliced.source}: tensor {e.describe()!r} no longer holds the {what} of slot {slot_file!r}"
                     )
+    return problems
+
+
+def blend_problems(
+    spliced: Inventory, record: SpliceRecord, base: Inventory, slots: Mapping[str, Slot], files: InputFiles
+) -> list[str]:
+    """Every region of a slot spliced at a strength must be the blend recomputed from base and slot.
+
+    Args:
+        spliced: Inventory of the spliced checkpoint.
+        record: Its parsed splice record.
+        base: Inventory of the real base checkpoint.
+        slots: Manifest digest -> slot file, for each blended slot to check
+            (blended slots not in it are skipped).
+        files: Where to open the checkpoints' and slots' files.
+
+    Returns:
+        One line per region that differs from ``base + s * (slot - base)``.
+    """
+    if base.layout_digest() != spliced.layout_digest():
+        return [f"{spliced.source}: layout differs from the base {base.source}"]
+    problems = []
+    for file, m in record.slots:
+        blend, slot = record.blends.get(m.digest), slots.get(m.digest)
+        if blend is None or slot is None:
+            continue
+        fd = files.fd(slot.path)
+        for e in m.entries:
+            info, b, mine = slot.info(e.name), base_region(base, files, e), base_region(spliced, files, e)
+            want = blend_ranges((b.fd, b.start, b.end), (fd, info.start, info.end), e.dtype, blend.strength, None)
+            if digest_file_range(mine.fd, mine.start, mine.end) != want:
+                problems.append(
+                    f"{spliced.source}: tensor {e.describe()!r} is not {base.source} + {blend.strength:g} x "
+                    f"(slot - base) for slot {file!r}"
+                )
     return problems
 
 

@@ -170,6 +170,16 @@ def plan(
         click.echo(render_plan(inventory, selections))
 
 
+def _strength_given(arg: str) -> bool:
+    """Whether a command-line slot is written ``FILE:S`` (a bad S counts: it was meant as one)."""
+    from slotsmith.slotspec import parse_slot_spec
+
+    try:
+        return parse_slot_spec(arg).strength != 1.0
+    except SlotsmithError:
+        return True
+
+
 @main.command()
 @click.argument("base", required=False, type=click.Path(path_type=str))
 @click.argument("slots", nargs=-1, type=click.Path(path_type=str))
@@ -201,6 +211,11 @@ def splice(
     shapes and dtypes. The output keeps BASE's key convention, dtypes, files
     and metadata, and records the splice in its metadata.
 
+    A SLOT written X.slot:S is applied at strength S in [0, 2]: base + S *
+    (slot - base) on its tensors, computed as `sample --slot X.slot:S` does
+    (default 1: exactly the slot's bytes); the strength and the blended
+    tensors' digests are recorded for `verify`.
+
     With --cast, the base, the slots and the output come from a cast file;
     a slot whose manifest differs from its pin is refused.
 
@@ -208,19 +223,24 @@ def splice(
     Examples:
       slotsmith splice wan2.2_low.safetensors char1.slot char2.slot -o spliced.safetensors
       slotsmith splice base_folder/ char1.slot -o spliced_folder
+      slotsmith splice wan2.2_low.safetensors char1.slot:0.7 char2.slot
       slotsmith splice --cast manifests/cast.yaml --seal
     """
+    from slotsmith.cast import STRENGTH_IN_CAST
+    from slotsmith.slotspec import parse_slot_spec
     from slotsmith.splice import splice as run_splice
     from slotsmith.splice import splice_cast
 
     if cast_file is not None:
+        if any(_strength_given(a) for a in (base, *slots) if a is not None):
+            raise SlotsmithError(STRENGTH_IN_CAST)
         if base is not None:
             raise click.UsageError("--cast takes the base and the slots from the cast file: give neither")
         path = splice_cast(cast_file, out, force=force, quiet=quiet, seal=seal)
     else:
         if base is None or not slots:
             raise click.UsageError("give BASE and at least one SLOT (or --cast)")
-        path = run_splice(base, slots, out, force=force, quiet=quiet, seal=seal)
+        path = run_splice(base, [parse_slot_spec(s) for s in slots], out, force=force, quiet=quiet, seal=seal)
     if not quiet:
         click.echo(f"wrote {path}", err=True)
 
@@ -323,7 +343,8 @@ def verify(paths: tuple[str, ...], base: str | None, cast_file: str | None, as_j
     spliced checkpoint's record, slot bytes and (sealed) every tensor's bytes,
     and that it holds the versions of the slots checked alongside. With
     --base: every slot's base fingerprint, and every spliced checkpoint byte
-    outside its slots.
+    outside its slots; a slot spliced at a strength (FILE:S) has its blend
+    recomputed from --base and the slot file, when that file is given too.
 
     With --cast: every character's slot present and equal to its pin, its
     selection the cast's, the allocations disjoint, the output (when built)
@@ -533,10 +554,17 @@ def cache(
 
 @main.command()
 @click.option("--base", "-b", required=True, metavar="CKPT",
-              help="Wan DiT checkpoint, as `train` takes it: any convention, sharded set or folder, a spliced one too.")
+              help="Wan DiT checkpoint, as `train` takes it: any convention, sharded set or folder, a spliced one too "
+              "(with --base-high: the low-noise expert).")
 @click.option("--slot", "slots", multiple=True, metavar="X.slot[:S]",
               help="Overlay a slot in memory (repeatable); :S applies base + S*(slot - base), S in [0, 2] "
               "(default 1: exactly the slot). Checked as `splice` checks it, before any weight loads.")
+@click.option("--base-high", metavar="CKPT", help="Wan 2.2 A14B: the high-noise expert (then --base is the "
+              "low-noise one); it denoises the steps from the boundary up, as WanPipeline's transformer does.")
+@click.option("--slot-high", "slots_high", multiple=True, metavar="X.slot[:S]",
+              help="Overlay a slot on --base-high (repeatable), checked against it as --slot is against --base.")
+@click.option("--boundary", type=float, help="With --base-high: the expert boundary in (0, 1) [default: the "
+              "layout's, 0.875 for T2V A14B].")
 @click.option("--vae", required=True, metavar="PATH", help="The Wan VAE, as `slotsmith cache` takes it.")
 @click.option("--t5", required=True, metavar="PATH", help="The UMT5 text encoder, as `slotsmith cache` takes it.")
 @click.option("--tokenizer", required=True, metavar="DIR", help="The tokenizer folder, as `slotsmith cache` takes it.")
@@ -566,9 +594,9 @@ def cache(
 @click.option("--force", is_flag=True, help="Replace samples of the same name.")
 @click.option("--quiet", "-q", is_flag=True, help="No progress messages or bar.")
 @user_errors
-def sample(base, slots, vae, t5, tokenizer, prompts, prompts_file, negative_prompt, width, height, frames, steps,
-           guidance, flow_shift, seed, grid, compare, fp8_base, offload_blocks, mixed_precision, head_dim, device,
-           out, force, quiet) -> None:
+def sample(base, slots, base_high, slots_high, boundary, vae, t5, tokenizer, prompts, prompts_file, negative_prompt,
+           width, height, frames, steps, guidance, flow_shift, seed, grid, compare, fp8_base, offload_blocks,
+           mixed_precision, head_dim, device, out, force, quiet) -> None:
     """Sample images (PNG) or videos (MP4) from BASE plus slots, without writing a checkpoint.
 
     Each file records its prompt, seed, settings and the base's and slots'
@@ -581,6 +609,8 @@ def sample(base, slots, vae, t5, tokenizer, prompts, prompts_file, negative_prom
         --t5 models_t5_umt5-xxl-enc-bf16.pth --tokenizer umt5-xxl/ -p "character1 walks" -o samples/
       slotsmith sample -b dit.safetensors --vae ... --t5 ... --tokenizer ... --prompts prompts.txt \\
         --grid --compare base,char1.slot,char2.slot,char1.slot+char2.slot
+      slotsmith sample -b low_noise.safetensors --slot char1.slot --base-high high_noise.safetensors \\
+        --slot-high char1_high.slot --vae ... --t5 ... --tokenizer ... -p "character1 walks"
     """
     with training_extra("sample"):
         from slotsmith.sampling.prompts import SampleSpec
@@ -589,7 +619,8 @@ def sample(base, slots, vae, t5, tokenizer, prompts, prompts_file, negative_prom
     defaults = SampleSpec(prompt="", negative_prompt=negative_prompt, width=width, height=height, frames=frames,
                           steps=steps, guidance=guidance, seed=seed, flow_shift=flow_shift)
     opts = SampleOptions(
-        base=base, vae=vae, t5=t5, tokenizer=tokenizer, out=out, slots=slots, prompts=prompts,
+        base=base, vae=vae, t5=t5, tokenizer=tokenizer, out=out, slots=slots, base_high=base_high,
+        slots_high=slots_high, boundary=boundary, prompts=prompts,
         prompts_file=prompts_file, defaults=defaults, grid=grid, compare=compare, fp8_base=fp8_base,
         offload_blocks=offload_blocks, mixed_precision=mixed_precision, head_dim=head_dim, device=device,
         force=force, quiet=quiet,

@@ -159,7 +159,8 @@ def render(doc: dict) -> str:
         rec = parse_splice_record(canonical_json(doc["splice"]), doc["file"])
         lines.append(f"spliced    from {rec.base_source} with {len(rec.slots)} slot(s):")
         for name, m in rec.slots:
-            lines.append(f"  slot {name}")
+            blend = f" at strength {rec.strength(m):g}" if m.digest in rec.blends else ""
+            lines.append(f"  slot {name}{blend}")
             lines.extend(_manifest_lines(m, "    "))
     return _printable_lines(lines)
 

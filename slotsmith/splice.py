@@ -5,18 +5,25 @@ bytes come from the base and which from a slot, before a byte is written;
 ``execute_splice`` then streams them out (kernel-side copies, bounded memory)
 through the one writer, atomically. The output keeps the base's files, key
 convention, dtypes, tensor order and metadata, and adds a splice record.
+
+A slot given at a strength other than 1 (``FILE:S``) is blended first,
+tensor by tensor, into an unnamed temp file beside the output
+(``blend_plan``), from which it is then copied like any slot.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import tempfile
 from collections.abc import Callable, Sequence
+from contextlib import ExitStack
 from dataclasses import dataclass, replace
 from pathlib import Path
 
 import xxhash
 
+from slotsmith.blend import BLENDABLE, blend_ranges
 from slotsmith.checks import (
     fingerprint_problems,
     overlap_problems,
@@ -41,13 +48,15 @@ from slotsmith.io.writer import (
     refuse_existing,
     refuse_input_as_output,
     write_all,
+    write_error,
     write_tensors,
 )
 from slotsmith.manifest import Entry, Manifest
 from slotsmith.progress import Progress, phase
 from slotsmith.select import check_selection_args, select
-from slotsmith.slot import SLOT_SUFFIX, SNAPSHOT_SUFFIX, Slot, read_slot, write_slot
-from slotsmith.splice_record import SPLICE_KEY, SpliceRecord, read_splice_record
+from slotsmith.slot import SLOT_SUFFIX, SNAPSHOT_SUFFIX, Slot, base_region, read_slot, write_slot
+from slotsmith.slotspec import SlotSpec
+from slotsmith.splice_record import SPLICE_KEY, Blend, SpliceRecord, read_splice_record
 
 COMPARE_BLOCK = 8 * 1024 * 1024
 """Read size when comparing two checkpoints' bytes."""
@@ -78,6 +87,7 @@ class SplicePlan:
         force: Replace an existing output.
         inputs: The open input files the output is copied from.
         stamps: ``inputs.stamps()`` taken before any check read them.
+        strengths: Each slot's strength (1: its own bytes; see ``blend_plan``).
     """
 
     base: Inventory
@@ -90,10 +100,25 @@ class SplicePlan:
     force: bool
     inputs: InputFiles
     stamps: dict[Path, tuple[int, ...]]
+    strengths: tuple[float, ...]
 
     @property
     def nbytes(self) -> int:
         return sum(t.nbytes for f in self.files for t in f.tensors)
+
+    @property
+    def blend_nbytes(self) -> int:
+        """Bytes of the slots to blend (those at a strength other than 1)."""
+        return sum(s.manifest.nbytes for s, k in zip(self.slots, self.strengths) if k != 1.0)
+
+    def with_record(self, record: SpliceRecord) -> SplicePlan:
+        """The plan with ``record`` in every output file's metadata and the index."""
+        record_json = record.to_canonical_json()
+        files = tuple(replace(f, metadata={**f.metadata, SPLICE_KEY: record_json}) for f in self.files)
+        index = self.index
+        if index is not None:
+            index = {**index, "metadata": {**index["metadata"], SPLICE_KEY: record_json}}
+        return replace(self, files=files, index=index, record=record)
 
 
 def _label(path: Path) -> str:
@@ -103,9 +128,11 @@ def _label(path: Path) -> str:
     return path.name.removesuffix(".safetensors").removesuffix(SLOT_SUFFIX).removesuffix(SNAPSHOT_SUFFIX)
 
 
-def default_output(base_path: Path, slot_paths: Sequence[Path], sharded: bool) -> Path:
-    """``BASE+SLOT1+SLOT2[.safetensors]`` in the current folder (a folder for a sharded base)."""
-    name = "+".join([_label(base_path), *(_label(p) for p in slot_paths)])
+def default_output(base_path: Path, slots: Sequence[Path | SlotSpec], sharded: bool) -> Path:
+    """``BASE+SLOT1+SLOT2@0.7[.safetensors]`` in the current folder (a folder for a sharded base)."""
+    specs = [s if isinstance(s, SlotSpec) else SlotSpec(Path(s)) for s in slots]
+    name = "+".join([_label(base_path), *(_label(s.path) + ("" if s.strength == 1.0 else f"@{s.strength:g}")
+                                          for s in specs)])
     return Path.cwd() / (name if sharded else f"{name}.safetensors")
 
 
@@ -162,7 +189,7 @@ def check_slots(base: Inventory, slots: Sequence[Slot], files: InputFiles) -> Sp
 
 def plan_splice(
     base_path: str | os.PathLike,
-    slot_paths: Sequence[str | os.PathLike],
+    slot_paths: Sequence[str | os.PathLike | SlotSpec],
     files: InputFiles,
     out: str | os.PathLike | None = None,
     *,
@@ -175,11 +202,13 @@ def plan_splice(
     slot tensors present in the base with equal shape and dtype; pairwise
     disjointness per row range (slots already spliced into the base
     included); every slot tensor's hash; the base fingerprint (layout
-    digest, then the base's bytes of every replaced region).
+    digest, then the base's bytes of every replaced region); a strength
+    other than 1 only on float tensors.
 
     Args:
         base_path: Base checkpoint (file, index JSON or folder).
-        slot_paths: Slot files, at least one.
+        slot_paths: Slot files, at least one; a ``SlotSpec`` gives a strength
+            (then ``blend_plan`` must run before ``execute_splice``).
         files: Where input files are opened (kept open for ``execute_splice``).
         out: Output file (folder for a sharded base); default from the names.
         force: Allow replacing an existing output.
@@ -194,10 +223,17 @@ def plan_splice(
         raise SlotsmithError("give at least one slot")
     base = inventory_from_checkpoint(base_path)
     ckpt = base.checkpoint
-    slot_paths = [Path(p) for p in slot_paths]
-    out = Path(out) if out is not None else default_output(Path(base_path), slot_paths, ckpt.sharded)
+    specs = [p if isinstance(p, SlotSpec) else SlotSpec(Path(p)) for p in slot_paths]
+    out = Path(out) if out is not None else default_output(Path(base_path), specs, ckpt.sharded)
     refuse_existing(out, force)
-    slots = tuple(read_slot(p) for p in slot_paths)
+    slots = tuple(read_slot(p.path) for p in specs)
+    for spec, slot in zip(specs, slots):
+        odd = [e for e in slot.manifest.entries if e.dtype not in BLENDABLE]
+        if spec.strength != 1.0 and odd:
+            raise SlotsmithError(
+                f"{slot.path}: strength {spec.strength:g} needs float tensors ({', '.join(BLENDABLE)}), "
+                f"but tensor {odd[0].name!r} is {odd[0].dtype}"
+            )
     refuse_input_as_output(out, [*base.checkpoint.paths, *(s.path for s in slots)])
     # Every input is opened (and stamped) before its bytes are checked: execute_splice
     # compares the stamps at the end, so the bytes written are the bytes checked.
@@ -220,6 +256,7 @@ def plan_splice(
         previous.base_layout_digest if previous else base.layout_digest(),
         previous.base_source if previous else (ckpt.index_path.parent.name if ckpt.sharded else ckpt.path.name),
         (*(previous.slots if previous else ()), *((s.path.name, s.manifest) for s in slots)),
+        blends=dict(previous.blends) if previous else {},
     )
     record_json = record.to_canonical_json()
     outputs = [
@@ -241,7 +278,7 @@ def plan_splice(
         }
     return SplicePlan(
         base, slots, out, tuple(outputs), index, ckpt.index_path.name if ckpt.sharded else None, record, force,
-        files, stamps,
+        files, stamps, tuple(p.strength for p in specs),
     )
 
 
@@ -292,13 +329,52 @@ def seal_plan(plan: SplicePlan, progress: Callable[[int], None] | None = None) -
                 if progress is not None:
                     progress(part_nbytes(part))
             seal[canonical[t.key]] = h.hexdigest()
-    record = replace(plan.record, seal=seal)
-    record_json = record.to_canonical_json()
-    files = tuple(replace(f, metadata={**f.metadata, SPLICE_KEY: record_json}) for f in plan.files)
-    index = plan.index
-    if index is not None:
-        index = {**index, "metadata": {**index["metadata"], SPLICE_KEY: record_json}}
-    return replace(plan, files=files, index=index, record=record)
+    return plan.with_record(replace(plan.record, seal=seal))
+
+
+def blend_plan(plan: SplicePlan, spool: int, progress: Callable[[int], None] | None = None) -> SplicePlan:
+    """Blend the slots given at a strength other than 1 and point the plan at the blends.
+
+    Each of their regions becomes ``base + s * (slot - base)``, computed as
+    ``sample`` computes it (``slotsmith.blend``), tensor by tensor in bounded
+    memory, appended to ``spool``; the output then copies those bytes where
+    it would have copied the slot's, and the record gets each slot's
+    strength and the digests of its blended regions.
+
+    Args:
+        plan: From ``plan_splice`` (its input files still open).
+        spool: A file open for reading and writing (an unnamed temp file),
+            kept open until ``execute_splice`` is done.
+        progress: Called with each count of slot bytes blended.
+
+    Returns:
+        The plan (unchanged when every strength is 1).
+
+    Raises:
+        SlotsmithError: An input got shorter while it was read.
+        OSError: Reading or writing failed.
+    """
+    swap: dict[FileRange, FileRange] = {}
+    blends = dict(plan.record.blends)
+    for slot, strength in zip(plan.slots, plan.strengths):
+        if strength == 1.0:
+            continue
+        fd, digests = plan.inputs.fd(slot.path), {}
+        for e in slot.manifest.entries:
+            info, base = slot.info(e.name), base_region(plan.base, plan.inputs, e)
+            start = os.lseek(spool, 0, os.SEEK_END)
+            digests[e.name] = blend_ranges(
+                (base.fd, base.start, base.end), (fd, info.start, info.end), e.dtype, strength, spool, progress
+            )
+            swap[FileRange(fd, info.start, info.end)] = FileRange(spool, start, start + info.nbytes)
+        blends[slot.manifest.digest] = Blend(strength, digests)
+    if not swap:
+        return plan
+    files = tuple(
+        replace(f, tensors=tuple(replace(t, parts=tuple(swap.get(p, p) for p in t.parts)) for t in f.tensors))
+        for f in plan.files
+    )
+    return replace(plan, files=files).with_record(replace(plan.record, blends=blends))
 
 
 def execute_splice(plan: SplicePlan, progress: Callable[[int], None] | None = None) -> Path:
@@ -349,7 +425,7 @@ def _prove_inputs(plan: SplicePlan) -> None:
 
 def splice(
     base_path: str | os.PathLike,
-    slot_paths: Sequence[str | os.PathLike],
+    slot_paths: Sequence[str | os.PathLike | SlotSpec],
     out: str | os.PathLike | None = None,
     *,
     force: bool = False,
@@ -361,7 +437,7 @@ def splice(
 
     Args:
         base_path: Base checkpoint.
-        slot_paths: Slot files.
+        slot_paths: Slot files; a ``SlotSpec`` applies its strength (see ``blend_plan``).
         out: Output path (default from the names).
         force: Replace an existing output.
         quiet: No progress bar.
@@ -381,11 +457,20 @@ def splice(
         for s, pin in zip(plan.slots, pins or (), strict=False):
             if s.manifest.digest != pin:
                 raise SlotsmithError(f"{s.path}: manifest {s.manifest.digest} is not the pinned {pin}")
-        if seal:
-            with Progress("seal", plan.nbytes, unit="B", show=not quiet) as bar:
-                plan = seal_plan(plan, bar.update)
-        with Progress("splice", plan.nbytes, unit="B", show=not quiet) as bar:
-            return execute_splice(plan, bar.update)
+        with ExitStack() as spool:
+            if plan.blend_nbytes:
+                # Blends wait in an unnamed file on the output's filesystem: gone on any exit, however abrupt.
+                try:
+                    fd = spool.enter_context(tempfile.TemporaryFile(dir=plan.out.parent)).fileno()
+                    with Progress("blend", plan.blend_nbytes, unit="B", show=not quiet) as bar:
+                        plan = blend_plan(plan, fd, bar.update)
+                except OSError as e:
+                    raise write_error(plan.out, e) from None
+            if seal:
+                with Progress("seal", plan.nbytes, unit="B", show=not quiet) as bar:
+                    plan = seal_plan(plan, bar.update)
+            with Progress("splice", plan.nbytes, unit="B", show=not quiet) as bar:
+                return execute_splice(plan, bar.update)
 
 
 def splice_cast(

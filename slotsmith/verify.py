@@ -11,6 +11,10 @@ one group must be disjoint and agree on the base's bytes; groups themselves
 are only reported, since slots for, say, the two Wan 2.2 experts are never
 spliced together. With ``--base`` every slot must fit that one base, so all
 slots form one group.
+
+A slot spliced at a strength (``splice FILE:S``) is checked against the
+digests of its blend in the record; with ``--base`` and that slot among the
+files, the blend is recomputed from them (the ``strength`` check).
 """
 
 from __future__ import annotations
@@ -22,6 +26,7 @@ from pathlib import Path
 
 from slotsmith.checks import (
     base_agreement_problems,
+    blend_problems,
     fingerprint_problems,
     is_extracted,
     out_of_date_problems,
@@ -297,7 +302,7 @@ def _read_record(ckpt: Checkpoint) -> tuple[Inventory, SpliceRecord, list[str]]:
 
 def _verify_spliced(
     report: Report, target: Target, base: Inventory | None, files: InputFiles, layouts: _Layouts
-) -> SpliceRecord | None:
+) -> tuple[Inventory, SpliceRecord] | None:
     file = str(target.path)
     try:
         inv, record, differ = _read_record(target.checkpoint)
@@ -316,7 +321,8 @@ def _verify_spliced(
         problems = spliced_problems(inv, record)
     except OSError as e:
         problems = [f"{file}: cannot read ({e})"]
-    report.add(file, "slot bytes", problems, "every spliced region holds its slot's bytes")
+    blended = " (or, at a strength, its recorded blend)" if record.blends else ""
+    report.add(file, "slot bytes", problems, f"every spliced region holds its slot's bytes{blended}")
     if record.seal is not None:
         try:
             problems = seal_problems(inv, record, files)
@@ -333,7 +339,34 @@ def _verify_spliced(
         except OSError as e:
             problems = [f"{file}: cannot read ({e})"]
         report.add(file, "base", problems, f"every byte outside the spliced slots equals {base.source}")
-    return record
+    return inv, record
+
+
+def _strength_check(
+    report: Report, file: str, spliced: Inventory, record: SpliceRecord, base: Inventory | None,
+    slots: Sequence[Slot], files: InputFiles,
+) -> None:
+    """Recompute each slot spliced at a strength from the base and the slot (they must both be at hand)."""
+    blended = [(f, m) for f, m in record.slots if m.digest in record.blends]
+    if not blended:
+        return
+    which = ", ".join(f"{f} at {record.strength(m):g}" for f, m in blended)
+    if base is None:
+        report.skip(file, "strength", f"{which}: give --base and the slot files to recompute the blends "
+                    "('slot bytes' checked them against their recorded digests)")
+        return
+    found = {s.manifest.digest: s for s in slots}
+    missing = [f for f, m in blended if m.digest not in found]
+    if missing:
+        report.skip(file, "strength", f"{which}: slot {missing[0]!r} (that version) is not among the files "
+                    "verified; give it to recompute its blend")
+        return
+    try:
+        problems = blend_problems(spliced, record, base, found, files)
+    except (OSError, SlotsmithError) as e:
+        problems = [f"{file}: cannot read ({e})"]
+    report.add(file, "strength", problems, f"{which}: every blended region is base + s x (slot - base) "
+               f"recomputed from {base.source}")
 
 
 def _group_key(m: Manifest) -> tuple[str, str | None]:
@@ -409,7 +442,7 @@ def verify(
     report = Report()
     layouts = _Layouts(base_inv)
     slots: list[Slot] = []
-    records: list[tuple[str, SpliceRecord]] = []
+    records: list[tuple[str, Inventory, SpliceRecord]] = []
     # Counted in bytes: a spliced checkpoint of many GB takes as long as thousands of slots.
     bar = Progress("verify", sum(_target_bytes(t) for t in targets), unit="B", show=not quiet)
     with bar, InputFiles() as files:
@@ -418,20 +451,22 @@ def verify(
             if t.kind == "bad":
                 report.add(str(t.path), "structure", [t.error], "")
             elif t.kind == "spliced":
-                record = _verify_spliced(report, t, base_inv, files, layouts)
-                if record is not None:
-                    records.append((str(t.path), record))
+                found = _verify_spliced(report, t, base_inv, files, layouts)
+                if found is not None:
+                    records.append((str(t.path), *found))
             else:
                 slot = _verify_slot(report, t, base_inv, files, layouts)
                 if slot is not None:
                     slots.append(slot)
             bar.update(_target_bytes(t))
+        for file, inv, record in records:  # blends are recomputed from the slots, read after the checkpoints
+            _strength_check(report, file, inv, record, base_inv, slots, files)
     # Report files in the order found (they ran spliced-first), then the set checks.
     order = {str(t.path): i for i, t in enumerate(targets)}
     report.checks.sort(key=lambda c: order[c.file])
     _verify_set(report, slots, base_inv)
     checked = [(s.path, s.manifest) for s in slots]
-    for file, record in records:
+    for file, _, record in records:
         problems, found = out_of_date_problems(file, record, checked)
         if found:
             report.add(file, "up to date", problems, f"its {found} slot(s) found here are the versions it holds")
@@ -569,5 +604,10 @@ def _output_problems(cast, output: Path) -> list[str]:
     ]
     problems += [
         f"{output}: holds slot {f!r} ({d}), which the cast does not pin" for d, f in held.items() if d not in pins
+    ]
+    problems += [
+        f"{output}: holds slot {f!r} at strength {record.strength(m):g}, but a cast pins exact slots (strength 1)"
+        for f, m in record.slots
+        if m.digest in record.blends
     ]
     return problems

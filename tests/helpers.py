@@ -70,6 +70,28 @@ def random_bytes(shape: tuple[int, ...], dtype: str, rng: np.random.Generator) -
     raise ValueError(dtype)
 
 
+def as_float32(raw: bytes, dtype: str) -> np.ndarray:
+    """Raw little-endian ``F32``/``F16``/``BF16`` bytes as float32 values (exactly)."""
+    if dtype == "BF16":
+        return (np.frombuffer(raw, "<u2").astype(np.uint32) << 16).view(np.float32)
+    return np.frombuffer(raw, {"F32": "<f4", "F16": "<f2"}[dtype]).astype(np.float32)
+
+
+def from_float32(values: np.ndarray, dtype: str) -> bytes:
+    """float32 values as raw ``dtype`` bytes, rounded to nearest, ties to even (for BF16 on the bits)."""
+    if dtype == "BF16":
+        bits = values.astype(np.float32).view(np.uint32).astype(np.uint64)
+        return ((bits + 0x7FFF + ((bits >> 16) & 1)) >> 16).astype("<u2").tobytes()
+    with np.errstate(over="ignore"):
+        return values.astype({"F32": "<f4", "F16": "<f2"}[dtype]).tobytes()
+
+
+def blend_reference(base: bytes, slot: bytes, dtype: str, strength: float) -> bytes:
+    """``base + s * (slot - base)`` in numpy float32, step by step (``s`` rounded to float32 first), as torch does."""
+    a, b = as_float32(base, dtype), as_float32(slot, dtype)
+    return from_float32(a + np.float32(strength) * (b - a), dtype)
+
+
 def write_raw_safetensors(path: Path, tensors: dict[str, tuple[str, tuple[int, ...], bytes]], metadata=None) -> None:
     """Write ``key -> (dtype, shape, bytes)`` as a safetensors file, official layout."""
     header: dict = {}

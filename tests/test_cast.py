@@ -11,6 +11,7 @@ from helpers import make_checkpoint, random_bytes, read_raw_safetensors
 
 from slotsmith import cast as cast_mod
 from slotsmith.cast import (
+    STRENGTH_IN_CAST,
     base_sample_digest,
     load_cast,
     pin_cast,
@@ -24,6 +25,8 @@ from slotsmith.inventory import inventory_from_checkpoint
 from slotsmith.io.files import InputFiles
 from slotsmith.select import Selection, select_v2
 from slotsmith.slot import read_slot, write_slot
+from slotsmith.slotspec import SlotSpec
+from slotsmith.splice import splice
 from slotsmith.splice_record import SPLICE_KEY
 from slotsmith.train import TrainSettings, load_settings
 
@@ -461,3 +464,28 @@ def test_fixed_settings_fill_in_and_refuse_contradictions(tmp_path):
         load_settings(_cli_values(), set(), str(config), fixed=fixed)
     with pytest.raises(SlotsmithError, match="--expert high contradicts .* which says none"):
         load_settings(_cli_values(cache="c", steps=1, expert="high"), {"cache", "steps", "expert"}, None, fixed=fixed)
+
+
+# --- strengths: a cast pins exact slots ------------------------------------------------------------
+
+
+def test_a_strength_is_refused_in_the_cast_file_and_with_splice_cast(project):
+    path = project / "cast.yaml"
+    path.write_text(CAST.replace("slot: slots/alice.slot", "slot: slots/alice.slot:0.7"))
+    with pytest.raises(SlotsmithError) as e:
+        load_cast(path)
+    assert str(e.value) == f"{path}: characters.alice.slot: character 'alice': {STRENGTH_IN_CAST}"
+    path.write_text(CAST)
+    r = _run("splice", "--cast", path, project / "slots" / "alice.slot:0.7")
+    assert r.exit_code == 1 and STRENGTH_IN_CAST in r.output
+
+
+def test_verify_cast_fails_an_output_holding_a_slot_at_a_strength(project):
+    pin_cast(project / "cast.yaml")
+    slots = project / "slots"
+    splice(project / "base.safetensors", [SlotSpec(slots / "alice.slot", 0.7), slots / "bob.slot"],
+           project / "out" / "spliced.safetensors")
+    code, doc = _verify(project)
+    output = next(c for c in doc["checks"] if c["check"] == "output")
+    assert code == 1 and output["result"] == "fail"
+    assert "holds slot 'alice.slot' at strength 0.7, but a cast pins exact slots (strength 1)" in output["detail"]

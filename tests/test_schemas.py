@@ -22,6 +22,7 @@ from slotsmith.layout import KNOWN_MODELS
 from slotsmith.manifest import METADATA_KEY
 from slotsmith.select import ALGORITHMS, select_v2
 from slotsmith.slot import write_slot
+from slotsmith.slotspec import SlotSpec
 from slotsmith.splice import splice
 from slotsmith.splice_record import SPLICE_KEY
 
@@ -63,7 +64,8 @@ def made(tmp_path):
     sealed = splice(base.path, [*slots, rows], tmp_path / "sealed.safetensors", seal=True)
     sharded_base = make_checkpoint(tmp_path / "sharded", shards=2)
     sharded = splice(sharded_base.path, slots[:1], tmp_path / "sharded-out", seal=True)
-    return {"slots": [*slots, rows], "spliced": [plain, sealed], "sharded": sharded, "base": base}
+    blended = splice(base.path, [SlotSpec(slots[0], 0.5), rows], tmp_path / "blended.safetensors")
+    return {"slots": [*slots, rows], "spliced": [plain, sealed, blended], "sharded": sharded, "base": base}
 
 
 def _meta(path, key):
@@ -82,6 +84,7 @@ def test_splice_records_validate(made):
     index = json.loads(next(made["sharded"].glob("*.index.json")).read_text())
     records.append(json.loads(index["metadata"][SPLICE_KEY]))
     assert "seal" in records[1] and "seal" not in records[0]
+    assert records[2]["format"] == "slotsmith-splice/2" and records[2]["slots"][0]["strength"] == 0.5
     for r in records:
         v.validate(r)
 
@@ -103,6 +106,13 @@ def test_schemas_refuse_what_slotsmith_refuses(made):
         {**record, "seal": {"x": "nothex"}},
         {**record, "slots": [{"file": "a.slot", "manifest": bad_manifests[0]}]},
         {**record, "extra": 1},
+    ]
+    blended = _meta(made["spliced"][2], SPLICE_KEY)
+    first, second = blended["slots"]
+    bad_records += [
+        {**blended, "format": "slotsmith-splice/1"},
+        {**blended, "slots": [{**first, "strength": 2.5}, second]},
+        {**blended, "slots": [{k: v for k, v in first.items() if k != "blended"}, second]},
     ]
     for doc in bad_records:
         assert not schema_validator("splice-record").is_valid(doc)

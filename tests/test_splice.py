@@ -10,14 +10,23 @@ import sys
 import numpy as np
 import pytest
 import safetensors.numpy
+import xxhash
 from click.testing import CliRunner
-from helpers import TINY, make_checkpoint, random_bytes, read_checkpoint_tensors, read_raw_safetensors
+from helpers import (
+    TINY,
+    blend_reference,
+    make_checkpoint,
+    random_bytes,
+    read_checkpoint_tensors,
+    read_raw_safetensors,
+)
 
 from slotsmith.cli import main
 from slotsmith.inventory import inventory_from_checkpoint
 from slotsmith.io import writer
 from slotsmith.layout import WanConfig
 from slotsmith.slot import write_slot
+from slotsmith.slotspec import SlotSpec
 from slotsmith.splice import splice
 
 FFN = "blocks.0.ffn.0.weight"  # (128, 64)
@@ -408,3 +417,83 @@ def test_overlapping_v3_slots_of_different_pool_counts_say_so(tmp_path):
         write_slot(tmp_path / f"{label}.slot", inv, data, selection=sel.record(), provenance={}, rows=sel.rows)
     _refused(tmp_path, [base.path, tmp_path / "a.slot", tmp_path / "b.slot"],
              "overlap: both hold rows", "their pool counts differ, 8 and 16")
+
+
+# --- strengths: FILE:S -----------------------------------------------------------------------------
+
+
+def _blended(base, slot, strength):
+    """``_expected`` of one slot applied at ``strength``: its regions blended with numpy."""
+    out = dict(base.tensors)
+    for name, (rows, data) in slot.items():
+        lo, hi = (0, len(data)) if rows is None else (rows[0] * base.row_bytes(name), rows[1] * base.row_bytes(name))
+        cur = out[name]
+        out[name] = cur[:lo] + blend_reference(cur[lo:hi], data, base.dtype, strength) + cur[hi:]
+    return out
+
+
+@pytest.mark.parametrize("dtype, shards", [("F32", None), ("BF16", None), ("F16", 2)])
+def test_strength_blends_the_slots_regions_and_records_them(tmp_path, dtype, shards):
+    base = make_checkpoint(tmp_path / ("base" if shards else "base.safetensors"), dtype=dtype, shards=shards)
+    a = _slot(tmp_path / "a.slot", base.path, {FFN: ((0, 40), 1), Q: (None, 2)}, dtype)
+    b = _slot(tmp_path / "b.slot", base.path, {BIAS: (None, 4)}, dtype)
+    out = tmp_path / ("out" if shards else "out.safetensors")
+    r = _run("splice", base.path, f"{tmp_path / 'a.slot'}:0.7", tmp_path / "b.slot", "-o", out, "-q")
+    assert r.exit_code == 0, r.output
+    expected = {**_blended(base, a, 0.7), BIAS: b[BIAS][1]}
+    got = read_checkpoint_tensors(out)
+    assert got == {base.key(n): v for n, v in expected.items()}
+    assert got[base.key(Q)] not in (base.tensors[Q], a[Q][1])
+    header, _ = read_raw_safetensors(next(out.glob("*.safetensors")) if shards else out)
+    record = json.loads(header["__metadata__"]["slotsmith.splice"])
+    assert record["format"] == "slotsmith-splice/2"
+    first, second = record["slots"]
+    assert first["strength"] == 0.7 and "strength" not in second and "blended" not in second
+    row_bytes = base.row_bytes(FFN)
+    regions = {FFN: expected[FFN][: 40 * row_bytes], Q: expected[Q]}
+    assert first["blended"] == {n: xxhash.xxh3_128_hexdigest(v) for n, v in regions.items()}
+    assert "  slot a.slot at strength 0.7\n  " in _run("inspect", out).output
+    assert _no_temp_left(tmp_path)
+
+
+def test_strength_one_is_the_plain_splice_byte_for_byte(tmp_path):
+    base = make_checkpoint(tmp_path / "base.safetensors", dtype="BF16")
+    _slot(tmp_path / "a.slot", base.path, {FFN: ((0, 40), 1)}, "BF16")
+    plain = splice(base.path, [tmp_path / "a.slot"], tmp_path / "plain.safetensors")
+    assert _run("splice", base.path, f"{tmp_path / 'a.slot'}:1", "-o", tmp_path / "one.safetensors").exit_code == 0
+    assert (tmp_path / "one.safetensors").read_bytes() == plain.read_bytes()
+    record = json.loads(read_raw_safetensors(plain)[0]["__metadata__"]["slotsmith.splice"])
+    assert record["format"] == "slotsmith-splice/1" and set(record["slots"][0]) == {"file", "manifest"}
+
+
+def test_strength_names_the_default_output_and_bad_strengths_are_refused(tmp_path, monkeypatch):
+    base = make_checkpoint(tmp_path / "base.safetensors")
+    _slot(tmp_path / "a.slot", base.path, {Q: (None, 1)})
+    _slot(tmp_path / "b.slot", base.path, {BIAS: (None, 2)})
+    monkeypatch.chdir(tmp_path)
+    for bad, message in (("2.5", "strength 2.5 is outside [0, 2]"), ("lots", "strength 'lots' is not a number")):
+        r = _run("splice", base.path, f"a.slot:{bad}")
+        assert r.exit_code == 1 and message in r.output and "Traceback" not in r.output
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a.slot", "b.slot", "base.safetensors"]
+    assert _run("splice", base.path, "a.slot:0.5", "b.slot", "-q").exit_code == 0
+    assert (tmp_path / "base+a@0.5+b.safetensors").is_file()
+
+
+def test_splicing_onto_a_strength_splice_keeps_its_blend(tmp_path):
+    base = make_checkpoint(tmp_path / "base.safetensors")
+    a = _slot(tmp_path / "a.slot", base.path, {FFN: ((0, 10), 1)})
+    b = _slot(tmp_path / "b.slot", base.path, {Q: (None, 2)})
+    first = splice(base.path, [SlotSpec(tmp_path / "a.slot", 1.5)], tmp_path / "first.safetensors")
+    second = splice(first, [SlotSpec(tmp_path / "b.slot", 0.25)], tmp_path / "second.safetensors")
+    expected = {**_blended(base, a, 1.5), Q: _blended(base, b, 0.25)[Q]}
+    assert read_checkpoint_tensors(second) == expected
+    record = json.loads(read_raw_safetensors(second)[0]["__metadata__"]["slotsmith.splice"])
+    assert [(s["file"], s["strength"]) for s in record["slots"]] == [("a.slot", 1.5), ("b.slot", 0.25)]
+    # The spliced base is checked as verify checks it: a changed blended region is refused.
+    data = bytearray(first.read_bytes())
+    header, _ = read_raw_safetensors(first)
+    start = 8 + int.from_bytes(data[:8], "little") + header[FFN]["data_offsets"][0]
+    data[start] ^= 0x40
+    (tmp_path / "bad.safetensors").write_bytes(bytes(data))
+    r = _run("splice", tmp_path / "bad.safetensors", tmp_path / "b.slot", "-o", tmp_path / "x.safetensors")
+    assert r.exit_code == 1 and "no longer holds the blend at strength 1.5 of slot 'a.slot'" in r.output

@@ -24,6 +24,7 @@ from slotsmith.io.header import read_header
 from slotsmith.manifest import METADATA_KEY, manifest_from_json
 from slotsmith.select import select_v2
 from slotsmith.slot import write_slot
+from slotsmith.slotspec import SlotSpec
 from slotsmith.splice import splice
 from slotsmith.splice_record import SPLICE_KEY
 
@@ -725,3 +726,73 @@ def test_v3_selection_is_checked_row_by_row(tmp_path):
     extracted = {"extracted_from": {"base": "b", "tuned": "t"}}
     assert selection_problems("s", manifest({name: (a, a + 1)}, extracted), inv) == []  # within: fine
     assert len(selection_problems("s", manifest({name: (b, b + 1)}, extracted), inv)) == 1
+
+
+# --- strength splices -------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def blended(tmp_path):
+    """A BF16 base, a row slot spliced at 0.7 beside a whole-tensor slot at 1."""
+    base = make_checkpoint(tmp_path / "base.safetensors", dtype="BF16")
+    a = _slot(tmp_path / "a.slot", base.path, [FFN, Q], 1, rows={FFN: (0, 40)})
+    b = _slot(tmp_path / "b.slot", base.path, [BIAS], 2)
+    out = splice(base.path, [SlotSpec(a, 0.7), b], tmp_path / "out.safetensors")
+    return {"base": base.path, "a": a, "b": b, "out": out, "dir": tmp_path}
+
+
+def _check(doc, file, check):
+    return next(c for c in doc["checks"] if c["file"] == str(file) and c["check"] == check)
+
+
+def test_strength_splice_passes_with_and_without_the_base(blended):
+    code, doc = _json("verify", blended["out"])
+    assert code == 0 and _check(doc, blended["out"], "slot bytes")["result"] == "pass"
+    skipped = _check(doc, blended["out"], "strength")
+    assert skipped["result"] == "skip" and "a.slot at 0.7: give --base" in skipped["detail"]
+    code, doc = _json("verify", blended["out"], blended["a"], blended["b"], "--base", blended["base"])
+    assert code == 0, _failed(doc)
+    assert _check(doc, blended["out"], "strength")["result"] == "pass"
+    code, doc = _json("verify", blended["out"], blended["b"], "--base", blended["base"])
+    assert code == 0 and "slot 'a.slot' (that version) is not among" in _check(doc, blended["out"], "strength")["detail"]
+
+
+def test_a_changed_blend_fails_slot_bytes_and_strength(blended):
+    out = blended["out"]
+    header, _ = read_raw_safetensors(out)
+    data = bytearray(out.read_bytes())
+    data[8 + int.from_bytes(data[:8], "little") + header[Q]["data_offsets"][0]] ^= 0x40
+    out.write_bytes(bytes(data))
+    code, doc = _json("verify", out, blended["a"], "--base", blended["base"])
+    assert code == 1 and {(str(out), "slot bytes"), (str(out), "strength")} <= _failed(doc)
+    detail = _check(doc, out, "slot bytes")["detail"]
+    assert f"tensor {Q!r} no longer holds the blend at strength 0.7 of slot 'a.slot'" in detail
+    assert f"{Q!r} is not {blended['base']} + 0.7 x (slot - base)" in _check(doc, out, "strength")["detail"]
+
+
+def test_a_record_claiming_another_strength_fails_the_strength_check(blended):
+    out = blended["out"]
+    record = json.loads(read_raw_safetensors(out)[0]["__metadata__"][SPLICE_KEY])
+    record["slots"][0]["strength"] = 0.5  # the digests still match the bytes: only recomputing tells
+    rewrite_metadata(out, out, SPLICE_KEY, json.dumps(record))
+    code, doc = _json("verify", out, blended["a"], "--base", blended["base"])
+    assert code == 1 and _failed(doc) == {(str(out), "strength")}
+
+
+@pytest.mark.parametrize(
+    "edit, problem",
+    [
+        (lambda r: r.update(format="slotsmith-splice/1"), "malformed splice record"),
+        (lambda r: r["slots"][0].update(strength=2.5), "strength 2.5 is not a number in [0, 2]"),
+        (lambda r: r["slots"][0].update(strength="0.7"), "strength '0.7' is not a number"),
+        (lambda r: r["slots"][0]["blended"].popitem(), "'blended' must give an xxh3-128 digest"),
+        (lambda r: r["slots"][0].pop("blended"), "malformed splice record"),
+    ],
+)
+def test_malformed_strength_records_are_refused(blended, edit, problem):
+    out = blended["out"]
+    record = json.loads(read_raw_safetensors(out)[0]["__metadata__"][SPLICE_KEY])
+    edit(record)
+    rewrite_metadata(out, out, SPLICE_KEY, json.dumps(record))
+    code, doc = _json("verify", out)
+    assert code == 1 and problem in _check(doc, out, "structure")["detail"]

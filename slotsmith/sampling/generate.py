@@ -70,26 +70,37 @@ class Renderer:
         padded[: context.shape[0]] = context
         return padded.unsqueeze(0).to(self.device, dtype)
 
-    def render(self, model: torch.nn.Module, spec: SampleSpec) -> np.ndarray:
+    def render(
+        self, model: torch.nn.Module, spec: SampleSpec, high: torch.nn.Module | None = None,
+        boundary: float | None = None,
+    ) -> np.ndarray:
         """Sample one image or video (see ``render_batch``).
 
         Returns:
             ``uint8 [frames, height, width, 3]``.
         """
-        return self.render_batch(model, [spec])[0]
+        return self.render_batch(model, [spec], high, boundary)[0]
 
     @torch.no_grad()
-    def render_batch(self, model: torch.nn.Module, specs: Sequence[SampleSpec]) -> list[np.ndarray]:
+    def render_batch(
+        self, model: torch.nn.Module, specs: Sequence[SampleSpec], high: torch.nn.Module | None = None,
+        boundary: float | None = None,
+    ) -> list[np.ndarray]:
         """Sample several prompts at once; each result equals that spec rendered alone.
 
         Every spec's noise comes from its own generator seeded by its seed;
-        the global random state is left as it was, and so is the model's
-        train/eval mode.
+        the global random state is left as it was, and so are the models'
+        train/eval modes.
 
         Args:
-            model: A ``WanTransformer3DModel`` (any placement: offloaded, fp8...).
+            model: A ``WanTransformer3DModel`` (any placement: offloaded, fp8...);
+                with ``high``, the low-noise expert.
             specs: What to sample; all with the same size, frames, steps,
                 guidance, flow shift and negative prompt.
+            high: Wan 2.2 A14B's high-noise expert: it denoises the steps whose
+                timestep is at or above ``boundary`` x 1000, ``model`` the rest
+                (``WanPipeline``'s ``transformer`` and ``transformer_2``).
+            boundary: The expert boundary in (0, 1); needed with ``high``.
 
         Returns:
             ``uint8 [frames, height, width, 3]`` per spec.
@@ -106,12 +117,17 @@ class Renderer:
             prediction_type="flow_prediction", use_flow_sigmas=True, num_train_timesteps=1000,
             flow_shift=first.flow_shift,
         )
-        pipe = WanPipeline(tokenizer=None, text_encoder=None, vae=self.vae, scheduler=scheduler, transformer=model)
+        # WanPipeline: `transformer` takes t >= boundary_ratio * 1000 (high noise), `transformer_2` the rest.
+        experts = {} if high is None else {"transformer_2": model, "boundary_ratio": boundary}
+        pipe = WanPipeline(tokenizer=None, text_encoder=None, vae=self.vae, scheduler=scheduler,
+                           transformer=model if high is None else high, **experts)
         pipe.set_progress_bar_config(disable=not self.progress, leave=False, desc=first.prompt[:30])
         dtype = model.dtype if self.amp_dtype is None else torch.float32
         guided = first.guidance > 1.0
-        was_training = model.training
-        model.eval()
+        models = [model] if high is None else [model, high]
+        was_training = [m.training for m in models]
+        for m in models:
+            m.eval()
         amp = torch.autocast(self.device.type, dtype=self.amp_dtype) if self.amp_dtype else nullcontext()
         devices = [self.device] if self.device.type == "cuda" else []
         try:
@@ -126,7 +142,8 @@ class Renderer:
                     generator=[torch.Generator(self.device).manual_seed(s.seed) for s in specs], output_type="np",
                 ).frames
         finally:
-            model.train(was_training)
+            for m, mode in zip(models, was_training):
+                m.train(mode)
         return [(np.clip(np.asarray(f, dtype=np.float32), 0, 1) * 255).round().astype(np.uint8) for f in frames]
 
 

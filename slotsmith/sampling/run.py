@@ -1,9 +1,10 @@
 """``slotsmith sample``: a base, slots overlaid in memory, prompts -> PNGs, MP4s or a contact sheet.
 
 Order of work, so bad input fails fast: settings and prompts; the base's
-headers; every slot through exactly the checks ``splice`` runs
-(``slotsmith.splice.check_slots``); the encoders' paths. Only then are the
-text encoder (prompts encoded, then freed), the VAE and the DiT loaded.
+headers (and ``--base-high``'s); every slot through exactly the checks
+``splice`` runs (``slotsmith.splice.check_slots``), each against its own
+expert's base; the encoders' paths. Only then are the text encoder (prompts
+encoded, then freed), the VAE and the DiT (or both experts) loaded.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ import torch
 
 from slotsmith import __version__
 from slotsmith.errors import SlotsmithError
+from slotsmith.inventory import Inventory
 from slotsmith.layout import WanConfig
 from slotsmith.sampling.generate import (
     AMP_DTYPES,
@@ -51,6 +53,9 @@ class SampleOptions:
     tokenizer: str
     out: str
     slots: tuple[str, ...] = ()
+    base_high: str | None = None
+    slots_high: tuple[str, ...] = ()
+    boundary: float | None = None
     prompts: tuple[str, ...] = ()
     prompts_file: str | None = None
     defaults: SampleSpec = field(default_factory=lambda: SampleSpec(prompt=""))
@@ -216,6 +221,92 @@ def refuse_image_to_video(cfg: WanConfig, base_name, what: str) -> None:
         )
 
 
+@dataclass
+class HighExpert:
+    """Wan 2.2 A14B's high-noise expert (``--base-high``), checked; its model once loaded.
+
+    Attributes:
+        inventory: Its base's inventory.
+        cfg: Its sizes.
+        head_dim: Its attention head size.
+        variant: Its slots (``--slot-high``), checked against its base.
+        boundary: Where it hands over to the low-noise expert, in (0, 1).
+        boundary_from: ``--boundary`` or the known model whose layout gave it.
+        model: The loaded expert, slots applied (None until loaded).
+    """
+
+    inventory: Inventory
+    cfg: WanConfig
+    head_dim: int
+    variant: Variant
+    boundary: float
+    boundary_from: str
+    model: torch.nn.Module | None = None
+
+    def made_with(self) -> dict:
+        """What a sample records about the high-noise expert."""
+        mine = self.variant.made_with(Path(self.inventory.source).name, self.inventory.layout_digest())
+        return {"base_high": mine["base"], "slots_high": mine["slots"], "boundary": self.boundary}
+
+
+def check_high_expert(opts: SampleOptions, low: Inventory) -> HighExpert | None:
+    """``--base-high`` and its ``--slot-high`` slots, checked as the low expert's are (no weights load).
+
+    Args:
+        opts: The settings.
+        low: The ``--base`` inventory (the low-noise expert).
+
+    Returns:
+        The checked high-noise expert, or None without ``--base-high``.
+
+    Raises:
+        SlotsmithError: ``--slot-high`` or ``--boundary`` without ``--base-high``;
+            a boundary outside (0, 1), or none (a base of no two-expert
+            layout and no ``--boundary``); a ``--base-high`` of another
+            layout; a high slot that fails splice's checks on it.
+    """
+    from slotsmith.training.preflight import expert_boundary  # preflight imports this module
+
+    if opts.base_high is None:
+        if opts.slots_high:
+            raise SlotsmithError("--slot-high needs --base-high (the high-noise expert its slots go into)")
+        if opts.boundary is not None:
+            raise SlotsmithError("--boundary goes with --base-high (where the two experts hand over)")
+        return None
+    if opts.boundary is not None and not 0 < opts.boundary < 1:
+        raise SlotsmithError(f"--boundary {opts.boundary} must be in (0, 1)")
+    boundary, source = expert_boundary(low, opts.boundary, "--base-high")
+    inventory, cfg, head_dim = inspect_base(opts.base_high, opts.head_dim)
+    if inventory.layout_digest() != low.layout_digest():
+        raise SlotsmithError(
+            f"{inventory.source}: --base-high has layout {inventory.layout_digest()}, but --base {low.source} has "
+            f"{low.layout_digest()}: the two experts of one model share a layout"
+        )
+    given = [parse_slot_spec(s) for s in opts.slots_high]
+    (variant,) = check_variants(inventory, [("+".join(s.label for s in given) or BASE_LABEL, given)])
+    return HighExpert(inventory, cfg, head_dim, variant, boundary, source)
+
+
+def load_model(inventory: Inventory, cfg: WanConfig, head_dim: int, variants: Sequence[Variant], opts: SampleOptions,
+               device: torch.device) -> tuple[torch.nn.Module, SlotOverlay | None]:
+    """Load a base, attach the overlay its variants need, and place it as ``train`` places a base.
+
+    Returns:
+        The model and its overlay (None when no variant has a slot).
+    """
+    base = load_inspected(inventory, cfg, head_dim)
+    model = base.model
+    compute_dtype = base.dtype
+    if opts.fp8_base and base.dtype != torch.bfloat16:
+        compute_dtype = torch.bfloat16
+        for p in model.parameters():
+            p.data = p.data.to(torch.bfloat16)
+    touched = sorted({e.name for v in variants for s, _ in v.slots for e in s.manifest.entries})
+    overlay = SlotOverlay(model, touched, device, compute_dtype) if touched else None
+    place(model, device, opts.fp8_base, opts.offload_blocks)
+    return model, overlay
+
+
 def run_sample(opts: SampleOptions, say: Callable[[str], None] = lambda _: None) -> list[Path]:
     """Run ``slotsmith sample`` (see the module docstring).
 
@@ -246,6 +337,7 @@ def run_sample(opts: SampleOptions, say: Callable[[str], None] = lambda _: None)
         given = [parse_slot_spec(s) for s in opts.slots]
         columns = [("+".join(s.label for s in given) or BASE_LABEL, given)]
     variants = check_variants(inventory, columns)
+    high = check_high_expert(opts, inventory)
     for name, path in (("--vae", opts.vae), ("--t5", opts.t5), ("--tokenizer", opts.tokenizer)):
         if not Path(path).exists():
             raise SlotsmithError(f"{path}: no such file ({name})")
@@ -268,16 +360,14 @@ def run_sample(opts: SampleOptions, say: Callable[[str], None] = lambda _: None)
         renderer.check(spec, cfg.patch_size)
 
     say(f"loading {inventory.source}")
-    base = load_inspected(inventory, cfg, head_dim)
-    model = base.model
-    compute_dtype = base.dtype
-    if opts.fp8_base and base.dtype != torch.bfloat16:
-        compute_dtype = torch.bfloat16
-        for p in model.parameters():
-            p.data = p.data.to(torch.bfloat16)
-    touched = sorted({e.name for v in variants for s, _ in v.slots for e in s.manifest.entries})
-    overlay = SlotOverlay(model, touched, device, compute_dtype) if touched else None
-    place(model, device, opts.fp8_base, opts.offload_blocks)
+    model, overlay = load_model(inventory, cfg, head_dim, variants, opts, device)
+    expert_args = {}
+    if high is not None:
+        say(f"loading {high.inventory.source} (high-noise expert, from timestep {high.boundary:g} x 1000 up)")
+        high.model, high_overlay = load_model(high.inventory, high.cfg, high.head_dim, [high.variant], opts, device)
+        if high_overlay is not None:
+            high_overlay.apply(high.variant)
+        expert_args = {"high": high.model, "boundary": high.boundary}
 
     base_name = Path(inventory.source).name
     layout = inventory.layout_digest()
@@ -288,10 +378,10 @@ def run_sample(opts: SampleOptions, say: Callable[[str], None] = lambda _: None)
     for variant in variants:
         if overlay is not None:
             overlay.apply(variant)
-        made_with = variant.made_with(base_name, layout)
+        made_with = {**variant.made_with(base_name, layout), **(high.made_with() if high else {})}
         for i, spec in enumerate(specs):
             say(f"sampling {variant.label}: {spec.prompt!r} (seed {spec.seed})")
-            frames = renderer.render(model, spec)
+            frames = renderer.render(model, spec, **expert_args)
             meta = record(spec, made_with)
             if opts.grid:
                 cells[i].append(frames[0])

@@ -96,19 +96,36 @@ def expert_range(
         if settings.boundary is not None:
             raise SlotsmithError("--boundary only makes sense with --expert")
         return (0.0, 1.0), None, None
-    if settings.boundary is not None:
-        boundary, source = settings.boundary, "--boundary"
-    else:
-        source = inventory.known_model(settings.expert)
-        experts = KNOWN_MODELS[source].experts if source else None
-        if not experts:
-            two = ", ".join(name for name, model in KNOWN_MODELS.items() if model.experts)
-            raise SlotsmithError(
-                f"{inventory.source}: --expert needs the expert boundary, and the base's shapes match no "
-                f"two-expert Wan 2.2 layout ({two}); give --boundary"
-            )
-        boundary = experts["low"][1]
+    boundary, source = expert_boundary(inventory, settings.boundary, "--expert")
     return ((boundary, 1.0) if settings.expert == "high" else (0.0, boundary)), boundary, source
+
+
+def expert_boundary(inventory: Inventory, given: float | None, option: str) -> tuple[float, str]:
+    """Where the high-noise expert hands over to the low-noise one, as a fraction of the timesteps.
+
+    Args:
+        inventory: A base of the model.
+        given: ``--boundary``, when given.
+        option: The option that needs the boundary, for the message.
+
+    Returns:
+        ``(boundary, where it came from)``: ``--boundary``, or the name of
+        the known two-expert model whose layout the base's shapes match.
+
+    Raises:
+        SlotsmithError: No ``given`` boundary and no two-expert layout matches.
+    """
+    if given is not None:
+        return given, "--boundary"
+    source = inventory.known_model("low")
+    experts = KNOWN_MODELS[source].experts if source else None
+    if not experts:
+        two = ", ".join(name for name, model in KNOWN_MODELS.items() if model.experts)
+        raise SlotsmithError(
+            f"{inventory.source}: {option} needs the expert boundary, and the base's shapes match no "
+            f"two-expert Wan 2.2 layout ({two}); give --boundary"
+        )
+    return experts["low"][1], source
 
 
 def check_taken(out: Path, inventory: Inventory, selection: Selection, expert: str | None) -> None:

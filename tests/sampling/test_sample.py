@@ -255,3 +255,114 @@ def test_random_module_is_not_touched(world):
     random.seed(5)
     _renderer(world, [SPEC]).render(wan.load_base(world["base"]).model, SPEC)
     assert random.random() == expected
+
+
+# --- splice FILE:S holds what the overlay computes ---------------------------------------------------
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_splice_at_a_strength_holds_the_overlays_tensors_bit_for_bit(tmp_path, dtype):
+    """The model sees the overlay's fp32 blend cast to its dtype; splice FILE:0.7 must write exactly that."""
+    from safetensors.torch import load_file
+
+    torch.manual_seed(4)
+    model = wan.build_model(tiny.TINY_CONFIG, tiny.TINY_HEAD_DIM)
+    base = tmp_path / "dit.safetensors"
+    save_file({k: v.to(dtype).contiguous() for k, v in wan.native_state_dict(model).items()}, base)
+    (tmp_path / "config.json").write_text(json.dumps({"attention_head_dim": tiny.TINY_HEAD_DIM}))
+    inventory = inventory_from_checkpoint(base)
+    whole, rows = "blocks.0.self_attn.q.weight", "blocks.1.ffn.0.weight"
+    tensors = wan.read_tensors(inventory, [whole, rows])
+    g = torch.Generator().manual_seed(5)
+    new = {n: (t.float() + 0.1 * torch.randn(t.shape, generator=g)).to(dtype) for n, t in tensors.items()}
+    new[rows] = new[rows][3:9]
+    write_slot(tmp_path / "a.slot", inventory, {n: t.contiguous().view(torch.uint8).numpy().tobytes()
+                                                for n, t in new.items()},
+               selection=None, provenance={"test": True}, rows={rows: (3, 9)})
+    spliced = load_file(splice(base, [SlotSpec(tmp_path / "a.slot", 0.7)], tmp_path / "out.safetensors"))
+
+    (variant,) = check_variants(inventory, [("a", [SlotSpec(tmp_path / "a.slot", 0.7)])])
+    loaded = wan.load_inspected(inventory, *wan.inspect_base(base)[1:])
+    overlay = SlotOverlay(loaded.model, [whole, rows], "cpu", loaded.dtype)
+    overlay.apply(variant)
+    for name in (whole, rows):
+        fed = overlay.params[name].detach().to(dtype)  # what the pre-hook hands the module
+        assert spliced[name].dtype == dtype
+        assert torch.equal(spliced[name].view(torch.uint8), fed.contiguous().view(torch.uint8)), name
+    assert torch.equal(spliced[rows][:3], tensors[rows][:3]) and not torch.equal(spliced[whole], tensors[whole])
+
+
+# --- Wan 2.2 A14B: --base-high ------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def high(world):
+    """A second tiny DiT of the same layout (the high-noise expert) and a slot made on it."""
+    folder = world["root"] / "high"
+    folder.mkdir()
+    torch.manual_seed(1)
+    path = folder / "dit-high.safetensors"
+    save_file({k: v.contiguous() for k, v in wan.native_state_dict(
+        wan.build_model(tiny.TINY_CONFIG, tiny.TINY_HEAD_DIM)).items()}, path)
+    (folder / "config.json").write_text(json.dumps({"attention_head_dim": tiny.TINY_HEAD_DIM}))
+    return {"base": path, "slot": _slot(world["root"] / "high.slot", path, 1, 11)}
+
+
+def _png(world, out, *extra):
+    from PIL import Image
+
+    result = CliRunner().invoke(main, _args(world, out, "-p", "a red cat sits", "--steps", "2", *extra))
+    assert result.exit_code == 0, result.output
+    (png,) = out.glob("*.png")
+    return np.asarray(Image.open(png)), read_metadata(png)
+
+
+@pytest.mark.slow  # samples five times
+def test_base_high_denoises_the_steps_above_the_boundary(world, high, tmp_path):
+    """2 steps at flow shift 5 are timesteps 999 and 833: with --boundary 0.9 the high expert takes
+    the first (t >= 900, WanPipeline's `transformer`), the low one the second (`transformer_2`)."""
+    low_alone, _ = _png(world, tmp_path / "low")
+    high_alone, _ = _png({**world, "base": high["base"]}, tmp_path / "high", "--slot", f"{high['slot']}:0.5")
+    both, meta = _png(world, tmp_path / "both", "--base-high", str(high["base"]), "--boundary", "0.9",
+                      "--slot-high", f"{high['slot']}:0.5")
+    assert not np.array_equal(both, low_alone) and not np.array_equal(both, high_alone)
+    from slotsmith.slot import read_slot
+
+    assert meta["base_high"] == {"file": "dit-high.safetensors",
+                                 "layout_digest": inventory_from_checkpoint(high["base"]).layout_digest()}
+    assert meta["slots_high"] == [{"file": "high.slot", "digest": read_slot(high["slot"]).manifest.digest,
+                                   "strength": 0.5}]
+    assert meta["boundary"] == 0.9 and meta["base"]["file"] == "dit.safetensors" and meta["slots"] == []
+    # The same file as both experts is one model throughout (guidance_scale_2 defaults to guidance_scale).
+    same, _ = _png(world, tmp_path / "same", "--base-high", str(world["base"]), "--boundary", "0.9")
+    assert np.array_equal(same, low_alone)
+    # A boundary above every step leaves all of them to the low expert.
+    all_low, _ = _png(world, tmp_path / "all-low", "--base-high", str(high["base"]), "--boundary", "0.999999")
+    assert np.array_equal(all_low, low_alone)
+
+
+@pytest.mark.parametrize(
+    "extra, message",
+    [
+        (["--slot-high", "{one}"], "--slot-high needs --base-high (the high-noise expert its slots go into)"),
+        (["--boundary", "0.5"], "--boundary goes with --base-high"),
+        (["--base-high", "{high}"], "{base}: --base-high needs the expert boundary, and the base's shapes match no "
+                                    "two-expert Wan 2.2 layout (wan2.2-t2v-a14b, wan2.2-i2v-a14b); give --boundary"),
+        (["--base-high", "{high}", "--boundary", "1"], "--boundary 1.0 must be in (0, 1)"),
+        (["--base-high", "{high}", "--boundary", "0.9", "--slot-high", "{one}"], "wrong base"),
+        (["--base-high", "{high}", "--boundary", "0.9", "--slot-high", "{high_slot}:4"], "outside [0, 2]"),
+    ],
+)
+def test_expert_input_is_refused_before_any_weight_loads(world, high, tmp_path, monkeypatch, extra, message):
+    names = {"one": world["one"], "high": high["base"], "high_slot": high["slot"], "base": world["base"]}
+    extra = [e.format(**names) for e in extra]
+    assert message.format(**names) in _refused_before_loading(monkeypatch, world, tmp_path, *extra)
+
+
+def test_base_high_of_another_layout_is_refused(world, tmp_path, monkeypatch):
+    other = tmp_path / "other.safetensors"
+    save_file({k: v.contiguous() for k, v in wan.native_state_dict(
+        wan.build_model(tiny.TINY_TI2V_CONFIG, tiny.TINY_HEAD_DIM)).items()}, other)
+    (tmp_path / "config.json").write_text(json.dumps({"attention_head_dim": tiny.TINY_HEAD_DIM}))
+    output = _refused_before_loading(monkeypatch, world, tmp_path, "--base-high", str(other), "--boundary", "0.9")
+    assert f"{other}: --base-high has layout" in output and "the two experts of one model share a layout" in output
