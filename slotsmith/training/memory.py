@@ -5,9 +5,10 @@ The estimate adds up, per place (host RAM, the training device):
 - the frozen weights, at the dtype each is stored in (read off the empty
   model ``wan.empty_training_model`` builds: float8 where ``--fp8-base``
   casts, the compute dtype for the norms and embeddings it skips, the
-  file's dtype otherwise), on the host with ``--offload-blocks`` (the device
-  then holds two blocks at a time, the one running and the one arriving) or
-  on the device without;
+  file's dtype otherwise), on the device, except the blocks
+  ``--offload-blocks`` keeps on the host (all, or the last N: the device
+  then also holds two of them at a time, the one running and the one
+  arriving);
 - the slot: fp32 masters and their gradients, the optimizer's state (AdamW 8
   bytes a parameter, 8-bit AdamW 2, Adafactor about 1) and a compute-dtype
   copy, on the device;
@@ -38,6 +39,7 @@ from slotsmith.io.header import read_header
 from slotsmith.layout import WanConfig
 from slotsmith.names import native_to_diffusers
 from slotsmith.train import TrainSettings
+from slotsmith.training.knobs import ALL_BLOCKS
 from slotsmith.training.preflight import RunPlan
 
 SKIP_ENV = "SLOTSMITH_SKIP_MEMORY_CHECK"
@@ -180,28 +182,27 @@ def activation_bytes(
     return cfg.num_layers * per_block
 
 
-def _frozen_bytes(model: torch.nn.Module, slot: set[str], compute_bytes: int) -> tuple[int, int, int, int]:
+def _frozen_bytes(model: torch.nn.Module, slot: set[str], compute_bytes: int) -> tuple[int, list[int], int]:
     """Frozen weights as the empty model stores them, in bytes.
 
     Returns:
-        (all of them, those in blocks, the largest block, the largest block's
-        float8 part at the compute dtype: what casting it for its forward adds).
+        (all of them, each block's in block order, the largest block's float8
+        part at the compute dtype: what casting it for its forward adds).
     """
-    total = blocks = 0
-    per_block: dict[str, int] = {}
-    cast: dict[str, int] = {}
+    total = 0
+    per_block: dict[int, int] = {}
+    cast: dict[int, int] = {}
     for name, p in model.named_parameters():
         if name in slot:
             continue
         n = p.numel() * p.element_size()
         total += n
         if name.startswith("blocks."):
-            blocks += n
-            key = name.split(".")[1]
-            per_block[key] = per_block.get(key, 0) + n
+            index = int(name.split(".")[1])
+            per_block[index] = per_block.get(index, 0) + n
             if p.element_size() < compute_bytes:
-                cast[key] = cast.get(key, 0) + p.numel() * compute_bytes
-    return total, blocks, max(per_block.values(), default=0), max(cast.values(), default=0)
+                cast[index] = cast.get(index, 0) + p.numel() * compute_bytes
+    return total, [per_block[i] for i in sorted(per_block)], max(cast.values(), default=0)
 
 
 def estimate(
@@ -212,7 +213,7 @@ def estimate(
     *,
     device: torch.device,
     compute_dtype: torch.dtype,
-    offload: bool,
+    offload_blocks: int,
     checkpointing: bool,
     optimizer: str,
     latent: tuple[int, ...],
@@ -230,7 +231,8 @@ def estimate(
         slot_names: Canonical names of the slot's tensors.
         device: The training device.
         compute_dtype: The dtype the model computes in.
-        offload: ``--offload-blocks``.
+        offload_blocks: ``--offload-blocks``: 0 none, N the last N blocks,
+            ``knobs.ALL_BLOCKS`` all.
         checkpointing: ``--gradient-checkpointing``.
         optimizer: ``--optimizer``.
         latent: ``[C, F, H, W]`` of the largest cached latent.
@@ -246,7 +248,12 @@ def estimate(
     rows = rows or {}
     slot = {native_to_diffusers(n) for n in slot_names if n not in rows}
     compute_bytes = torch.empty((), dtype=compute_dtype).element_size()
-    frozen, in_blocks, largest_block, transient = _frozen_bytes(model, slot, compute_bytes)
+    frozen, blocks, transient = _frozen_bytes(model, slot, compute_bytes)
+    # As knobs.place_model puts them: the last N blocks on the host; with every block offloaded,
+    # diffusers' group offload moves the weights outside the blocks there too.
+    every = offload_blocks == ALL_BLOCKS or offload_blocks >= len(blocks)
+    offloaded = blocks if every else blocks[len(blocks) - offload_blocks:] if offload_blocks else []
+    host_frozen = frozen if every else sum(offloaded)
 
     def trained(name: str) -> int:
         whole = inventory.tensors[name]
@@ -266,15 +273,16 @@ def estimate(
     parts = {
         "runtime": ("host", runtime),
         "read buffer": ("host", 2 * buffer),  # the buffer and one converted tensor
-        "frozen weights": ("host" if offload or on_cpu else dev, frozen),
+        "frozen weights": ("host", frozen) if on_cpu else (dev, frozen - host_frozen),
         "slot (masters, grads, optimizer)": (dev, slot_bytes),
         "activations": (dev, acts),
         "cast block": (dev, transient),
         "workspace": (dev, WORKSPACE_BYTES),
     }
-    if offload and not on_cpu:
-        # Two blocks (the one running, the one arriving) and everything outside the blocks.
-        parts["onloaded blocks"] = (dev, 2 * largest_block + frozen - in_blocks)
+    if offloaded and not on_cpu:
+        parts["offloaded weights"] = ("host", host_frozen)
+        # Two blocks on the device at a time (the one running, the one arriving), and what is outside the blocks.
+        parts["onloaded blocks"] = (dev, sum(sorted(offloaded)[-2:]) + (frozen - sum(blocks) if every else 0))
     host = sum(n for place, n in parts.values() if place == "host")
     device_total = None if on_cpu else sum(n for place, n in parts.values() if place == "device")
     return MemoryEstimate(host, device_total, parts, processes)
@@ -309,7 +317,8 @@ def run_estimate(
     compute = torch.bfloat16 if fp8 else base_dtype(plan.inventory)
     return estimate(
         model, plan.inventory, plan.config, list(plan.selection.tensors), device=device, compute_dtype=compute,
-        offload=options.get("offload_blocks", settings.offload_blocks),
+        # check_fits asks for "with --offload-blocks" as True: every block.
+        offload_blocks=ALL_BLOCKS if options.get("offload_blocks") is True else settings.offload_blocks,
         checkpointing=options.get("gradient_checkpointing", settings.gradient_checkpointing),
         optimizer=settings.optimizer, latent=largest_latent(settings.cache, plan.cache_index),
         batch=settings.batch_size, processes=processes, rows=plan.selection.rows,

@@ -12,6 +12,7 @@ from slotsmith.names import native_to_diffusers
 from slotsmith.select import select_v2
 from slotsmith.train import TrainSettings
 from slotsmith.training import memory, wan
+from slotsmith.training.knobs import ALL_BLOCKS
 
 CFG = dataclasses.replace(tiny.TINY_CONFIG, num_layers=8)
 """Enough blocks for offloading and checkpointing to pay (with 2, two blocks are the whole model)."""
@@ -29,12 +30,12 @@ class _Inventory:
         self.checkpoint = SimpleNamespace(tensors={n: (None, i) for n, i in infos.items()})
 
 
-def _estimate(fp8=False, device="cpu", offload=False, checkpointing=False, latent=(16, 1, 8, 8)):
+def _estimate(fp8=False, device="cpu", offload=0, checkpointing=False, latent=(16, 1, 8, 8)):
     inventory = _Inventory()
     slot = list(select_v2({n: t.numel for n, t in inventory.tensors.items()}, 0.05, 1).tensors)
     model, compute = wan.empty_training_model(CFG, tiny.TINY_HEAD_DIM, torch.bfloat16, fp8)
     return memory.estimate(
-        model, inventory, CFG, slot, device=torch.device(device), compute_dtype=compute, offload=offload,
+        model, inventory, CFG, slot, device=torch.device(device), compute_dtype=compute, offload_blocks=offload,
         checkpointing=checkpointing, optimizer="adamw", latent=latent, batch=1, runtime_bytes=10**8,
     ), slot
 
@@ -54,12 +55,26 @@ def test_fp8_halves_the_frozen_weights_and_the_slot_is_counted_apart():
 
 
 def test_offload_keeps_the_frozen_weights_on_the_host_of_a_gpu_run():
-    (on_device, _), (offloaded, _) = _estimate(device="cuda"), _estimate(device="cuda", offload=True)
+    (on_device, _), (offloaded, _) = _estimate(device="cuda"), _estimate(device="cuda", offload=ALL_BLOCKS)
     frozen = on_device.parts["frozen weights"][1]
     assert on_device.parts["frozen weights"] == ("device", frozen)
-    assert offloaded.parts["frozen weights"] == ("host", frozen)
+    assert offloaded.parts["offloaded weights"] == ("host", frozen)
     assert offloaded.host - on_device.host == frozen
     assert offloaded.device < on_device.device
+
+
+def test_offloading_the_last_n_blocks_moves_just_those_to_the_host():
+    (on_device, slot), (one, _) = _estimate(device="cuda"), _estimate(device="cuda", offload=1)
+    (three, _), (every, _) = _estimate(device="cuda", offload=3), _estimate(device="cuda", offload=ALL_BLOCKS)
+    last = CFG.num_layers - 1
+    # Frozen bytes of the last block, bf16, counted from the inventory apart from the code under test.
+    last_block = 2 * sum(t.numel for n, t in _Inventory().tensors.items()
+                         if n.startswith(f"blocks.{last}.") and n not in slot)
+    assert one.host - on_device.host == last_block
+    assert one.parts["frozen weights"] == ("device", on_device.parts["frozen weights"][1] - last_block)
+    # One offloaded block is on the device only while it runs; with three, at most two of them are.
+    assert one.device == on_device.device and on_device.device > three.device > every.device
+    assert on_device.host < one.host < three.host < every.host
 
 
 def test_activations_grow_with_tokens_and_checkpointing_keeps_fewer():
