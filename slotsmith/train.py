@@ -87,6 +87,8 @@ class TrainSettings:
     clip: str | None = _option(None, "With --data: CLIP vision encoder folder for Wan 2.1 I2V's image features "
                                "(implies --i2v).", metavar="DIR")
     skip_bad: bool = _option(False, "With --data: leave bad items out, as `slotsmith cache --skip-bad` does.")
+    no_reuse_musubi: bool = _option(False, "With --data: encode everything, even what musubi-tuner's cache files "
+                                    "hold, as `slotsmith cache --no-reuse-musubi` does.")
     out: str = _option("", "The .slot file to write.", aliases=("--output", "-o"), metavar="FILE", cli_default=None)
     ff: float | None = _option(None, "Fraction of the model's parameters, as in `plan`.")
     ffid: int | None = _option(None, "Pool id 0..POOLS-1 (0..7 for v2), as in `plan`.")
@@ -196,6 +198,8 @@ class TrainSettings:
             )
         if not self.data and self.skip_bad:
             raise SlotsmithError("--skip-bad goes with --data (a --cache folder holds only the items it was made of)")
+        if not self.data and self.no_reuse_musubi:
+            raise SlotsmithError("--no-reuse-musubi goes with --data (it says how to cache; a --cache folder is made)")
         check_selection_args(self.algorithm, self.ff, self.ffid, self.pools)
         if (self.steps is None) == (self.epochs is None):
             raise SlotsmithError("give exactly one of --steps and --epochs")

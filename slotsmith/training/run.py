@@ -236,12 +236,12 @@ def _prepare(settings: TrainSettings, accelerator, show: bool) -> _Run:
         with accelerator.main_process_first():
             cache_dir, skipped = ensure_cache(
                 settings.data, settings.vae, settings.t5, settings.tokenizer, skip_bad=settings.skip_bad, progress=show,
-                i2v=settings.i2v, clip=settings.clip,
+                i2v=settings.i2v, clip=settings.clip, reuse_musubi=not settings.no_reuse_musubi,
             )
         # From here on the run is a run on that cache folder (the same one --cache would name).
         settings = dataclasses.replace(
             settings, cache=str(cache_dir), data="", vae=None, t5=None, tokenizer=None, skip_bad=False,
-            i2v=False, clip=None,
+            i2v=False, clip=None, no_reuse_musubi=False,
         )
     with phase("checking the cache", show):
         plan = plan_run(settings, accelerator.num_processes, base_plan)

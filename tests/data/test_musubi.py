@@ -289,23 +289,38 @@ def test_a_yaml_dataset_never_looks_for_musubi_files(models, world):
     assert "from musubi-tuner" not in report.summary()
 
 
-def test_train_runs_on_what_was_taken_from_musubi(models, world):
+def _tiny_base(world: Path) -> Path:
     from slotsmith.demo import tiny
     from slotsmith.training import wan
 
-    assert _cache(models, world).latents_from_musubi == 4
     torch.manual_seed(0)
     base = world / "base" / "dit.safetensors"
     base.parent.mkdir()
     model = wan.build_model(tiny.TINY_CONFIG, tiny.TINY_HEAD_DIM)
     save_file({k: v.contiguous() for k, v in wan.native_state_dict(model).items()}, str(base))
     (base.parent / "config.json").write_text(json.dumps({"attention_head_dim": tiny.TINY_HEAD_DIM}))
-    out = world / "char1.slot"
-    # No encoders: the dataset's cache must be complete as it is.
-    result = CliRunner().invoke(main, ["train", "-b", str(base), "--data", str(world / "dataset.toml"), "--ff", "0.05",
-                                       "--ffid", "1", "--steps", "2", "--lr", "1e-3", "-o", str(out), "-q"])
+    return base
+
+
+def _train(world: Path, *extra: str):
+    return CliRunner().invoke(main, ["train", "-b", str(_tiny_base(world)), "--data", str(world / "dataset.toml"),
+                                     "--ff", "0.05", "--ffid", "1", "--steps", "2", "--lr", "1e-3",
+                                     "-o", str(world / "char1.slot"), "-q", *extra])
+
+
+def test_train_runs_on_what_was_taken_from_musubi(models, world):
+    assert _cache(models, world).latents_from_musubi == 4
+    result = _train(world)  # no encoders: the dataset's cache must be complete as it is
     assert result.exit_code == 0, result.output
-    assert out.is_file()
+    assert (world / "char1.slot").is_file()
+
+
+def test_train_no_reuse_musubi_encodes_everything_itself(models, world):
+    result = _train(world, "--vae", models["vae"], "--t5", models["t5"], "--tokenizer", models["tokenizer"],
+                    "--no-reuse-musubi")
+    assert result.exit_code == 0, result.output
+    index = json.loads((_cache_dir(world) / "index.json").read_text())
+    assert "musubi" not in index and not any("musubi" in item for item in index["items"])
 
 
 def test_the_cache_command_says_which_files_it_did_not_take(models, world):

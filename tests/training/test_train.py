@@ -389,6 +389,8 @@ def _cli_args(world, out, *extra):
          "--boundary nan must be a finite number"),
         (["--ff", "0.05", "--ffid", "1", "--skip-bad"], "--skip-bad goes with --data (a --cache folder holds only "
          "the items it was made of)"),
+        (["--ff", "0.05", "--ffid", "1", "--no-reuse-musubi"], "--no-reuse-musubi goes with --data (it says how to "
+         "cache; a --cache folder is made)"),
     ],
 )
 def test_option_errors_name_the_option(world, tmp_path, extra, message):
