@@ -28,6 +28,8 @@ from itertools import repeat
 import xxhash
 
 from slotsmith.errors import SlotsmithError
+from slotsmith.io.header import DTYPE_SIZES
+from slotsmith.io.writer import write_all
 
 BLENDABLE = ("F32", "BF16", "F16")
 """The dtypes a strength other than 1 can be applied to."""
@@ -35,7 +37,6 @@ BLENDABLE = ("F32", "BF16", "F16")
 CHUNK = 1 << 20
 """Elements blended at a time: bounds memory to some tens of MB."""
 
-_SIZES = {"F32": 4, "BF16": 2, "F16": 2}
 _LITTLE = sys.byteorder == "little"
 
 
@@ -123,7 +124,7 @@ def blend_bytes(base: bytes, slot: bytes, dtype: str, strength: float) -> bytes:
     """
     if dtype not in BLENDABLE:
         raise SlotsmithError(f"a strength needs float tensors ({', '.join(BLENDABLE)}), not {dtype}")
-    if len(base) != len(slot) or len(base) % _SIZES[dtype]:
+    if len(base) != len(slot) or len(base) % DTYPE_SIZES[dtype]:
         raise SlotsmithError(f"blend: {len(base)} base bytes against {len(slot)} slot bytes of {dtype}")
     a, b = _to_f32(base, dtype), _to_f32(slot, dtype)
     s = array("f", [strength])[0]  # torch rounds a Python scalar to the tensor's float32 first
@@ -159,8 +160,9 @@ def blend_ranges(
         OSError: Reading or writing failed.
     """
     (bfd, bstart, bend), (sfd, sstart, _) = base, slot
-    step = CHUNK * _SIZES.get(dtype, 4)
+    step = CHUNK * DTYPE_SIZES.get(dtype, 4)
     h = xxhash.xxh3_128()
+    at = os.lseek(out, 0, os.SEEK_END) if out is not None else 0
     for pos in range(0, bend - bstart, step):
         n = min(step, bend - bstart - pos)
         x, y = os.pread(bfd, n, bstart + pos), os.pread(sfd, n, sstart + pos)
@@ -168,9 +170,9 @@ def blend_ranges(
             raise SlotsmithError("blend: a file got shorter while it was read")
         data = blend_bytes(x, y, dtype, strength)
         h.update(data)
-        view = memoryview(data)
-        while out is not None and view:
-            view = view[os.write(out, view):]
+        if out is not None:
+            write_all(out, data, at)
+            at += len(data)
         if progress is not None:
             progress(n)
     return h.hexdigest()

@@ -228,10 +228,10 @@ def _slot_path(path: Path, key: str, value: object, who: str) -> Path:
     """A character's slot file, refusing a ``FILE:S`` strength."""
     slot = _path(path, key, value, who)
     try:
-        strength = parse_slot_spec(value).path != Path(value)
+        has_strength = parse_slot_spec(value).path != Path(value)
     except SlotsmithError:  # not a number after the colon: a file name, which will be found missing
-        strength = False
-    if strength:
+        has_strength = False
+    if has_strength:
         raise SlotsmithError(f"{path}: {key}: {who}{STRENGTH_IN_CAST}")
     return slot
 

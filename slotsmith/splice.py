@@ -128,11 +128,10 @@ def _label(path: Path) -> str:
     return path.name.removesuffix(".safetensors").removesuffix(SLOT_SUFFIX).removesuffix(SNAPSHOT_SUFFIX)
 
 
-def default_output(base_path: Path, slots: Sequence[Path | SlotSpec], sharded: bool) -> Path:
+def default_output(base_path: Path, slots: Sequence[SlotSpec], sharded: bool) -> Path:
     """``BASE+SLOT1+SLOT2@0.7[.safetensors]`` in the current folder (a folder for a sharded base)."""
-    specs = [s if isinstance(s, SlotSpec) else SlotSpec(Path(s)) for s in slots]
     name = "+".join([_label(base_path), *(_label(s.path) + ("" if s.strength == 1.0 else f"@{s.strength:g}")
-                                          for s in specs)])
+                                          for s in slots)])
     return Path.cwd() / (name if sharded else f"{name}.safetensors")
 
 

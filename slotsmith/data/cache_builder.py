@@ -44,6 +44,7 @@ from slotsmith.data.encoders import (
     load_vae,
     parse_dtype,
     vae_spatial_factor,
+    vae_temporal_factor,
 )
 from slotsmith.data.i2v import (
     ClipImageEncoder,
@@ -234,9 +235,8 @@ class _Musubi:
         folders = {s.dataset.musubi_cache for s in sources}
         self.folders = {f for f in folders if has_cache_files(f)}
         self.shared = shared_stems(sources)
-        vae = enc.vae.config
-        self.latent_channels, self.temporal = vae.z_dim, vae.scale_factor_temporal or 4
-        self.spatial = vae_spatial_factor(enc.vae)
+        self.latent_channels = enc.vae.config.z_dim
+        self.temporal, self.spatial = vae_temporal_factor(enc.vae), vae_spatial_factor(enc.vae)
         self.checked_datasets: set[int] = set()
         self.text_dim: int | None = None  # known once one caption was compared
         self.notes: list[str] = []

@@ -156,6 +156,11 @@ def vae_spatial_factor(vae) -> int:
     return int(vae.config.scale_factor_spatial or 8)
 
 
+def vae_temporal_factor(vae) -> int:
+    """Frames per latent frame after the first (4 for both Wan VAEs)."""
+    return int(vae.config.scale_factor_temporal or 4)
+
+
 @torch.no_grad()
 def encode_pixels(vae, pixels: torch.Tensor) -> torch.Tensor:
     """Encode pixel clips to normalised latents, as Wan does.

@@ -23,7 +23,7 @@ from pathlib import Path
 import torch
 
 from slotsmith.data.cache import I2V_MASK_CHANNELS
-from slotsmith.data.encoders import encode_pixels
+from slotsmith.data.encoders import encode_pixels, vae_temporal_factor
 from slotsmith.errors import SlotsmithError
 
 CLIP_EXPECTED = (
@@ -84,8 +84,7 @@ def encode_condition(vae, pixels: torch.Tensor) -> torch.Tensor:
     video = torch.cat([first, torch.zeros_like(pixels[:, :, 1:])], dim=2)
     latents = encode_pixels(vae, video)
     b, _, _, h, w = latents.shape
-    temporal = int(vae.config.scale_factor_temporal or 4)
-    mask = first_frame_mask(pixels.shape[2], h, w, temporal).unsqueeze(0).expand(b, -1, -1, -1, -1)
+    mask = first_frame_mask(pixels.shape[2], h, w, vae_temporal_factor(vae)).unsqueeze(0).expand(b, -1, -1, -1, -1)
     return torch.cat([mask, latents], dim=1)
 
 
