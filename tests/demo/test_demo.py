@@ -26,7 +26,9 @@ def _tensors(path) -> dict[str, bytes]:
 @pytest.fixture(scope="module")
 def demo(tmp_path_factory):
     out = tmp_path_factory.mktemp("demo") / "demo-out"
-    result = CliRunner().invoke(main, ["demo", "--out", str(out), "--steps", str(STEPS), "--json", "-q"])
+    # Whole-tensor (v2) slots, so the byte checks below compare tensors; the v3 default has its own tests.
+    args = ["demo", "--out", str(out), "--steps", str(STEPS), "--algorithm", "v2", "--json", "-q"]
+    result = CliRunner().invoke(main, args)
     assert result.exit_code == 0, result.output
     return out, result.output
 
@@ -149,6 +151,15 @@ def test_report_scores_the_samples_of_every_model(demo):
 
     width, height = Image.open(out / "samples.png").size
     assert width > 4 * 64 and height > 12 * 64  # 4 model columns, 3 prompts x 4 seeds
+
+
+@pytest.mark.slow  # the whole demo at its defaults: about a minute
+def test_default_demo_splice_draws_each_character_on_its_own_prompt(tmp_path):
+    result = CliRunner().invoke(main, ["demo", "--out", str(tmp_path / "demo-out"), "--json", "-q"])
+    assert result.exit_code == 0, result.output
+    accuracy = json.loads(result.output)["samples"]["accuracy"]
+    assert accuracy["spliced"]["char1"] >= 0.75 and accuracy["spliced"]["char2"] >= 0.75, accuracy
+    assert not (accuracy["base"]["char1"] >= 0.75 and accuracy["base"]["char2"] >= 0.75), accuracy
 
 
 def test_slot_ff_is_capped_at_one_pool_for_v3():
