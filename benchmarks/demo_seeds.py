@@ -16,14 +16,15 @@ import argparse
 import json
 import shutil
 import subprocess
-import sys
 from pathlib import Path
+
+from slotsmith.demo.run import slotsmith_command
 
 
 def run_one(out: Path, seed: int, algorithm: str, task: str) -> dict:
     """Run the demo into ``out`` and return its report."""
-    cmd = [sys.executable, "-m", "slotsmith", "demo", "--out", str(out), "--seed", str(seed),
-           "--algorithm", algorithm, "--task", task, "--json", "-q"]
+    cmd = slotsmith_command("demo", "--out", str(out), "--seed", str(seed), "--algorithm", algorithm,
+                            "--task", task, "--json", "-q")
     done = subprocess.run(cmd, capture_output=True, text=True)
     if done.returncode != 0:
         raise SystemExit(f"demo seed {seed} {algorithm} failed:\n{done.stdout}{done.stderr}")

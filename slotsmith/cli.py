@@ -96,19 +96,21 @@ def main() -> None:
     """
 
 
-def _algorithm_options(fn=None, *, default: str = "v2"):
-    """``--algorithm`` and ``--pools``: which selection picks the slot (v2 unless ``default`` says v3)."""
-    if fn is None:
-        return functools.partial(_algorithm_options, default=default)
-    fn = click.option(
-        "--pools", type=click.IntRange(2, 256), default=8, show_default=True,
-        help="v3: number of disjoint pools N (2..256); ff can reach 1/N. v2 always has 8.",
-    )(fn)
-    return click.option(
-        "--algorithm", type=click.Choice(["v2", "v3"]), default=default, show_default=True,
-        help="v2: whole tensors, as the original --ff/--ffid (musubi-tuner). v3: the same fraction of every "
-        "tensor's rows, exact budget, up to 256 pools (docs/selection-v3.md).",
-    )(fn)
+def _algorithm_options(default: str = "v2"):
+    """``--algorithm`` and ``--pools``: which selection picks the slot (``default`` unless given)."""
+
+    def decorate(fn):
+        fn = click.option(
+            "--pools", type=click.IntRange(2, 256), default=8, show_default=True,
+            help="v3: number of disjoint pools N (2..256); ff can reach 1/N. v2 always has 8.",
+        )(fn)
+        return click.option(
+            "--algorithm", type=click.Choice(["v2", "v3"]), default=default, show_default=True,
+            help="v2: whole tensors, as the original --ff/--ffid (musubi-tuner). v3: the same fraction of every "
+            "tensor's rows, exact budget, up to 256 pools (docs/selection-v3.md).",
+        )(fn)
+
+    return decorate
 
 
 @main.command()
@@ -127,7 +129,7 @@ def _algorithm_options(fn=None, *, default: str = "v2"):
     multiple=True,
     help="Pool id 0..POOLS-1 (0..7 for v2). Repeat to compare several slots and get an overlap table.",
 )
-@_algorithm_options
+@_algorithm_options()
 @click.option("--cast", "cast_file", metavar="CAST.yaml",
               help="Plan a cast file's characters instead of --model/--ff/--ffid.")
 @click.option("--json", "as_json", is_flag=True, help="Print JSON instead of the report.")
@@ -253,7 +255,7 @@ def splice(
 @click.option("--out", "--output", "-o", "out", required=True, metavar="X.slot", help="The slot file to write.")
 @click.option("--ff", type=float, default=None, help="With --ffid: refuse changes outside this selection.")
 @click.option("--ffid", type=int, default=None, help="Pool id of the selection (with --ff).")
-@_algorithm_options
+@_algorithm_options()
 @click.option("--expert", type=click.Choice(EXPERTS), help="Wan 2.2 expert the slot is for, recorded in the manifest.")
 @click.option("--force", is_flag=True, help="Overwrite an existing output.")
 @click.option("--quiet", "-q", is_flag=True, help="No progress (a bar on a terminal, lines in a log otherwise).")

@@ -10,6 +10,8 @@ from slotsmith.training.wan import build_model
 
 _REAL_TOKENS = 6
 """A demo caption's length: five words and ``</s>``."""
+_IMAGE_TOKENS = 16
+"""A 64x64 demo image: 8x8 latents in 2x2 patches."""
 
 
 def _prompt_share(model: torch.nn.Module, generator: torch.Generator) -> float:
@@ -17,14 +19,14 @@ def _prompt_share(model: torch.nn.Module, generator: torch.Generator) -> float:
     context = torch.zeros(1, TEXT_LEN, DEMO_CONFIG.text_dim)
     # Unit-RMS token embeddings, as the UMT5 encoder's final norm gives them.
     context[0, :_REAL_TOKENS] = torch.randn(_REAL_TOKENS, DEMO_CONFIG.text_dim, generator=generator)
-    hidden = torch.randn(1, 16, DEMO_CONFIG.dim, generator=generator)
+    hidden = torch.randn(1, _IMAGE_TOKENS, DEMO_CONFIG.dim, generator=generator)
     attn = model.blocks[0].attn2
     with torch.no_grad():
         text = model.condition_embedder.text_embedder(context)
         q = attn.norm_q(attn.to_q(model.blocks[0].norm2(hidden)))
         k = attn.norm_k(attn.to_k(text))
     heads = DEMO_CONFIG.dim // DEMO_HEAD_DIM
-    q = q.view(16, heads, DEMO_HEAD_DIM).transpose(0, 1)
+    q = q.view(_IMAGE_TOKENS, heads, DEMO_HEAD_DIM).transpose(0, 1)
     k = k.view(TEXT_LEN, heads, DEMO_HEAD_DIM).transpose(0, 1)
     weights = torch.softmax(q @ k.transpose(1, 2) / DEMO_HEAD_DIM**0.5, dim=-1)
     return weights[..., :_REAL_TOKENS].sum(-1).mean().item()
